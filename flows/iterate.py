@@ -1,0 +1,71 @@
+"""The Prefect flow `herl`: N iterations of rollout -> grade -> hindsight -> advantages -> train.
+
+Orchestration only: every stage is a task that calls the stage module's `run`, which
+skips itself when its manifest is current, so re-running a run (same run id) resumes
+it. Each iteration publishes a markdown artifact with its metrics.
+
+Deployed as `herl/iterate` by prefect.yaml; run in-process by `herl run`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from herl.rundir import STAGES, Run, load_run, open_run
+from schemas.config import load_config
+from schemas.tables import read_table
+from stages import advantages, grade, hindsight, rollout, train
+
+STAGE_MODULES = {"rollout": rollout, "grade": grade, "hindsight": hindsight, "advantages": advantages, "train": train}
+
+
+@task(cache_policy=NO_CACHE, task_run_name="{stage}-{iteration}")
+def run_stage(run_dir: str, stage: str, iteration: int) -> dict:
+    """One stage of one iteration; returns its manifest summary (paths, not tables)."""
+    m = STAGE_MODULES[stage].run(load_run(run_dir), iteration)
+    get_run_logger().info("%s iteration %d: %s%s (%.1f s)", stage, iteration, m["status"],
+                          " (skipped: manifest current)" if m["skipped"] else "", m.get("seconds", 0.0))
+    return {k: m.get(k) for k in ("stage", "iteration", "status", "skipped", "seconds", "outputs")}
+
+
+def metrics_markdown(run: Run, k: int) -> str:
+    lines = [f"# herl run `{run.run_id}`, iteration {k}", "", "| stage | metric | value |", "|---|---|---|"]
+    for stage in STAGES:
+        path = run.table(k, "metrics", stage)
+        if path.exists():
+            for row in read_table("metrics", path).to_pylist():
+                lines.append(f"| {stage} | {row['name']} | {row['value']:.4g} |")
+    return "\n".join(lines)
+
+
+@flow(name="herl", log_prints=True)
+def iterate(config: str | None = None, run_id: str | None = None, iterations: int | None = None,
+            model_path: str | None = None, runs_dir: str | None = None,
+            overrides: dict[str, Any] | None = None) -> str:
+    """Run (or resume) a HeRL training run; returns the run directory.
+
+    config: TOML config path (default: the embedded tiny preset); run_id: reuse an id to
+    resume; iterations, model_path, runs_dir: common overrides; overrides: any dotted
+    config keys, e.g. {"train.learning_rate": 1e-5, "algorithm": "grpo"}.
+    """
+    cfg = load_config(config, {**(overrides or {}), "run_id": run_id, "iterations": iterations,
+                               "model.path": model_path, "runs_dir": runs_dir})
+    run = open_run(cfg)
+    logger = get_run_logger()
+    logger.info("run directory: %s", run.path)
+    with run.lock():  # held for the whole flow: a second writer fails at once
+        for k in range(cfg.iterations):
+            for stage in STAGES:
+                run_stage.with_options(retries=cfg.stage_retries)(str(run.path), stage, k)
+            create_markdown_artifact(key=f"herl-{_slug(run.run_id)}-iter-{k}", markdown=metrics_markdown(run, k),
+                                     description=f"herl {run.run_id} iteration {k} metrics")
+    return str(run.path)
+
+
+def _slug(text: str) -> str:
+    # artifact keys allow lowercase letters, digits and dashes only
+    return "".join(c if c.isalnum() else "-" for c in text.lower())

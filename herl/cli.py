@@ -1,0 +1,221 @@
+"""The `herl` command: run, resume, status, sql, init-model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from herl.rundir import STAGES, load_run
+from schemas.tables import TABLES
+
+
+def _prefect_env() -> None:
+    # The ephemeral API server needs 20-25 s to start on 2 cores; Prefect's default
+    # start-up timeout (20 s) is too tight there. No telemetry leaves the machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"herl: --set expects KEY=VALUE (e.g. train.learning_rate=1e-5), got {pair!r}")
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def cmd_run(args) -> int:
+    _prefect_env()
+    from flows.iterate import iterate
+
+    path = iterate(config=args.config, run_id=args.run_id, iterations=args.iterations, model_path=args.model_path,
+                   runs_dir=args.runs_dir, overrides=_overrides(args.set))
+    print(f"run directory: {path}")
+    print(f"inspect it:    herl status {path}")
+    print(f'               herl sql {path} "SELECT iteration, avg(reward) FROM rewards GROUP BY 1 ORDER BY 1"')
+    return 0
+
+
+def cmd_resume(args) -> int:
+    _prefect_env()
+    from flows.iterate import iterate
+
+    run = load_run(args.run_dir)
+    path = iterate(config=str(run.path / "config.json"), run_id=run.run_id, runs_dir=str(run.path.parent),
+                   iterations=args.iterations, overrides=_overrides(args.set))
+    print(f"run directory: {path}")
+    return 0
+
+
+def stage_status(run_dir: str | Path) -> list[dict]:
+    """One row per (iteration, stage): status done / failed / running / interrupted / missing, rows, seconds."""
+    import fcntl
+
+    run = load_run(run_dir)
+    locked = False
+    lock_path = run.path / ".lock"
+    if lock_path.exists():
+        with open(lock_path) as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(fh, fcntl.LOCK_UN)
+            except BlockingIOError:
+                locked = True
+    iters = sorted(int(p.name.split("-")[1]) for p in run.path.glob("iter-*") if p.name.split("-")[1].isdigit())
+    n = max([run.cfg.iterations - 1, *iters]) + 1
+    rows = []
+    for k in range(n):
+        for stage in STAGES:
+            m = run.read_manifest(k, stage)
+            status = "missing" if m is None else m["status"]
+            if status == "running" and not locked:
+                status = "interrupted"
+            out_rows = sum(o["rows"] for name, o in (m or {}).get("outputs", {}).items() if name != "metrics")
+            rows.append({"iteration": k, "stage": stage, "status": status,
+                         "rows": out_rows if status == "done" else None,
+                         "seconds": m.get("seconds") if m else None, "attempts": m.get("attempts") if m else None,
+                         "error": (m or {}).get("error", "")})
+    return rows
+
+
+def cmd_status(args) -> int:
+    rows = stage_status(args.run_dir)
+    header = f"{'iter':>4}  {'stage':<11} {'status':<12} {'rows':>7} {'seconds':>8} {'attempts':>8}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['iteration']:>4}  {r['stage']:<11} {r['status']:<12} {'' if r['rows'] is None else r['rows']:>7} "
+              f"{'' if r['seconds'] is None else format(r['seconds'], '.1f'):>8} {r['attempts'] or '':>8}"
+              + (f"  {r['error'][:80]}" if r["error"] else ""))
+    done = sum(r["status"] == "done" for r in rows)
+    print(f"\n{done}/{len(rows)} stages done")
+    return 0
+
+
+class ReadOnlyQueryError(ValueError):
+    """`herl sql` accepts SELECT statements only."""
+
+
+def connect_run(run_dir: str | Path):
+    """A DuckDB connection with one view per table over all iterations, locked to reading the run."""
+    import duckdb
+
+    run_path = Path(run_dir).resolve()
+    if not (run_path / "config.json").exists():
+        raise FileNotFoundError(f"{run_path} is not a herl run directory (no config.json)")
+    con = duckdb.connect()
+    # File access is limited to this run's folder and the settings are then locked.
+    # SET takes no bound parameters, so the path goes in as an escaped string literal.
+    literal = "'" + (str(run_path) + "/").replace("'", "''") + "'"
+    con.execute(f"SET allowed_directories = [{literal}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    for name, spec in TABLES.items():
+        pattern = "metrics-*.parquet" if spec.per_stage else spec.filename()
+        files = sorted(str(p) for p in run_path.glob(f"iter-*/{pattern}"))
+        if files:
+            con.read_parquet(files, union_by_name=True).create_view(name)
+        else:
+            con.from_arrow(spec.schema.empty_table()).create_view(name)
+    return con
+
+
+def query_run(run_dir: str | Path, sql: str):
+    """Run a read-only query over a run; returns the DuckDB relation."""
+    import duckdb
+
+    con = connect_run(run_dir)
+    statements = con.extract_statements(sql)
+    allowed = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+    bad = [s.type.name for s in statements if s.type not in allowed]
+    if bad or len(statements) != 1:
+        raise ReadOnlyQueryError(f"herl sql runs exactly one SELECT (or EXPLAIN) statement; got {bad or len(statements)}")
+    return con.sql(sql)
+
+
+def cmd_sql(args) -> int:
+    import duckdb
+
+    try:
+        rel = query_run(args.run_dir, args.query)
+    except (ReadOnlyQueryError, duckdb.Error) as exc:
+        print(f"herl sql: {exc}", file=sys.stderr)
+        return 2
+    if args.format == "csv":
+        import csv
+
+        w = csv.writer(sys.stdout)
+        w.writerow(rel.columns)
+        w.writerows(rel.fetchall())
+    elif args.format == "json":
+        cols = rel.columns
+        for row in rel.fetchall():
+            print(json.dumps(dict(zip(cols, row)), default=str))
+    else:
+        rel.show(max_rows=args.max_rows, max_width=200)
+    return 0
+
+
+def cmd_init_model(args) -> int:
+    from herl.tiny import build_tiny_model
+
+    out = build_tiny_model(Path(args.dir), seed=args.seed)
+    print(f"tiny model written to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="herl", description="HeRL: RL from rubric rewards with hindsight experience.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("run", help="run the herl flow in-process (Prefect's ephemeral API)")
+    p.add_argument("config", nargs="?", default=None, help="TOML config (default: the embedded tiny preset)")
+    p.add_argument("--run-id", default=None, help="run name; an existing run id resumes that run")
+    p.add_argument("--iterations", type=int, default=None)
+    p.add_argument("--model-path", default=None, help="local HF model folder or builtin:tiny")
+    p.add_argument("--runs-dir", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.learning_rate=1e-5 --set algorithm=grpo")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("resume", help="continue a run from its saved config; finished stages are skipped")
+    p.add_argument("run_dir")
+    p.add_argument("--iterations", type=int, default=None, help="extend the run to this many iterations")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(fn=cmd_resume)
+
+    p = sub.add_parser("status", help="stages per iteration: done / failed / missing, rows, seconds")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_status)
+
+    p = sub.add_parser("sql", help="read-only DuckDB SQL over the run's tables (one view per table)")
+    p.add_argument("run_dir")
+    p.add_argument("query")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--max-rows", type=int, default=100)
+    p.set_defaults(fn=cmd_sql)
+
+    p = sub.add_parser("init-model", help="build the tiny random model (builtin:tiny) into DIR")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_init_model)
+
+    args = ap.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,236 @@
+"""The run directory: paths, the run lock, stage manifests, and skip-or-redo.
+
+    runs/<run_id>/
+        config.json                     resolved config of the latest start
+        .lock                           held (flock) by the process writing the run
+        snapshots/policy-<k>/           policy used by iteration k (k >= 1; 0 is model.path)
+        iter-<k>/<table>.parquet        stage outputs (schemas.tables)
+        iter-<k>/_manifests/<stage>.json
+
+A manifest records the stage's status (running / done / failed), the fingerprints of
+its inputs, the hash of the config parts it depends on, its outputs (fingerprint and
+rows), and timings. A stage is skipped only when its manifest says done and inputs,
+config and outputs all still match; otherwise it is redone from its inputs, and its
+outputs replace whatever a killed attempt left (each output is written atomically).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from schemas.config import HerlConfig, load_config, stage_config_hash
+from schemas.tables import TABLES
+
+STAGES = ("rollout", "grade", "hindsight", "advantages", "train")
+SNAPSHOT_META = "herl_snapshot.json"
+
+
+class RunLockedError(RuntimeError):
+    """Another process is writing this run."""
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fingerprint(path: Path) -> str:
+    """Content fingerprint of a table file or a model folder.
+
+    Snapshots written by herl carry their id in herl_snapshot.json; other model folders
+    are fingerprinted by file names, sizes and modification times (hashing many GB of
+    weights at every stage would cost more than the stage).
+    """
+    if path.is_dir():
+        meta = path / SNAPSHOT_META
+        if meta.exists():
+            return "snapshot:" + json.loads(meta.read_text())["snapshot_id"]
+        h = hashlib.sha256()
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            st = f.stat()
+            h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        return "dir:" + h.hexdigest()[:24]
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()[:24]
+
+
+_held: dict[Path, int] = {}
+_held_guard = threading.Lock()
+
+
+@dataclass
+class Run:
+    path: Path
+    cfg: HerlConfig
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    # ---- paths -------------------------------------------------------------
+    def iter_dir(self, k: int) -> Path:
+        return self.path / f"iter-{k}"
+
+    def table(self, k: int, name: str, stage: str | None = None) -> Path:
+        return self.iter_dir(k) / TABLES[name].filename(stage)
+
+    def manifest_path(self, k: int, stage: str) -> Path:
+        return self.iter_dir(k) / "_manifests" / f"{stage}.json"
+
+    def snapshot(self, k: int) -> Path:
+        """Policy used by iteration k: the configured model for k = 0, else train's output of k-1."""
+        if k == 0:
+            from herl.tiny import resolve_model_path
+
+            return resolve_model_path(self.cfg.model.path)
+        return self.path / "snapshots" / f"policy-{k}"
+
+    def snapshot_id(self, k: int) -> str:
+        return fingerprint(self.snapshot(k))
+
+    def read_manifest(self, k: int, stage: str) -> dict | None:
+        p = self.manifest_path(k, stage)
+        return json.loads(p.read_text()) if p.exists() else None
+
+    # ---- locking -----------------------------------------------------------
+    @contextmanager
+    def lock(self):
+        """Hold the run's lock (re-entrant within a process). A second process gets RunLockedError."""
+        key = self.path.resolve()
+        with _held_guard:
+            if key in _held:
+                _held[key] += 1
+                reentered = True
+            else:
+                reentered = False
+        if reentered:
+            try:
+                yield
+            finally:
+                with _held_guard:
+                    _held[key] -= 1
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise RunLockedError(
+                f"run {self.path} is being written by another process ({holder}); "
+                "wait for it to finish or stop it before resuming"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
+        fh.flush()
+        with _held_guard:
+            _held[key] = 1
+        try:
+            yield
+        finally:
+            with _held_guard:
+                del _held[key]
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
+
+    # ---- stages ------------------------------------------------------------
+    def stage_is_current(self, k: int, stage: str, inputs: dict[str, str]) -> bool:
+        m = self.read_manifest(k, stage)
+        if not m or m.get("status") != "done":
+            return False
+        if m.get("config_hash") != stage_config_hash(self.cfg, stage) or m.get("inputs") != inputs:
+            return False
+        for out in m.get("outputs", {}).values():
+            p = self.path / out["path"]
+            if not p.exists() or fingerprint(p) != out["fingerprint"]:
+                return False
+        return True
+
+    def run_stage(self, k: int, stage: str, inputs: dict[str, Path],
+                  body: Callable[[], dict[str, tuple[Path, int]]]) -> dict:
+        """Run `body` as stage `stage` of iteration k unless its manifest is current.
+
+        `body` writes its outputs atomically and returns {name: (path, rows)}.
+        Returns the manifest (with `skipped` true when nothing ran).
+        """
+        with self.lock():
+            fps = {name: fingerprint(p) for name, p in inputs.items()}
+            if self.stage_is_current(k, stage, fps):
+                m = self.read_manifest(k, stage)
+                return {**m, "skipped": True}
+            base = {
+                "run_id": self.run_id, "iteration": k, "stage": stage, "inputs": fps,
+                "config_hash": stage_config_hash(self.cfg, stage), "pid": os.getpid(),
+                "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            attempts = (self.read_manifest(k, stage) or {}).get("attempts", 0) + 1
+            mpath = self.manifest_path(k, stage)
+            write_json_atomic(mpath, {**base, "status": "running", "attempts": attempts})
+            t0 = time.perf_counter()
+            try:
+                outputs = body()
+            except BaseException as exc:
+                write_json_atomic(mpath, {**base, "status": "failed", "attempts": attempts,
+                                          "seconds": round(time.perf_counter() - t0, 3),
+                                          "error": "".join(traceback.format_exception_only(exc)).strip()})
+                raise
+            manifest = {
+                **base, "status": "done", "attempts": attempts,
+                "seconds": round(time.perf_counter() - t0, 3),
+                "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "outputs": {name: {"path": str(p.relative_to(self.path)), "rows": rows, "fingerprint": fingerprint(p)}
+                            for name, (p, rows) in outputs.items()},
+            }
+            write_json_atomic(mpath, manifest)
+            return {**manifest, "skipped": False}
+
+
+def new_run_id() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S-") + os.urandom(2).hex()
+
+
+def open_run(cfg: HerlConfig) -> Run:
+    """Create (or reopen) cfg's run directory and save the resolved config in it."""
+    if cfg.run_id is None:
+        cfg = cfg.model_copy(update={"run_id": new_run_id()})
+    path = Path(cfg.runs_dir) / cfg.run_id
+    run = Run(path=path.resolve(), cfg=cfg)
+    with run.lock():
+        write_json_atomic(run.path / "config.json", cfg.model_dump(mode="json"))
+    return run
+
+
+def load_run(path: str | Path) -> Run:
+    """Open an existing run directory with its saved config."""
+    path = Path(path).resolve()
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{path} is not a herl run directory (no config.json)")
+    return Run(path=path, cfg=load_config(cfg_path))

@@ -1,0 +1,93 @@
+"""`builtin:tiny`: a small randomly initialised causal LM built locally (no model hub).
+
+A Qwen2 architecture (hidden 128, 2 layers) with a byte-level tokenizer: 256 byte
+tokens, no merges, chat special tokens and a ChatML template. Built deterministically
+from a seed, so every machine gets the same weights. Saved in Hugging Face layout
+(safetensors + tokenizer), it loads in transformers and in vLLM.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+TINY_VERSION = "v1"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def herl_home() -> Path:
+    return Path(os.environ.get("HERL_HOME", Path.home() / ".cache" / "herl"))
+
+
+def default_tiny_dir() -> Path:
+    return herl_home() / "models" / f"tiny-{TINY_VERSION}"
+
+
+def build_tiny_model(out_dir: Path, *, hidden: int = 128, layers: int = 2, heads: int = 2,
+                     intermediate: int = 384, seed: int = 0) -> Path:
+    """Build the tiny model into out_dir atomically (written beside it, then renamed)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        byte_to_unicode = pre_tokenizers.ByteLevel.alphabet()
+        vocab = {ch: i for i, ch in enumerate(sorted(byte_to_unicode))}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens(SPECIAL_TOKENS)
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+            bos_token=None, unk_token=None,
+        )
+        fast.chat_template = CHAT_TEMPLATE
+        fast.save_pretrained(tmp)
+
+        torch.manual_seed(seed)
+        config = Qwen2Config(
+            vocab_size=len(fast), hidden_size=hidden, intermediate_size=intermediate,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+            max_position_embeddings=4096, tie_word_embeddings=True,
+            eos_token_id=fast.convert_tokens_to_ids("<|im_end|>"),
+            pad_token_id=fast.convert_tokens_to_ids("<|endoftext|>"),
+            bos_token_id=None, torch_dtype="float32",
+        )
+        model = Qwen2ForCausalLM(config)
+        model.generation_config.eos_token_id = config.eos_token_id
+        model.generation_config.pad_token_id = config.pad_token_id
+        model.save_pretrained(tmp, safe_serialization=True)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def resolve_model_path(path: str) -> Path:
+    """Turn a config's model.path into a local folder, building `builtin:tiny` on first use."""
+    if path == "builtin:tiny":
+        out = default_tiny_dir()
+        if not (out / "config.json").exists():
+            build_tiny_model(out)
+        return out
+    p = Path(path).expanduser()
+    if not (p / "config.json").exists():
+        raise FileNotFoundError(
+            f"model.path {path!r} is not a local Hugging Face model folder (no config.json); "
+            "herl loads models from local paths only, or use 'builtin:tiny'"
+        )
+    return p.resolve()

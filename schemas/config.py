@@ -1,0 +1,242 @@
+"""The run configuration: one typed, documented model with a section per stage.
+
+Defaults are the reference implementation's (see the README's configuration reference);
+the embedded CPU default lives in `schemas/presets/tiny.toml`. Load with `load_config`,
+which reads a TOML (or the JSON a run saves), applies dotted overrides
+(`{"train.learning_rate": 1e-5}`) and validates, with errors that say how to fix them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+PRESETS = Path(__file__).parent / "presets"
+DEFAULT_CONFIG = PRESETS / "tiny.toml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = "builtin:tiny"
+    """Initial policy: a local Hugging Face model folder, or `builtin:tiny` (a small random model built locally on first use)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights dtype for generation and training. Use float32 on CPUs."""
+
+
+class TaskConfig(_Section):
+    source: str = "builtin:toy"
+    """Prompt pool: `builtin:toy` (generated from `seed`) or a prompts file (.jsonl or .parquet, prompts schema)."""
+    num_prompts: int = 64
+    """Size of the `builtin:toy` pool; ignored for files."""
+    prompts_per_iteration: int = 64
+    """B, prompts sampled per iteration (epoch-wise without replacement) [reference: 64]."""
+
+
+class RolloutConfig(_Section):
+    engine: Literal["transformers"] = "transformers"
+    """Generation engine for rollouts and revisions."""
+    n: int = 8
+    """G, answers sampled per prompt (the GRPO group size) [reference: 8]."""
+    temperature: float = 1.0
+    """Rollout sampling temperature; 0 means greedy [reference: 1.0]."""
+    top_p: float = 1.0
+    """Nucleus sampling mass, in (0, 1]."""
+    top_k: int = 0
+    """Top-k sampling; 0 disables it."""
+    max_tokens: int = 2048
+    """Maximum generated tokens per answer [reference: 2048; 4096 for the medical setup]."""
+    batch_size: int = 64
+    """Sequences generated together in one batch (transformers engine)."""
+
+
+class GradeConfig(_Section):
+    reward: Literal["weighted", "fraction", "all"] = "weighted"
+    """Aggregation: weighted = sum(w*met)/sum(positive w) clipped to [0,1]; fraction = items met / items; all = 1 if every item met."""
+    unknown_policy: Literal["unmet", "drop"] = "unmet"
+    """What an `unknown` verdict counts as: unmet, or dropped from the denominator."""
+
+
+class HindsightConfig(_Section):
+    threshold: float = 1.0
+    """A group fails, and gets hindsight, when its best reward is below this [reference: 1.0]."""
+    candidate_limit: int = 16
+    """At most this many best-reward answers per failed group are revised [reference: 16]."""
+    revisions_per_candidate: int = 1
+    """Revisions generated per candidate; the best one counts for the bonus [reference: 1]."""
+    temperature: float = 0.3
+    """Sampling temperature for revisions [reference: 0.3]."""
+    top_p: float = 1.0
+    """Nucleus sampling mass for revisions."""
+    max_tokens: int | None = None
+    """Maximum tokens per revision; None uses rollout.max_tokens."""
+    show_weights: bool = True
+    """Show rubric weights in the hindsight prompt when items carry weights other than 1."""
+    train_prompt: Literal["hindsight", "original"] = "hindsight"
+    """Prompt a kept revision is trained under: the hindsight prompt (reference `train_use_rewrite_prompt=True`) or the original one."""
+
+
+class AdvantagesConfig(_Section):
+    alpha: float = 0.05
+    """Bonus reward weight: r <- r + alpha * (r_rev - r) for candidates (algorithm herl only) [reference: 0.05]."""
+    replace_top_n: int = 1
+    """Revisions mixed into each failed group, each replacing a random member [reference: 1]."""
+    duplicate_best_fallback: bool = True
+    """Where no revision qualifies, a copy of the group's best original fills the slot (reference behaviour)."""
+    std_normalize: bool = True
+    """Divide by the group's (unbiased) std; false gives Dr. GRPO's mean-centred advantages."""
+    eps: float = 1e-6
+    """Added to the group std before dividing."""
+
+
+class TrainConfig(_Section):
+    learning_rate: float = 1e-6
+    """AdamW learning rate [reference: 1e-6]."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 disables clipping."""
+    mini_batches: int = 2
+    """Optimizer steps per iteration: the batch is split into this many mini-batches of whole groups [reference: 64 prompts / PPO mini-batch 32 = 2]."""
+    ppo_epochs: int = 1
+    """Passes over the batch per iteration."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward pass; gradients accumulate over a mini-batch."""
+    clip_eps_low: float = 0.2
+    """PPO clip: ratio lower bound is 1 - clip_eps_low [reference: 0.2]."""
+    clip_eps_high: float = 0.2
+    """PPO clip: ratio upper bound is 1 + clip_eps_high [reference: 0.2]."""
+    dual_clip_c: float = 3.0
+    """Dual clip bound for negative advantages; must be > 1 [reference: 3]."""
+    gamma: float = 1.0
+    """Policy-shaping constant for hindsight tokens, loss = -A * p / (p + gamma) [reference: 1.0; 0.1 medical]."""
+    kl_coef: float = 0.0
+    """Coefficient of the k3 KL penalty to the initial policy; 0 skips loading a reference [reference: 0]."""
+
+
+class HerlConfig(_Section):
+    run_id: str | None = None
+    """Run name; the run lives in runs_dir/run_id. None makes a timestamped id."""
+    runs_dir: str = "runs"
+    """Folder that holds runs."""
+    iterations: int = 1
+    """Iterations of rollout -> grade -> hindsight -> advantages -> train."""
+    seed: int = 0
+    """Seeds prompt sampling, generation, group replacement and training."""
+    algorithm: Literal["herl", "he", "grpo"] = "herl"
+    """herl = hindsight experience + bonus reward; he = hindsight without bonus; grpo = plain GRPO (no hindsight)."""
+    stage_retries: int = 0
+    """Prefect retries per stage task; a retried stage reruns from its inputs."""
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    grade: GradeConfig = GradeConfig()
+    hindsight: HindsightConfig = HindsightConfig()
+    advantages: AdvantagesConfig = AdvantagesConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "HerlConfig":
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(msg)
+
+        r, h, a, t = self.rollout, self.hindsight, self.advantages, self.train
+        need(self.iterations >= 1, "iterations must be >= 1")
+        need(self.stage_retries >= 0, "stage_retries must be >= 0")
+        need(self.task.prompts_per_iteration >= 1, "task.prompts_per_iteration must be >= 1")
+        need(self.task.num_prompts >= 1, "task.num_prompts must be >= 1")
+        need(r.n >= 2, "rollout.n must be >= 2: group advantages need at least two answers per prompt")
+        need(r.temperature >= 0, "rollout.temperature must be >= 0 (0 = greedy)")
+        need(0 < r.top_p <= 1 and 0 < h.top_p <= 1, "top_p must be in (0, 1]")
+        need(r.top_k >= 0, "rollout.top_k must be >= 0 (0 disables it)")
+        need(r.max_tokens >= 1 and r.batch_size >= 1, "rollout.max_tokens and rollout.batch_size must be >= 1")
+        need(0 < h.threshold <= 1, "hindsight.threshold must be in (0, 1]: rewards lie in [0, 1]")
+        need(h.candidate_limit >= 1, "hindsight.candidate_limit must be >= 1")
+        need(h.revisions_per_candidate >= 1, "hindsight.revisions_per_candidate must be >= 1")
+        need(h.temperature >= 0, "hindsight.temperature must be >= 0")
+        need(h.max_tokens is None or h.max_tokens >= 1, "hindsight.max_tokens must be >= 1 or unset")
+        need(0 <= a.alpha <= 1, "advantages.alpha must be in [0, 1] (0.05 in the reference)")
+        need(1 <= a.replace_top_n <= r.n,
+             f"advantages.replace_top_n must be in [1, rollout.n={r.n}]: a revision replaces a group member")
+        need(a.eps > 0, "advantages.eps must be > 0")
+        need(t.learning_rate > 0, "train.learning_rate must be > 0")
+        need(t.mini_batches >= 1 and t.ppo_epochs >= 1 and t.micro_batch_size >= 1,
+             "train.mini_batches, train.ppo_epochs and train.micro_batch_size must be >= 1")
+        need(t.mini_batches <= self.task.prompts_per_iteration,
+             "train.mini_batches must be <= task.prompts_per_iteration: a mini-batch holds whole groups")
+        need(0 < t.clip_eps_low < 1 and t.clip_eps_high > 0, "train.clip_eps_low must be in (0, 1) and clip_eps_high > 0")
+        need(t.dual_clip_c > 1, "train.dual_clip_c must be > 1 (3 in the reference)")
+        need(t.gamma > 0, "train.gamma must be > 0 (1.0 in the reference; 0.1 for the medical setup)")
+        need(t.kl_coef >= 0, "train.kl_coef must be >= 0")
+        return self
+
+    @property
+    def hindsight_enabled(self) -> bool:
+        return self.algorithm != "grpo"
+
+    @property
+    def bonus_enabled(self) -> bool:
+        return self.algorithm == "herl"
+
+
+# The config parts each stage's output depends on: a change to one of these redoes the
+# stage on resume; a change elsewhere (say iterations) does not.
+STAGE_CONFIG: dict[str, tuple[str, ...]] = {
+    "rollout": ("seed", "model", "task", "rollout"),
+    "grade": ("grade",),
+    "hindsight": ("seed", "algorithm", "rollout", "grade", "hindsight"),
+    "advantages": ("seed", "algorithm", "hindsight", "advantages"),
+    "train": ("seed", "model", "train"),
+}
+
+
+def stage_config_hash(cfg: HerlConfig, stage: str) -> str:
+    dumped = cfg.model_dump(mode="json")
+    part = {k: dumped[k] for k in STAGE_CONFIG[stage]}
+    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be loaded; the message names the file and field."""
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{key}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> HerlConfig:
+    """Load a TOML/JSON config (default: the embedded tiny preset) and apply dotted overrides."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from exc
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, key, value)
+    try:
+        return HerlConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            lines.append(f"  field {loc}: {err['msg'].removeprefix('Value error, ')}")
+        raise ConfigError(f"config file {path} is invalid:\n" + "\n".join(lines)) from None

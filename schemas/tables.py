@@ -1,0 +1,207 @@
+"""Table contracts: one pyarrow schema per table, with its grain.
+
+Every stage reads and writes its tables through `read_table` / `write_table`, which check
+the schema on the way in and out. Files are written atomically (temporary file, fsync,
+rename), so a table on disk is either complete or absent.
+
+Layout inside a run directory (see herl.rundir):
+    iter-<k>/<table>.parquet           prompts, rollouts, verdicts, rewards, hindsight,
+                                       hindsight_verdicts, batch
+    iter-<k>/metrics-<stage>.parquet   one metrics file per stage, seen as one view `metrics`
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+_ids = [("run_id", pa.string()), ("iteration", pa.int32())]
+_tokens = pa.list_(pa.int32())
+_generation = [
+    ("prompt_token_ids", _tokens),
+    ("response_text", pa.string()),
+    ("response_token_ids", _tokens),
+    ("finish_reason", pa.string()),
+    ("num_tokens", pa.int32()),
+    ("seed", pa.int64()),
+    ("snapshot_id", pa.string()),
+    ("logprobs", pa.list_(pa.float32())),
+]
+_score = [
+    ("reward", pa.float64()),
+    ("items_met", pa.int32()),
+    ("items_total", pa.int32()),
+    ("items_unknown", pa.int32()),
+]
+
+RUBRIC_ITEM = pa.struct(
+    [
+        ("item_id", pa.string()),
+        ("description", pa.string()),
+        ("weight", pa.float64()),
+        ("kind", pa.string()),
+        ("params", pa.string()),  # JSON object with the check's arguments
+    ]
+)
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+
+_verdict_fields = [
+    *_ids,
+    ("sample_id", pa.string()),
+    ("prompt_id", pa.string()),
+    ("item_index", pa.int32()),
+    ("item_id", pa.string()),
+    ("verdict", pa.string()),
+    ("weight", pa.float64()),
+    ("grader", pa.string()),
+    ("detail", pa.string()),
+]
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    grain: str
+    schema: pa.Schema
+    key: tuple[str, ...]
+    per_stage: bool = False  # one file per stage (metrics) rather than one per iteration
+
+    def filename(self, stage: str | None = None) -> str:
+        return f"{self.name}-{stage}.parquet" if self.per_stage else f"{self.name}.parquet"
+
+
+TABLES: dict[str, Table] = {
+    t.name: t
+    for t in [
+        Table(
+            "prompts",
+            "one row per (iteration, prompt_id): the prompts sampled for this iteration",
+            pa.schema([*_ids, ("prompt_id", pa.string()), ("messages", pa.list_(MESSAGE)),
+                       ("rubric", pa.list_(RUBRIC_ITEM)), ("source", pa.string())]),
+            ("iteration", "prompt_id"),
+        ),
+        Table(
+            "rollouts",
+            "one row per (iteration, prompt_id, sample_index): a sampled answer",
+            pa.schema([*_ids, ("rollout_id", pa.string()), ("prompt_id", pa.string()),
+                       ("sample_index", pa.int32()), ("prompt_text", pa.string()), *_generation]),
+            ("iteration", "rollout_id"),
+        ),
+        Table(
+            "verdicts",
+            "one row per (rollout, rubric item): met / unmet / unknown",
+            pa.schema(_verdict_fields),
+            ("iteration", "sample_id", "item_index"),
+        ),
+        Table(
+            "rewards",
+            "one row per rollout: its reward and item counts",
+            pa.schema([*_ids, ("rollout_id", pa.string()), ("prompt_id", pa.string()), *_score]),
+            ("iteration", "rollout_id"),
+        ),
+        Table(
+            "hindsight",
+            "one row per revision of a hindsight candidate, with its reward",
+            pa.schema([*_ids, ("revision_id", pa.string()), ("candidate_rollout_id", pa.string()),
+                       ("prompt_id", pa.string()), ("revision_index", pa.int32()),
+                       ("hindsight_prompt_text", pa.string()), *_generation, *_score]),
+            ("iteration", "revision_id"),
+        ),
+        Table(
+            "hindsight_verdicts",
+            "one row per (revision, rubric item): met / unmet / unknown",
+            pa.schema(_verdict_fields),
+            ("iteration", "sample_id", "item_index"),
+        ),
+        Table(
+            "batch",
+            "one row per training sequence of the mixed groups (what the train stage consumes)",
+            pa.schema([*_ids, ("sample_id", pa.string()), ("source_id", pa.string()),
+                       ("prompt_id", pa.string()), ("kind", pa.string()),
+                       ("is_hindsight", pa.bool_()), ("replaced_rollout_id", pa.string()),
+                       ("prompt_token_ids", _tokens), ("response_token_ids", _tokens),
+                       ("reward", pa.float64()), ("shaped_reward", pa.float64()),
+                       ("group_mean", pa.float64()), ("group_std", pa.float64()),
+                       ("group_size", pa.int32()), ("advantage", pa.float64())]),
+            ("iteration", "sample_id"),
+        ),
+        Table(
+            "metrics",
+            "one row per (iteration, stage, name): a scalar measured by that stage",
+            pa.schema([*_ids, ("stage", pa.string()), ("name", pa.string()), ("value", pa.float64())]),
+            ("iteration", "stage", "name"),
+            per_stage=True,
+        ),
+    ]
+}
+
+
+class SchemaError(ValueError):
+    """A table on disk or about to be written does not match its contract."""
+
+
+def _check(table: pa.Table, spec: Table, where: str) -> pa.Table:
+    expected = spec.schema
+    missing = [f.name for f in expected if f.name not in table.column_names]
+    extra = [n for n in table.column_names if expected.get_field_index(n) < 0]
+    if missing or extra:
+        raise SchemaError(f"{where}: table '{spec.name}' has missing fields {missing} and unexpected fields {extra}")
+    table = table.select(expected.names)
+    for field in expected:
+        got = table.schema.field(field.name).type
+        if got != field.type:
+            try:
+                col = table.column(field.name).cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise SchemaError(f"{where}: field '{spec.name}.{field.name}' has type {got}, expected {field.type}: {exc}") from exc
+            table = table.set_column(expected.get_field_index(field.name), field.name, col)
+    return table.cast(expected)
+
+
+def from_rows(name: str, rows: list[dict]) -> pa.Table:
+    """Build a checked table from row dicts (field names must match the contract)."""
+    spec = TABLES[name]
+    for i, row in enumerate(rows):
+        missing = [f for f in spec.schema.names if f not in row]
+        if missing:
+            raise SchemaError(f"table '{name}' row {i}: missing fields {missing}")
+    try:
+        return pa.Table.from_pylist(rows, schema=spec.schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise SchemaError(f"table '{name}': {exc}") from exc
+
+
+def write_table(name: str, table: pa.Table | list[dict], path: Path) -> int:
+    """Check `table` against its contract and write it atomically to `path`; returns rows."""
+    spec = TABLES[name]
+    if isinstance(table, list):
+        table = from_rows(name, table)
+    table = _check(table, spec, f"writing {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            pq.write_table(table, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return table.num_rows
+
+
+def read_table(name: str, path: Path) -> pa.Table:
+    """Read `path` and check it against table `name`'s contract."""
+    if not path.exists():
+        raise FileNotFoundError(f"table '{name}' not found at {path}: run the stage that writes it first")
+    return _check(pq.read_table(path), TABLES[name], f"reading {path}")
+
+
+def empty(name: str) -> pa.Table:
+    return TABLES[name].schema.empty_table()

@@ -1,0 +1,82 @@
+"""Grade stage: a verdict for every (answer, rubric item), and a reward per answer.
+
+Reads:  iter-k/prompts.parquet, iter-k/rollouts.parquet
+Writes: iter-k/verdicts.parquet  one row per (rollout, rubric item)
+        iter-k/rewards.parquet   one row per rollout
+        iter-k/metrics-grade.parquet
+Alone:  python -m stages.grade runs/<run_id> --iteration K
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from herl.grading import UNKNOWN, VerifiableGrader, aggregate
+from herl.rundir import Run
+from schemas.config import GradeConfig
+from schemas.tables import read_table, write_table
+from stages.common import stage_main, write_metrics
+
+STAGE = "grade"
+
+
+def grade_samples(run: Run, k: int, rubrics: dict[str, list[dict]], samples: list[tuple[str, str, str]],
+                  cfg: GradeConfig) -> tuple[list[dict], dict[str, dict]]:
+    """Grade (sample_id, prompt_id, response) triples against their prompt's rubric.
+
+    Returns verdict rows (verdicts schema) and {sample_id: {reward, items_met,
+    items_total, items_unknown}}. Shared by the grade and hindsight stages so that
+    answers and revisions are scored by the same grader.
+    """
+    grader = VerifiableGrader()
+    verdict_rows, scores = [], {}
+    for sample_id, prompt_id, response in samples:
+        rubric = rubrics[prompt_id]
+        verdicts = grader.grade(rubric, response)
+        for j, (item, v) in enumerate(zip(rubric, verdicts)):
+            verdict_rows.append({
+                "run_id": run.run_id, "iteration": k, "sample_id": sample_id, "prompt_id": prompt_id,
+                "item_index": j, "item_id": item["item_id"], "verdict": v.verdict, "weight": item["weight"],
+                "grader": v.grader, "detail": v.detail,
+            })
+        reward, met, total, unknown = aggregate([v.verdict for v in verdicts], [it["weight"] for it in rubric],
+                                                cfg.reward, cfg.unknown_policy)
+        scores[sample_id] = {"reward": reward, "items_met": met, "items_total": total, "items_unknown": unknown}
+    return verdict_rows, scores
+
+
+def run(run: Run, k: int) -> dict:
+    inputs = {"prompts": run.table(k, "prompts"), "rollouts": run.table(k, "rollouts")}
+
+    def body():
+        prompts = read_table("prompts", inputs["prompts"]).to_pylist()
+        rollouts = read_table("rollouts", inputs["rollouts"]).select(["rollout_id", "prompt_id", "response_text"])
+        rubrics = {p["prompt_id"]: p["rubric"] for p in prompts}
+        samples = list(zip(*(rollouts.column(c).to_pylist() for c in rollouts.column_names)))
+        verdict_rows, scores = grade_samples(run, k, rubrics, samples, run.cfg.grade)
+        prompt_of = {sid: pid for sid, pid, _ in samples}
+        reward_rows = [{"run_id": run.run_id, "iteration": k, "rollout_id": sid, "prompt_id": prompt_of[sid], **s}
+                       for sid, s in scores.items()]
+        counts = Counter(v["verdict"] for v in verdict_rows)
+        best: dict[str, float] = {}
+        for r in reward_rows:
+            best[r["prompt_id"]] = max(best.get(r["prompt_id"], 0.0), r["reward"])
+        n = max(1, len(reward_rows))
+        out = {
+            "verdicts": (run.table(k, "verdicts"), write_table("verdicts", verdict_rows, run.table(k, "verdicts"))),
+            "rewards": (run.table(k, "rewards"), write_table("rewards", reward_rows, run.table(k, "rewards"))),
+        }
+        out["metrics"] = write_metrics(run, k, STAGE, {
+            "mean_reward": sum(r["reward"] for r in reward_rows) / n,
+            "solved_fraction": sum(r["reward"] >= 1.0 for r in reward_rows) / n,
+            "groups_failed": sum(b < run.cfg.hindsight.threshold for b in best.values()),
+            "mean_group_best": sum(best.values()) / max(1, len(best)),
+            "verdicts_met": counts["met"], "verdicts_unmet": counts["unmet"], "verdicts_unknown": counts[UNKNOWN],
+        })
+        return out
+
+    return run.run_stage(k, STAGE, inputs, body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(stage_main(STAGE, run))

@@ -1,0 +1,143 @@
+"""Hindsight stage: revise the best answers of failed groups, guided by their verdicts.
+
+HERL.md steps 3-5: pick candidates (stages/sql/candidates.sql), build each one's
+hindsight prompt (stages/templates/hindsight.j2: instruction, items met / not met /
+unclear, the draft), regenerate with the same policy at a lower temperature, and grade
+the revisions with the same grader. With `algorithm = "grpo"` it writes empty tables.
+
+Reads:  iter-k/prompts, rollouts, verdicts, rewards; snapshot k
+Writes: iter-k/hindsight.parquet           one row per revision, with its reward
+        iter-k/hindsight_verdicts.parquet  one row per (revision, rubric item)
+        iter-k/metrics-hindsight.parquet
+Alone:  python -m stages.hindsight runs/<run_id> --iteration K
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+
+from herl.engines import GenRequest, SamplingParams, derive_seed, load_engine, render_chat
+from herl.grading import MET, UNMET
+from herl.rundir import Run
+from herl.sql import run_sql_file
+from schemas.tables import empty, read_table, write_table
+from stages.common import stage_main, write_metrics
+from stages.grade import grade_samples
+
+STAGE = "hindsight"
+TEMPLATE = Path(__file__).parent / "templates" / "hindsight.j2"
+
+
+@lru_cache(maxsize=1)
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False,
+                             undefined=jinja2.StrictUndefined)
+    return env.from_string(TEMPLATE.read_text())
+
+
+def build_hindsight_prompt(messages: list[dict], rubric: list[dict], verdicts: list[str], draft: str,
+                           show_weights: bool = True) -> str:
+    """The text of the hindsight prompt for one draft (HERL.md step 4)."""
+    groups: dict[str, list[dict]] = {MET: [], UNMET: [], "unknown": []}
+    for item, v in zip(rubric, verdicts, strict=True):
+        groups[v].append({"description": item["description"], "weight": item["weight"]})
+    instruction = "\n\n".join(m["content"] for m in messages if m["role"] != "assistant")
+    weighted = show_weights and any(it["weight"] != 1.0 for it in rubric)
+    return _template().render(instruction=instruction, met=groups[MET], unmet=groups[UNMET],
+                              unknown=groups["unknown"], show_weights=weighted, draft=draft).strip()
+
+
+def run(run: Run, k: int) -> dict:
+    cfg = run.cfg
+    names = ("prompts", "rollouts", "verdicts", "rewards")
+    inputs: dict[str, Path] = {n: run.table(k, n) for n in names}
+    if cfg.hindsight_enabled:
+        inputs["snapshot"] = run.snapshot(k)
+    paths = {"hindsight": run.table(k, "hindsight"), "hindsight_verdicts": run.table(k, "hindsight_verdicts")}
+
+    def body():
+        rollouts = read_table("rollouts", inputs["rollouts"])
+        rewards = read_table("rewards", inputs["rewards"])
+        candidates = run_sql_file("candidates", {"rollouts": rollouts, "rewards": rewards},
+                                  {"threshold": cfg.hindsight.threshold,
+                                   "candidate_limit": cfg.hindsight.candidate_limit}).to_pylist()
+        groups_failed = len({c["prompt_id"] for c in candidates})
+        if not cfg.hindsight_enabled or not candidates:
+            rows, verdict_rows, gen_metrics = [], [], {}
+        else:
+            rows, verdict_rows, gen_metrics = _revise(run, k, candidates, rollouts, inputs)
+        out = {
+            "hindsight": (paths["hindsight"], write_table("hindsight", rows or empty("hindsight"), paths["hindsight"])),
+            "hindsight_verdicts": (paths["hindsight_verdicts"], write_table(
+                "hindsight_verdicts", verdict_rows or empty("hindsight_verdicts"), paths["hindsight_verdicts"])),
+        }
+        cand_reward = {c["rollout_id"]: c["reward"] for c in candidates}
+        best_rev: dict[str, float] = {}
+        for r in rows:
+            best_rev[r["candidate_rollout_id"]] = max(best_rev.get(r["candidate_rollout_id"], -1.0), r["reward"])
+        out["metrics"] = write_metrics(run, k, STAGE, {
+            "groups_failed": groups_failed,
+            "candidates": len(candidates) if cfg.hindsight_enabled else 0,
+            "revisions": len(rows),
+            "mean_candidate_reward": sum(cand_reward.values()) / len(cand_reward) if cand_reward else 0.0,
+            "mean_revision_reward": sum(r["reward"] for r in rows) / len(rows) if rows else 0.0,
+            "revisions_beat_candidate": sum(best_rev[c] > cand_reward[c] for c in best_rev),
+            **gen_metrics,
+        })
+        return out
+
+    return run.run_stage(k, STAGE, inputs, body)
+
+
+def _revise(run: Run, k: int, candidates: list[dict], rollouts, inputs) -> tuple[list[dict], list[dict], dict]:
+    cfg = run.cfg
+    prompts = {p["prompt_id"]: p for p in read_table("prompts", inputs["prompts"]).to_pylist()}
+    by_id = {r["rollout_id"]: r for r in rollouts.select(["rollout_id", "response_text"]).to_pylist()}
+    verdicts: dict[str, list[str]] = {}
+    vt = read_table("verdicts", inputs["verdicts"]).sort_by([("sample_id", "ascending"), ("item_index", "ascending")])
+    for sid, v in zip(vt.column("sample_id").to_pylist(), vt.column("verdict").to_pylist()):
+        verdicts.setdefault(sid, []).append(v)
+
+    snapshot = run.snapshot(k)
+    snapshot_id = run.snapshot_id(k)
+    engine = load_engine(cfg.rollout.engine, snapshot, cfg.model.dtype, cfg.rollout.batch_size)
+    try:
+        texts, requests = [], []
+        for c in candidates:
+            p = prompts[c["prompt_id"]]
+            text = build_hindsight_prompt(p["messages"], p["rubric"], verdicts[c["rollout_id"]],
+                                          by_id[c["rollout_id"]]["response_text"], cfg.hindsight.show_weights)
+            rendered, ids = render_chat(engine.tokenizer, [{"role": "user", "content": text}])
+            texts.append(rendered)
+            requests.append(GenRequest(c["rollout_id"], ids, derive_seed(cfg.seed, k, "hindsight", c["rollout_id"]),
+                                       cfg.hindsight.revisions_per_candidate))
+        params = SamplingParams(cfg.hindsight.temperature, cfg.hindsight.top_p, cfg.rollout.top_k,
+                                cfg.hindsight.max_tokens or cfg.rollout.max_tokens)
+        outs = engine.generate(requests, params)
+    finally:
+        engine.close()
+
+    rows = []
+    for c, text, req, comps in zip(candidates, texts, requests, outs):
+        for j, comp in enumerate(comps):
+            rows.append({
+                "run_id": run.run_id, "iteration": k, "revision_id": f"{c['rollout_id']}:rev-{j}",
+                "candidate_rollout_id": c["rollout_id"], "prompt_id": c["prompt_id"], "revision_index": j,
+                "hindsight_prompt_text": text, "prompt_token_ids": req.prompt_token_ids,
+                "response_text": comp.text, "response_token_ids": comp.token_ids,
+                "finish_reason": comp.finish_reason, "num_tokens": len(comp.token_ids), "seed": req.seed,
+                "snapshot_id": snapshot_id, "logprobs": comp.logprobs,
+            })
+    rubrics = {pid: p["rubric"] for pid, p in prompts.items()}
+    verdict_rows, scores = grade_samples(run, k, rubrics, [(r["revision_id"], r["prompt_id"], r["response_text"])
+                                                           for r in rows], cfg.grade)
+    for r in rows:
+        r.update(scores[r["revision_id"]])
+    return rows, verdict_rows, {"mean_hindsight_prompt_tokens": sum(len(q.prompt_token_ids) for q in requests) / len(requests)}
+
+
+if __name__ == "__main__":
+    raise SystemExit(stage_main(STAGE, run))

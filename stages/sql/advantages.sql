@@ -1,0 +1,219 @@
+-- Bonus-augmented, hindsight-mixed group advantages (HERL.md steps 6-8).
+-- Grain: one row per training sequence; each prompt's mixed group keeps the group size G.
+-- Inputs: rollouts, rewards, hindsight (this iteration; hindsight may be empty).
+-- Parameters:
+--   $threshold        a group failed when its best original reward is below this
+--   $bonus            apply the bonus reward (algorithm herl)
+--   $alpha            bonus weight: r <- r + alpha * (r_rev - r) for each candidate
+--   $replace_top_n    revisions mixed into each failed group
+--   $fallback         fill slots no revision qualifies for with a copy of the best original
+--   $std_normalize    divide by the group's unbiased std (false: Dr. GRPO)
+--   $eps              added to the std
+--   $seed             seeds which members are replaced ("a random member")
+--   $hindsight_prompt train revisions after the hindsight prompt (else the original one)
+with
+
+originals as (
+    select
+        r.rollout_id,
+        r.prompt_id,
+        r.sample_index,
+        r.prompt_token_ids,
+        r.response_token_ids,
+        w.reward,
+        w.items_met
+    from rollouts as r
+    join rewards as w using (rollout_id)
+),
+
+groups as (
+    select prompt_id, max(reward) as best_reward
+    from originals
+    group by prompt_id
+),
+
+failed_groups as (
+    select * from groups where best_reward < $threshold
+),
+
+-- step 6: the bonus. r_rev is the best reward among a candidate's revisions; the
+-- reference applies it whatever the sign of (r_rev - r).
+best_revision as (
+    select candidate_rollout_id as rollout_id, max(reward) as best_revision_reward
+    from hindsight
+    group by candidate_rollout_id
+),
+
+shaped as (
+    select
+        o.*,
+        b.best_revision_reward,
+        case
+            when $bonus and b.best_revision_reward is not null
+                then o.reward + $alpha * (b.best_revision_reward - o.reward)
+            else o.reward
+        end as shaped_reward
+    from originals as o
+    left join best_revision as b using (rollout_id)
+),
+
+-- step 7: which revisions join their group. Tier 1 beats the group's best original,
+-- tier 2 ties it; tier 2 is used only when tier 1 has too few.
+qualifying as (
+    select
+        h.revision_id,
+        h.candidate_rollout_id,
+        h.prompt_id,
+        h.prompt_token_ids as hindsight_prompt_token_ids,
+        h.response_token_ids,
+        h.reward,
+        case when h.reward > f.best_reward then 1 else 2 end as tier
+    from hindsight as h
+    join failed_groups as f using (prompt_id)
+    where h.reward >= f.best_reward
+),
+
+kept_revisions as (
+    select
+        *,
+        row_number() over (
+            partition by prompt_id
+            order by tier, reward desc, md5(concat($seed, ':', revision_id))
+        ) as slot
+    from qualifying
+    qualify slot <= $replace_top_n
+),
+
+-- groups that had hindsight: only they get slots (a failed group whose revisions were
+-- never generated, say with hindsight off, stays as it is)
+revised_groups as (
+    select distinct prompt_id from hindsight
+),
+
+slots as (
+    select g.prompt_id, s.slot
+    from revised_groups as g
+    join failed_groups using (prompt_id)
+    cross join range(1, $replace_top_n + 1) as s(slot)
+),
+
+-- the reference quirk: an empty slot gets a copy of the group's best original
+best_original as (
+    select *
+    from shaped
+    join failed_groups using (prompt_id)
+    where reward = best_reward
+    qualify row_number() over (partition by prompt_id order by items_met desc, sample_index) = 1
+),
+
+fills as (
+    select
+        s.prompt_id,
+        s.slot,
+        coalesce(k.revision_id, b.rollout_id || ':dup-' || s.slot) as sample_id,
+        coalesce(k.revision_id, b.rollout_id) as source_id,
+        case when k.revision_id is not null then 'hindsight' else 'duplicate' end as kind,
+        case when k.revision_id is not null
+            then (case when $hindsight_prompt then k.hindsight_prompt_token_ids else c.prompt_token_ids end)
+            else b.prompt_token_ids end as prompt_token_ids,
+        coalesce(k.response_token_ids, b.response_token_ids) as response_token_ids,
+        coalesce(k.reward, b.reward) as reward,
+        coalesce(k.reward, b.shaped_reward) as shaped_reward
+    from slots as s
+    left join kept_revisions as k using (prompt_id, slot)
+    left join best_original as b using (prompt_id)
+    left join originals as c on c.rollout_id = k.candidate_rollout_id
+    where k.revision_id is not null or $fallback
+),
+
+-- each fill replaces a random member: members are ordered by a seeded hash and fill
+-- number i takes the i-th
+victims as (
+    select
+        f.*,
+        row_number() over (partition by f.prompt_id order by f.slot) as fill_rank
+    from fills as f
+),
+
+member_order as (
+    select
+        rollout_id,
+        prompt_id,
+        row_number() over (
+            partition by prompt_id order by md5(concat($seed, ':', rollout_id))
+        ) as victim_rank
+    from shaped
+),
+
+replaced as (
+    select v.*, m.rollout_id as replaced_rollout_id
+    from victims as v
+    join member_order as m on m.prompt_id = v.prompt_id and m.victim_rank = v.fill_rank
+),
+
+mixed as (
+    select
+        s.rollout_id as sample_id,
+        s.rollout_id as source_id,
+        s.prompt_id,
+        'rollout' as kind,
+        false as is_hindsight,
+        cast(null as varchar) as replaced_rollout_id,
+        s.prompt_token_ids,
+        s.response_token_ids,
+        s.reward,
+        s.shaped_reward
+    from shaped as s
+    where s.rollout_id not in (select replaced_rollout_id from replaced)
+    union all
+    select
+        sample_id,
+        source_id,
+        prompt_id,
+        kind,
+        kind = 'hindsight' as is_hindsight,
+        replaced_rollout_id,
+        prompt_token_ids,
+        response_token_ids,
+        reward,
+        shaped_reward
+    from replaced
+),
+
+-- step 8: group statistics over the mixed group; a group of one gets mean 0, std 1
+group_stats as (
+    select
+        prompt_id,
+        count(*) as group_size,
+        avg(shaped_reward) as group_mean,
+        coalesce(stddev_samp(shaped_reward), 0) as group_std
+    from mixed
+    group by prompt_id
+),
+
+final as (
+    select
+        m.sample_id,
+        m.source_id,
+        m.prompt_id,
+        m.kind,
+        m.is_hindsight,
+        m.replaced_rollout_id,
+        m.prompt_token_ids,
+        m.response_token_ids,
+        m.reward,
+        m.shaped_reward,
+        g.group_mean,
+        g.group_std,
+        g.group_size,
+        case
+            when g.group_size = 1 then m.shaped_reward
+            when $std_normalize then (m.shaped_reward - g.group_mean) / (g.group_std + $eps)
+            else m.shaped_reward - g.group_mean
+        end as advantage
+    from mixed as m
+    join group_stats as g using (prompt_id)
+)
+
+select * from final
+order by prompt_id, kind, sample_id

@@ -1,0 +1,55 @@
+-- Hindsight candidates (HERL.md step 3).
+-- Grain: one row per candidate rollout (a best-reward answer of a failed group).
+-- A group fails when its best reward is below $threshold; from it we take the answers
+-- whose reward equals the group's best, preferring more items met, at most
+-- $candidate_limit per group.
+-- Inputs: rollouts, rewards (this iteration).  Parameters: $threshold, $candidate_limit.
+with
+
+originals as (
+    select
+        r.rollout_id,
+        r.prompt_id,
+        r.sample_index,
+        w.reward,
+        w.items_met
+    from rollouts as r
+    join rewards as w using (rollout_id)
+),
+
+groups as (
+    select
+        prompt_id,
+        max(reward) as best_reward,
+        count(*) as group_size
+    from originals
+    group by prompt_id
+),
+
+failed_groups as (
+    select * from groups where best_reward < $threshold
+),
+
+ranked as (
+    select
+        o.rollout_id,
+        o.prompt_id,
+        o.sample_index,
+        o.reward,
+        o.items_met,
+        f.best_reward,
+        row_number() over (
+            partition by o.prompt_id
+            order by o.items_met desc, o.sample_index
+        ) as candidate_rank
+    from originals as o
+    join failed_groups as f using (prompt_id)
+    where o.reward = f.best_reward
+),
+
+final as (
+    select * from ranked where candidate_rank <= $candidate_limit
+)
+
+select * from final
+order by prompt_id, candidate_rank

@@ -1,0 +1,280 @@
+"""Train stage: one policy update on the iteration's batch; saves the next snapshot.
+
+HERL.md step 9. Old log-probs are recomputed with the snapshot at the start of the
+step; the batch is split into `mini_batches` mini-batches of whole groups (one optimizer
+step each, gradients accumulated over micro-batches). Per token:
+  on-policy (rollouts, duplicates): PPO clip with dual clip for negative advantages;
+  hindsight revisions: -A * p / (p + gamma), p = pi_theta(token) (LUFFY policy shaping);
+aggregated as a token mean over all response tokens of the mini-batch, plus an optional
+k3 KL penalty to the initial policy. AdamW state is saved with each snapshot, so the
+next iteration continues the same optimizer.
+
+Reads:  iter-k/batch.parquet, snapshot k (and snapshot 0 when train.kl_coef > 0)
+Writes: snapshots/policy-<k+1>/  (HF layout, safetensors, tokenizer, optimizer.pt,
+                                   herl_snapshot.json), atomically
+        iter-k/metrics-train.parquet
+Alone:  python -m stages.train runs/<run_id> --iteration K
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from herl.engines import _quiet_transformers, load_tokenizer
+from herl.rundir import SNAPSHOT_META, Run, write_json_atomic
+from schemas.config import TrainConfig, stage_config_hash
+from schemas.tables import read_table
+from stages.common import stage_main, write_metrics
+
+STAGE = "train"
+
+
+@dataclass
+class LossParts:
+    loss: torch.Tensor
+    on_policy: float  # contribution of on-policy tokens to the loss
+    hindsight: float  # contribution of hindsight tokens
+    kl: float  # mean k3 KL over tokens (0 without a reference)
+    clipped_tokens: int  # on-policy tokens whose ratio was clipped
+    on_tokens: int
+    hindsight_tokens: int
+    ratio_sum: float
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                is_hindsight: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig, denominator: float,
+                ref_logp: torch.Tensor | None = None) -> LossParts:
+    """HeRL's mixed-policy loss, summed over tokens and divided by `denominator`.
+
+    logp, old_logp, mask, ref_logp: (B, T); advantages: (B,); is_hindsight: (B,) bool.
+    `denominator` is the mini-batch's response-token count, so summing the returned
+    losses over its micro-batches gives the token mean.
+    """
+    mask = mask.to(logp.dtype)
+    adv = advantages[:, None].to(logp.dtype).expand_as(logp)  # (B, T)
+    off = is_hindsight[:, None].expand_as(logp)  # (B, T)
+
+    ratio = torch.exp(logp - old_logp)
+    pg1 = -adv * ratio
+    pg2 = -adv * torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high)
+    clipped = torch.maximum(pg1, pg2)
+    dual = torch.minimum(-adv * cfg.dual_clip_c, clipped)
+    on_loss = torch.where(adv < 0, dual, clipped)
+
+    p = torch.exp(logp)
+    off_loss = -adv * p / (p + cfg.gamma)
+
+    per_token = torch.where(off, off_loss, on_loss)
+    kl_val = torch.zeros((), dtype=logp.dtype)
+    if ref_logp is not None and cfg.kl_coef > 0:
+        delta = ref_logp - logp
+        k3 = torch.exp(delta) - delta - 1  # unbiased, non-negative KL estimator
+        per_token = per_token + cfg.kl_coef * k3
+        kl_val = (k3 * mask).sum() / denominator
+
+    loss = (per_token * mask).sum() / denominator
+    on_mask = mask * (~off)
+    off_mask = mask * off
+    on_loss, off_loss, ratio = on_loss.detach(), off_loss.detach(), ratio.detach()
+    return LossParts(
+        loss=loss,
+        on_policy=float((on_loss * on_mask).sum() / denominator),
+        hindsight=float((off_loss * off_mask).sum() / denominator),
+        kl=float(kl_val),
+        clipped_tokens=int(((pg2 > pg1) & (on_mask > 0)).sum()),
+        on_tokens=int(on_mask.sum()),
+        hindsight_tokens=int(off_mask.sum()),
+        ratio_sum=float((ratio * on_mask).sum()),
+    )
+
+
+def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
+    """Per-token log-probs of each response given its prompt.
+
+    Returns logp (B, R) and mask (B, R), R the longest response; right-padded.
+    """
+    device = next(model.parameters()).device
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    width, rmax = max(lengths), max(1, max(len(r) for r in responses))
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)  # (B, L)
+    attn = torch.zeros_like(input_ids)
+    index = torch.zeros((len(prompts), rmax), dtype=torch.long, device=device)  # (B, R) logit positions
+    targets = torch.full((len(prompts), rmax), pad_id, dtype=torch.long, device=device)  # (B, R)
+    mask = torch.zeros((len(prompts), rmax), dtype=torch.bool, device=device)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        seq = torch.tensor(p + r, dtype=torch.long, device=device)
+        input_ids[b, : len(seq)] = seq
+        attn[b, : len(seq)] = 1
+        if r:
+            # the logits at position i predict token i + 1: response token j sits at len(p) + j
+            index[b, : len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r), device=device)
+            targets[b, : len(r)] = torch.tensor(r, dtype=torch.long, device=device)
+            mask[b, : len(r)] = True
+    logits = model(input_ids=input_ids, attention_mask=attn).logits  # (B, L, V)
+    picked = logits.gather(1, index[..., None].expand(-1, -1, logits.size(-1))).float()  # (B, R, V)
+    logp = torch.log_softmax(picked, dim=-1).gather(-1, targets[..., None]).squeeze(-1)  # (B, R)
+    return logp * mask, mask
+
+
+def _chunks(seq, size):
+    return [seq[i:i + size] for i in range(0, len(seq), size)]
+
+
+def train_on_batch(model, optimizer, accelerator, rows: list[dict], cfg: TrainConfig, seed: int, pad_id: int,
+                   ref_model=None) -> dict[str, float]:
+    """One iteration's update: old log-probs, then ppo_epochs x mini_batches optimizer steps."""
+    micro = cfg.micro_batch_size
+
+    # old log-probs from the snapshot as loaded (the behaviour policy of the rollouts)
+    model.eval()
+    old: list[torch.Tensor] = []
+    refs: list[torch.Tensor | None] = []
+    with torch.no_grad():
+        for chunk in _chunks(rows, micro):
+            lp, m = sequence_logprobs(model, [r["prompt_token_ids"] for r in chunk],
+                                      [r["response_token_ids"] for r in chunk], pad_id)
+            old.extend(lp[i, : int(m[i].sum())] for i in range(len(chunk)))
+            if ref_model is not None:
+                rl, _ = sequence_logprobs(ref_model, [r["prompt_token_ids"] for r in chunk],
+                                          [r["response_token_ids"] for r in chunk], pad_id)
+                refs.extend(rl[i, : int(m[i].sum())] for i in range(len(chunk)))
+            else:
+                refs.extend([None] * len(chunk))
+    for r, o, f in zip(rows, old, refs):
+        r["_old"], r["_ref"] = o, f
+
+    model.train()
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["prompt_id"], []).append(r)
+    totals = dict(loss=0.0, on=0.0, off=0.0, kl=0.0, clipped=0, on_tokens=0, off_tokens=0, ratio=0.0, grad_norm=0.0)
+    steps = 0
+    for epoch in range(cfg.ppo_epochs):
+        order = sorted(groups)
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+        n_mb = min(cfg.mini_batches, len(order))
+        for mb_index in range(n_mb):
+            mb = [r for pid in order[mb_index::n_mb] for r in groups[pid]]
+            denom = float(sum(len(r["response_token_ids"]) for r in mb)) or 1.0
+            for chunk in _chunks(mb, micro):
+                logp, mask = sequence_logprobs(model, [r["prompt_token_ids"] for r in chunk],
+                                               [r["response_token_ids"] for r in chunk], pad_id)
+                width = logp.size(1)
+                pad = lambda t: torch.nn.functional.pad(t, (0, width - t.numel()))  # noqa: E731
+                old_lp = torch.stack([pad(r["_old"]) for r in chunk]).to(logp.device)
+                ref_lp = torch.stack([pad(r["_ref"]) for r in chunk]).to(logp.device) if ref_model is not None else None
+                parts = policy_loss(
+                    logp, old_lp,
+                    torch.tensor([r["advantage"] for r in chunk], device=logp.device),
+                    torch.tensor([r["is_hindsight"] for r in chunk], device=logp.device),
+                    mask, cfg, denom, ref_lp,
+                )
+                accelerator.backward(parts.loss)
+                totals["loss"] += float(parts.loss.detach())
+                totals["on"] += parts.on_policy
+                totals["off"] += parts.hindsight
+                totals["kl"] += parts.kl
+                totals["clipped"] += parts.clipped_tokens
+                totals["on_tokens"] += parts.on_tokens
+                totals["off_tokens"] += parts.hindsight_tokens
+                totals["ratio"] += parts.ratio_sum
+            if cfg.max_grad_norm > 0:
+                norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            else:
+                norm = torch.sqrt(sum((p.grad.detach() ** 2).sum() for p in model.parameters() if p.grad is not None))
+            totals["grad_norm"] += float(norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+    for r in rows:
+        r.pop("_old", None)
+        r.pop("_ref", None)
+    tokens = totals["on_tokens"] + totals["off_tokens"]
+    return {
+        "loss": totals["loss"] / steps,
+        "loss_on_policy": totals["on"] / steps,
+        "loss_hindsight": totals["off"] / steps,
+        "kl": totals["kl"] / steps,
+        "clip_fraction": totals["clipped"] / max(1, totals["on_tokens"]),
+        "mean_ratio": totals["ratio"] / max(1, totals["on_tokens"]),
+        "grad_norm": totals["grad_norm"] / steps,
+        "hindsight_token_fraction": totals["off_tokens"] / max(1, tokens),
+        "optimizer_steps": steps,
+        "tokens": tokens // cfg.ppo_epochs,
+        "sequences": len(rows),
+    }
+
+
+def run(run: Run, k: int) -> dict:
+    cfg = run.cfg
+    inputs = {"batch": run.table(k, "batch"), "snapshot": run.snapshot(k)}
+    if cfg.train.kl_coef > 0:
+        inputs["reference"] = run.snapshot(0)
+    out_dir = run.snapshot(k + 1)
+
+    def body():
+        from accelerate import Accelerator
+        from transformers import AutoModelForCausalLM
+
+        _quiet_transformers()
+        t0 = time.perf_counter()
+        seed = int(hashlib.sha256(f"{cfg.seed}:{k}:train".encode()).hexdigest()[:8], 16)
+        torch.manual_seed(seed)
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        dtype = getattr(torch, cfg.model.dtype)
+        model = AutoModelForCausalLM.from_pretrained(inputs["snapshot"], dtype=dtype)
+        tokenizer = load_tokenizer(inputs["snapshot"])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate,
+                                      weight_decay=cfg.train.weight_decay)
+        opt_state = inputs["snapshot"] / "optimizer.pt"
+        if opt_state.exists():
+            optimizer.load_state_dict(torch.load(opt_state, map_location="cpu"))
+        ref_model = None
+        if cfg.train.kl_coef > 0:
+            ref_model = AutoModelForCausalLM.from_pretrained(inputs["reference"], dtype=dtype).eval()
+            ref_model = accelerator.prepare_model(ref_model, evaluation_mode=True)
+        model, optimizer = accelerator.prepare(model, optimizer)
+
+        rows = read_table("batch", inputs["batch"]).to_pylist()
+        if not rows:
+            raise ValueError(f"{inputs['batch']}: the batch is empty; nothing to train on")
+        metrics = train_on_batch(model, optimizer, accelerator, rows, cfg.train, seed, tokenizer.pad_token_id, ref_model)
+
+        # write the next snapshot beside its final place, then rename it into place
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        try:
+            unwrapped = accelerator.unwrap_model(model)
+            unwrapped.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            snapshot_id = hashlib.sha256(json.dumps(
+                [run.run_id, k, stage_config_hash(cfg, STAGE), {n: p.name for n, p in inputs.items()},
+                 metrics["loss"]], sort_keys=True).encode()).hexdigest()[:16]
+            write_json_atomic(tmp / SNAPSHOT_META, {"snapshot_id": f"{run.run_id}/policy-{k + 1}/{snapshot_id}",
+                                                    "parent": str(inputs["snapshot"]), "iteration": k})
+            if out_dir.exists():  # a killed earlier attempt finished the rename but not the manifest
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        metrics["seconds"] = time.perf_counter() - t0
+        metrics["learning_rate"] = cfg.train.learning_rate
+        return {"snapshot": (out_dir, metrics["sequences"]), "metrics": write_metrics(run, k, STAGE, metrics)}
+
+    return run.run_stage(k, STAGE, inputs, body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(stage_main(STAGE, run))
