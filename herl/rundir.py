@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -191,6 +192,7 @@ class Run:
                 "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
             attempts = (self.read_manifest(k, stage) or {}).get("attempts", 0) + 1
+            self._remove_partial_files(k)
             mpath = self.manifest_path(k, stage)
             write_json_atomic(mpath, {**base, "status": "running", "attempts": attempts})
             t0 = time.perf_counter()
@@ -210,6 +212,17 @@ class Run:
             }
             write_json_atomic(mpath, manifest)
             return {**manifest, "skipped": False}
+
+
+    def _remove_partial_files(self, k: int) -> None:
+        """Delete what a killed attempt left half-written (temporary files and folders).
+
+        Safe because the caller holds the run lock: no other writer can own them."""
+        for tmp in [*self.iter_dir(k).glob(".*.tmp"), *(self.path / "snapshots").glob(".policy-*")]:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
 
 
 def new_run_id() -> str:

@@ -135,12 +135,19 @@ class HerlConfig(_Section):
     stage_retries: int = 0
     """Prefect retries per stage task; a retried stage reruns from its inputs."""
     model: ModelConfig = ModelConfig()
+    """The initial policy."""
     task: TaskConfig = TaskConfig()
+    """The prompt pool and how many prompts each iteration samples."""
     rollout: RolloutConfig = RolloutConfig()
+    """Stage 1: sampling G answers per prompt."""
     grade: GradeConfig = GradeConfig()
+    """Stage 2: verdicts and rewards."""
     hindsight: HindsightConfig = HindsightConfig()
+    """Stage 3: hindsight prompts and revisions of failed groups."""
     advantages: AdvantagesConfig = AdvantagesConfig()
+    """Stage 4: bonus reward, mixing and group advantages."""
     train: TrainConfig = TrainConfig()
+    """Stage 5: the policy update."""
 
     @model_validator(mode="after")
     def _check(self) -> "HerlConfig":

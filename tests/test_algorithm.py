@@ -1,0 +1,239 @@
+"""The algorithm pinned with hand-computed numbers: candidates, bonus, selection,
+replacement, group advantages (against numpy) and the mixed-policy loss."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from herl.sql import run_sql_file
+from schemas.config import TrainConfig
+from schemas.tables import TABLES
+from stages.advantages import compute_batch
+from stages.train import policy_loss
+
+SEED = "0:0"
+
+
+def _rollouts(groups: dict[str, list[tuple[float, int]]]):
+    """groups: prompt_id -> [(reward, items_met), ...]; returns (rollouts, rewards) tables."""
+    ro, rw = [], []
+    for pid, members in groups.items():
+        for j, (reward, met) in enumerate(members):
+            rid = f"0:{pid}:{j}"
+            ro.append({"run_id": "r", "iteration": 0, "rollout_id": rid, "prompt_id": pid, "sample_index": j,
+                       "prompt_text": pid, "prompt_token_ids": [1, 2], "response_text": f"a{j}",
+                       "response_token_ids": [10 + j], "finish_reason": "stop", "num_tokens": 1, "seed": 0,
+                       "snapshot_id": "s", "logprobs": None})
+            rw.append({"run_id": "r", "iteration": 0, "rollout_id": rid, "prompt_id": pid, "reward": reward,
+                       "items_met": met, "items_total": 4, "items_unknown": 0})
+    return (pa.Table.from_pylist(ro, schema=TABLES["rollouts"].schema),
+            pa.Table.from_pylist(rw, schema=TABLES["rewards"].schema))
+
+
+def _revisions(revs: list[tuple[str, str, float]]):
+    """revs: [(candidate rollout id, prompt id, reward)] -> hindsight table."""
+    rows = [{"run_id": "r", "iteration": 0, "revision_id": f"{cand}:rev-0", "candidate_rollout_id": cand,
+             "prompt_id": pid, "revision_index": 0, "hindsight_prompt_text": "H", "prompt_token_ids": [7, 7, 7],
+             "response_text": "rev", "response_token_ids": [99], "finish_reason": "stop", "num_tokens": 1,
+             "seed": 0, "snapshot_id": "s", "logprobs": None, "reward": reward, "items_met": 0, "items_total": 4,
+             "items_unknown": 0} for cand, pid, reward in revs]
+    return pa.Table.from_pylist(rows, schema=TABLES["hindsight"].schema)
+
+
+def _params(**kw):
+    base = dict(threshold=1.0, bonus=True, alpha=0.05, replace_top_n=1, fallback=True, std_normalize=True,
+                eps=1e-6, seed=SEED, hindsight_prompt=True)
+    return {**base, **kw}
+
+
+def _victims(pid: str, n: int, g: int) -> list[str]:
+    ids = [f"0:{pid}:{j}" for j in range(g)]
+    return sorted(ids, key=lambda rid: hashlib.md5(f"{SEED}:{rid}".encode()).hexdigest())[:n]
+
+
+def _by_prompt(batch) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in batch.to_pylist():
+        out.setdefault(r["prompt_id"], []).append(r)
+    return out
+
+
+GROUPS = {
+    "p": [(0.5, 2), (0.25, 1), (0.5, 1), (0.0, 0)],  # failed; best 0.5 twice
+    "q": [(1.0, 4), (1.0, 4), (0.5, 2), (1.0, 4)],  # solved: untouched
+    "r": [(0.25, 1), (0.0, 0), (0.25, 2), (0.0, 0)],  # failed; its revision does not qualify
+}
+
+
+def test_candidates_are_best_of_failed_groups_by_items_met():
+    ro, rw = _rollouts(GROUPS)
+    cands = run_sql_file("candidates", {"rollouts": ro, "rewards": rw}, {"threshold": 1.0, "candidate_limit": 16})
+    got = [(c["prompt_id"], c["rollout_id"], c["candidate_rank"]) for c in cands.to_pylist()]
+    # p: both 0.5 answers, the one with more items met first; r: both 0.25s; q solved
+    assert got == [("p", "0:p:0", 1), ("p", "0:p:2", 2), ("r", "0:r:2", 1), ("r", "0:r:0", 2)]
+    limited = run_sql_file("candidates", {"rollouts": ro, "rewards": rw}, {"threshold": 1.0, "candidate_limit": 1})
+    assert [c["rollout_id"] for c in limited.to_pylist()] == ["0:p:0", "0:r:2"]
+    # a lower threshold makes group r (best 0.25) pass
+    lower = run_sql_file("candidates", {"rollouts": ro, "rewards": rw}, {"threshold": 0.25, "candidate_limit": 16})
+    assert {c["prompt_id"] for c in lower.to_pylist()} == set()
+
+
+def test_bonus_selection_replacement_and_advantages():
+    ro, rw = _rollouts(GROUPS)
+    hs = _revisions([("0:p:0", "p", 1.0), ("0:p:2", "p", 0.5), ("0:r:2", "r", 0.0)])
+    batch = _by_prompt(compute_batch(ro, rw, hs, _params()))
+
+    # every group keeps its size G = 4
+    assert {pid: len(rows) for pid, rows in batch.items()} == {"p": 4, "q": 4, "r": 4}
+
+    # group p: the 1.0 revision (beats best 0.5) replaces one seeded-random member
+    p = {r["sample_id"]: r for r in batch["p"]}
+    (victim,) = _victims("p", 1, 4)
+    assert victim not in p
+    rev = p["0:p:0:rev-0"]
+    assert rev["kind"] == "hindsight" and rev["is_hindsight"] and rev["replaced_rollout_id"] == victim
+    assert rev["prompt_token_ids"] == [7, 7, 7]  # trained after the hindsight prompt (reference default)
+    # bonus: r + 0.05 * (r_rev - r) for candidates; others unchanged
+    shaped = {"0:p:0": 0.5 + 0.05 * (1.0 - 0.5), "0:p:1": 0.25, "0:p:2": 0.5 + 0.05 * (0.5 - 0.5), "0:p:3": 0.0}
+    for sid, value in shaped.items():
+        if sid != victim:
+            assert p[sid]["shaped_reward"] == pytest.approx(value)
+    assert rev["shaped_reward"] == 1.0
+    rewards = np.array([p[s]["shaped_reward"] for s in sorted(p)])
+    expected = (rewards - rewards.mean()) / (rewards.std(ddof=1) + 1e-6)
+    assert np.allclose([p[s]["advantage"] for s in sorted(p)], expected)
+
+    # group q: solved, nothing replaced, plain GRPO advantages
+    q = sorted(batch["q"], key=lambda r: r["sample_id"])
+    assert all(r["kind"] == "rollout" for r in q)
+    qr = np.array([1.0, 1.0, 0.5, 1.0])
+    assert np.allclose([r["advantage"] for r in q], (qr - qr.mean()) / (qr.std(ddof=1) + 1e-6))
+
+    # group r: revision 0.0 < best 0.25 does not qualify; the fallback copies the best
+    # original (0:r:2: reward 0.25 with more items met) into a random member's place
+    r = {x["sample_id"]: x for x in batch["r"]}
+    (rvictim,) = _victims("r", 1, 4)
+    dup = r["0:r:2:dup-1"]
+    assert dup["kind"] == "duplicate" and not dup["is_hindsight"] and dup["replaced_rollout_id"] == rvictim
+    assert dup["source_id"] == "0:r:2" and dup["response_token_ids"] == [12]
+    # the candidate's bonus is negative here: 0.25 + 0.05 * (0.0 - 0.25), copied with it
+    assert dup["shaped_reward"] == pytest.approx(0.25 - 0.05 * 0.25)
+
+
+def test_fallback_off_and_std_off_and_original_prompt():
+    ro, rw = _rollouts(GROUPS)
+    hs = _revisions([("0:p:0", "p", 1.0), ("0:r:2", "r", 0.0)])
+    batch = _by_prompt(compute_batch(ro, rw, hs, _params(fallback=False, std_normalize=False,
+                                                          hindsight_prompt=False, bonus=False)))
+    # no fallback: group r stays as sampled
+    assert sorted(x["sample_id"] for x in batch["r"]) == [f"0:r:{j}" for j in range(4)]
+    # no bonus: shaped = raw reward everywhere
+    assert all(x["shaped_reward"] == x["reward"] for rows in batch.values() for x in rows)
+    # Dr. GRPO: mean-centred only
+    rr = np.array([0.25, 0.0, 0.25, 0.0])
+    assert np.allclose([x["advantage"] for x in sorted(batch["r"], key=lambda x: x["sample_id"])], rr - rr.mean())
+    # the revision is trained after the original prompt
+    rev = next(x for x in batch["p"] if x["kind"] == "hindsight")
+    assert rev["prompt_token_ids"] == [1, 2]
+
+
+def test_tier_two_fills_when_too_few_beat_the_group():
+    ro, rw = _rollouts(GROUPS)
+    # p: one revision beats (1.0), one ties (0.5): with replace_top_n = 2 both join
+    hs = _revisions([("0:p:0", "p", 1.0), ("0:p:2", "p", 0.5)])
+    p = _by_prompt(compute_batch(ro, rw, hs, _params(replace_top_n=2)))["p"]
+    kinds = sorted(x["kind"] for x in p)
+    assert kinds == ["hindsight", "hindsight", "rollout", "rollout"]
+    assert {x["replaced_rollout_id"] for x in p if x["kind"] == "hindsight"} == set(_victims("p", 2, 4))
+    # with a single slot only the strictly better one is kept
+    p1 = _by_prompt(compute_batch(ro, rw, hs, _params(replace_top_n=1)))["p"]
+    assert [x["source_id"] for x in p1 if x["kind"] == "hindsight"] == ["0:p:0:rev-0"]
+
+
+def test_group_of_one_gets_mean_zero_std_one():
+    ro, rw = _rollouts({"solo": [(0.75, 3)]})
+    batch = compute_batch(ro, rw, _revisions([]), _params()).to_pylist()
+    assert len(batch) == 1 and batch[0]["advantage"] == pytest.approx(0.75)
+
+
+def test_equal_rewards_give_zero_advantage():
+    ro, rw = _rollouts({"flat": [(0.5, 2)] * 4})
+    batch = compute_batch(ro, rw, _revisions([]), _params()).to_pylist()
+    assert all(x["advantage"] == 0.0 for x in batch)
+
+
+# ---- the loss ---------------------------------------------------------------------
+
+
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(**kw)
+
+
+def test_loss_on_policy_clip_dual_clip_and_hindsight_shaping():
+    ln = math.log
+    # row 0: on-policy, A = +1, ratios 2 (clipped to 1.2) and 1
+    # row 1: hindsight, A = -1, p = 0.5 then a masked token
+    # row 2: on-policy, A = -1, ratio 5: clipped loss 5, dual clip caps it at c = 3
+    logp = torch.tensor([[ln(0.5), ln(0.5)], [ln(0.5), ln(0.9)], [ln(0.5), ln(0.5)]])
+    old = torch.tensor([[ln(0.25), ln(0.5)], [ln(0.1), ln(0.1)], [ln(0.1), ln(0.5)]])
+    adv = torch.tensor([1.0, -1.0, -1.0])
+    hind = torch.tensor([False, True, False])
+    mask = torch.tensor([[1, 1], [1, 0], [1, 0]], dtype=torch.bool)
+    parts = policy_loss(logp, old, adv, hind, mask, _cfg(), denominator=4.0)
+    on = -1.2 + -1.0 + 3.0
+    off = 1.0 * 0.5 / (0.5 + 1.0)
+    assert parts.loss.item() == pytest.approx((on + off) / 4)
+    assert parts.on_policy == pytest.approx(on / 4)
+    assert parts.hindsight == pytest.approx(off / 4)
+    assert (parts.on_tokens, parts.hindsight_tokens) == (3, 1)
+    assert parts.clipped_tokens == 1  # only row 0's first token (row 2's ratio 5 is unclipped then dual-clipped)
+
+    # gamma changes only the hindsight part
+    parts_g = policy_loss(logp, old, adv, hind, mask, _cfg(gamma=0.1), denominator=4.0)
+    assert parts_g.hindsight == pytest.approx(0.5 / 0.6 / 4)
+    assert parts_g.on_policy == pytest.approx(parts.on_policy)
+
+
+def test_loss_gradients_follow_the_two_forms():
+    # hindsight token: d/dlogp [-A p/(p+g)] = -A g p / (p+g)^2; no ratio to the old policy
+    logp = torch.tensor([[math.log(0.5)]], requires_grad=True)
+    parts = policy_loss(logp, torch.tensor([[math.log(0.9)]]), torch.tensor([1.0]), torch.tensor([True]),
+                        torch.tensor([[True]]), _cfg(gamma=1.0), denominator=1.0)
+    parts.loss.backward()
+    assert logp.grad.item() == pytest.approx(-1.0 * 1.0 * 0.5 / 1.5**2)
+
+    # on-policy token inside the clip range: d/dlogp [-A ratio] = -A ratio
+    logp2 = torch.tensor([[math.log(0.5)]], requires_grad=True)
+    parts2 = policy_loss(logp2, torch.tensor([[math.log(0.5)]]), torch.tensor([2.0]), torch.tensor([False]),
+                         torch.tensor([[True]]), _cfg(), denominator=1.0)
+    parts2.loss.backward()
+    assert logp2.grad.item() == pytest.approx(-2.0)
+
+    # clipped on-policy token: no gradient
+    logp3 = torch.tensor([[math.log(0.5)]], requires_grad=True)
+    parts3 = policy_loss(logp3, torch.tensor([[math.log(0.25)]]), torch.tensor([1.0]), torch.tensor([False]),
+                         torch.tensor([[True]]), _cfg(), denominator=1.0)
+    parts3.loss.backward()
+    assert logp3.grad.item() == 0.0
+
+
+def test_masked_tokens_do_not_count_and_kl_is_added():
+    logp = torch.tensor([[-1.0, -50.0]], requires_grad=True)
+    old = torch.tensor([[-1.0, 0.0]])
+    mask = torch.tensor([[True, False]])
+    parts = policy_loss(logp, old, torch.tensor([1.0]), torch.tensor([False]), mask, _cfg(), denominator=1.0)
+    assert parts.loss.item() == pytest.approx(-1.0)
+    parts.loss.backward()
+    assert logp.grad[0, 1].item() == 0.0
+    ref = torch.tensor([[-1.5, 0.0]])
+    pk = policy_loss(logp.detach(), old, torch.tensor([1.0]), torch.tensor([False]), mask, _cfg(kl_coef=0.1),
+                     denominator=1.0, ref_logp=ref)
+    k3 = math.exp(-0.5) + 0.5 - 1
+    assert pk.kl == pytest.approx(k3)
+    assert pk.loss.item() == pytest.approx(-1.0 + 0.1 * k3)

@@ -1,0 +1,121 @@
+"""Config validation, table contracts and atomic writes, prompts-file errors, sampling."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from herl.task import PromptFileError, builtin_toy, load_prompt_file, sample_for_iteration
+from schemas.config import DEFAULT_CONFIG, ConfigError, HerlConfig, load_config, stage_config_hash
+from schemas.tables import SchemaError, read_table, write_table
+
+
+def test_reference_defaults():
+    c = HerlConfig()
+    assert (c.task.prompts_per_iteration, c.rollout.n, c.rollout.temperature) == (64, 8, 1.0)
+    assert (c.hindsight.threshold, c.hindsight.candidate_limit, c.hindsight.temperature) == (1.0, 16, 0.3)
+    assert (c.advantages.alpha, c.advantages.replace_top_n, c.advantages.duplicate_best_fallback) == (0.05, 1, True)
+    assert (c.train.clip_eps_low, c.train.dual_clip_c, c.train.gamma, c.train.kl_coef) == (0.2, 3.0, 1.0, 0.0)
+    assert c.hindsight.train_prompt == "hindsight" and c.algorithm == "herl"
+    # every field is documented
+    for section in [c, c.model, c.task, c.rollout, c.grade, c.hindsight, c.advantages, c.train]:
+        for name, field in type(section).model_fields.items():
+            assert field.description, f"{type(section).__name__}.{name} has no docstring"
+
+
+def test_plain_grpo_is_one_line():
+    c = load_config(None, {"algorithm": "grpo"})
+    assert not c.hindsight_enabled and not c.bonus_enabled
+    assert load_config(None).hindsight_enabled
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"rollout.n": 1}, "rollout.n must be >= 2"),
+    ({"advantages.replace_top_n": 9}, "replace_top_n must be in [1, rollout.n=8]"),
+    ({"hindsight.threshold": 1.5}, "threshold must be in (0, 1]"),
+    ({"train.dual_clip_c": 1.0}, "dual_clip_c must be > 1"),
+    ({"train.lerning_rate": 1.0}, "train.lerning_rate"),
+    ({"algorithm": "ppo"}, "field algorithm"),
+])
+def test_bad_config_names_field_and_fix(override, message):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, override)
+    assert message in str(exc.value) and str(DEFAULT_CONFIG) in str(exc.value)
+
+
+def test_bad_toml_names_file(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text("iterations = [")
+    with pytest.raises(ConfigError, match="bad.toml is not valid TOML"):
+        load_config(p)
+
+
+def test_stage_hash_depends_only_on_its_sections():
+    a, b = load_config(None), load_config(None, {"train.learning_rate": 1e-4, "iterations": 99})
+    assert stage_config_hash(a, "rollout") == stage_config_hash(b, "rollout")
+    assert stage_config_hash(a, "train") != stage_config_hash(b, "train")
+
+
+def _metric_rows():
+    return [{"run_id": "r", "iteration": 0, "stage": "s", "name": "x", "value": 1.0}]
+
+
+def test_write_read_roundtrip_and_schema_errors(tmp_path):
+    p = tmp_path / "m.parquet"
+    assert write_table("metrics", _metric_rows(), p) == 1
+    assert read_table("metrics", p).to_pylist() == _metric_rows()
+    with pytest.raises(SchemaError, match="missing fields"):
+        write_table("metrics", [{"run_id": "r"}], tmp_path / "bad.parquet")
+    pq.write_table(pa.table({"run_id": ["r"]}), tmp_path / "alien.parquet")
+    with pytest.raises(SchemaError, match=r"alien.parquet: table 'metrics' has missing fields"):
+        read_table("metrics", tmp_path / "alien.parquet")
+    with pytest.raises(SchemaError, match="metrics.value"):
+        write_table("metrics", pa.table({"run_id": ["r"], "iteration": [0], "stage": ["s"], "name": ["x"],
+                                         "value": ["not a number"]}), tmp_path / "bad2.parquet")
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    bad = [{"run_id": "r", "iteration": "zero", "stage": "s", "name": "x", "value": 1.0}]
+    with pytest.raises(SchemaError):
+        write_table("metrics", bad, tmp_path / "m.parquet")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_prompt_file_errors_name_file_line_field(tmp_path):
+    good = builtin_toy(2, 0)
+    p = tmp_path / "prompts.jsonl"
+    _write_jsonl(p, good)
+    assert [r["prompt_id"] for r in load_prompt_file(p)] == ["toy-0000", "toy-0001"]
+
+    bad = json.loads(json.dumps(good))
+    bad[1]["rubric"][0]["weight"] = "heavy"
+    _write_jsonl(p, bad)
+    with pytest.raises(PromptFileError, match=r"prompts.jsonl line 2: field 'rubric\[0\].weight'"):
+        load_prompt_file(p)
+    bad = json.loads(json.dumps(good))
+    bad[0]["rubric"][1]["kind"] = "telepathy"
+    _write_jsonl(p, bad)
+    with pytest.raises(PromptFileError, match=r"line 1: field 'rubric\[1\].kind': unknown kind 'telepathy'"):
+        load_prompt_file(p)
+    _write_jsonl(p, [good[0], good[0]])
+    with pytest.raises(PromptFileError, match="line 2: field 'prompt_id': duplicate"):
+        load_prompt_file(p)
+    p.write_text('{"prompt_id": \n')
+    with pytest.raises(PromptFileError, match="line 1: not valid JSON"):
+        load_prompt_file(p)
+
+
+def test_builtin_task_and_epoch_sampling():
+    pool = builtin_toy(10, 0)
+    assert pool == builtin_toy(10, 0) and pool != builtin_toy(10, 1)
+    assert all(3 <= len(p["rubric"]) <= 5 for p in pool)
+    seen = [p["prompt_id"] for k in range(5) for p in sample_for_iteration(pool, k, 2, 0)]
+    assert sorted(seen) == sorted(p["prompt_id"] for p in pool)  # one epoch = every prompt once
+    assert len(sample_for_iteration(pool, 0, 25, 0)) == 10  # no duplicates inside one iteration

@@ -1,0 +1,75 @@
+"""Verifiable checks and reward aggregation, with hand-computed numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from herl.grading import CHECKS, MET, UNKNOWN, UNMET, VerifiableGrader, aggregate, register_check
+
+
+def item(kind, **params):
+    return {"item_id": kind, "description": kind, "weight": 1.0, "kind": kind, "params": json.dumps(params)}
+
+
+@pytest.mark.parametrize("kind,params,response,expected", [
+    ("no_capitals", {}, "all lower case.", MET),
+    ("no_capitals", {}, "one Capital", UNMET),
+    ("no_digits", {}, "no digits here", MET),
+    ("no_digits", {}, "route 66", UNMET),
+    ("include", {"text": "e"}, "hEllo", MET),  # case-insensitive by default
+    ("include", {"text": "E", "case_sensitive": True}, "hello", UNMET),
+    ("exclude", {"text": "x"}, "tax", UNMET),
+    ("char_length", {"max": 5}, "abcde  ", MET),  # trailing whitespace is not counted
+    ("char_length", {"max": 5}, "abcdef", UNMET),
+    ("char_length", {"min": 3}, "ab", UNMET),
+    ("word_length", {"min": 2, "max": 3}, "two words", MET),
+    ("ends_with", {"text": "."}, "done.\n", MET),
+    ("ends_with", {"text": "."}, "done", UNMET),
+    ("starts_with", {"text": "so"}, "  so it begins", MET),
+    ("regex", {"pattern": "^a+$", "flags": "m"}, "b\naaa", MET),
+    ("regex", {"pattern": "bad", "must_match": False}, "good", MET),
+])
+def test_checks(kind, params, response, expected):
+    (v,) = VerifiableGrader().grade([item(kind, **params)], response)
+    assert v.verdict == expected
+
+
+def test_unknown_kind_and_broken_check_give_unknown_not_a_verdict():
+    vs = VerifiableGrader().grade([item("nope"), item("char_length", maximum=3)], "text")
+    assert [v.verdict for v in vs] == [UNKNOWN, UNKNOWN]
+    assert "no check registered" in vs[0].detail and "TypeError" in vs[1].detail
+
+
+def test_register_check_decorator():
+    @register_check("test_palindrome")
+    def palindrome(response: str) -> bool:
+        return response == response[::-1]
+
+    try:
+        assert VerifiableGrader().grade([item("test_palindrome")], "abba")[0].verdict == MET
+        with pytest.raises(ValueError, match="already registered"):
+            register_check("test_palindrome")(palindrome)
+    finally:
+        del CHECKS["test_palindrome"]
+
+
+def test_aggregate_weighted_with_pitfall():
+    # weights 5, 3, 1, -2 (pitfall): met, unmet, met, met -> (5 + 1 - 2) / 9
+    r, met, total, unknown = aggregate([MET, UNMET, MET, MET], [5, 3, 1, -2])
+    assert r == pytest.approx(4 / 9) and (met, total, unknown) == (3, 4, 0)
+    # clipped at 0 when pitfalls outweigh
+    assert aggregate([UNMET, MET], [1, -3])[0] == 0.0
+
+
+def test_aggregate_modes_and_unknown_policy():
+    verdicts, weights = [MET, UNKNOWN, UNMET, MET], [1, 1, 1, 1]
+    assert aggregate(verdicts, weights, "fraction")[0] == pytest.approx(2 / 4)
+    assert aggregate(verdicts, weights, "fraction", "drop")[0] == pytest.approx(2 / 3)
+    assert aggregate(verdicts, weights, "fraction", "drop")[1:] == (2, 3, 1)
+    assert aggregate(verdicts, weights, "all")[0] == 0.0
+    assert aggregate([MET, UNKNOWN], [1, 1], "all", "drop")[0] == 1.0
+    assert aggregate([UNKNOWN], [1], "weighted", "drop") == (0.0, 0, 0, 1)
+    with pytest.raises(ValueError):
+        aggregate([MET], [1], "median")
