@@ -1,0 +1,79 @@
+"""Serving with Prefect as the README says: server, pool, deploy, worker, then
+`prefect deployment run herl/iterate --watch` completes and leaves a full run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from herl.cli import stage_status
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def test_deployment_run_watch_completes(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    server = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                               "--analytics-off"], cwd=tmp_path, env=env, stdout=open(tmp_path / "server.log", "w"),
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    worker = None
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, (tmp_path / "server.log").read_text()[-2000:]
+                assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+                time.sleep(1)
+
+        def prefect(*args, cwd=ROOT, timeout=300):
+            res = subprocess.run(["prefect", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+            assert res.returncode == 0, f"prefect {' '.join(args)}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+            return res.stdout
+
+        prefect("work-pool", "create", "herl", "--type", "process")
+        prefect("--no-prompt", "deploy", "--all")
+        # the worker runs from anywhere: the deployment's pull step points at the checkout
+        worker = subprocess.Popen(["prefect", "worker", "start", "--pool", "herl"], cwd=tmp_path, env=env,
+                                  stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        runs = tmp_path / "runs"
+        out = prefect("deployment", "run", "herl/iterate", "--watch", "--param", "iterations=1",
+                      "--param", "run_id=served", "--param", f"runs_dir={runs}",
+                      "--params", '{"overrides": {"task.prompts_per_iteration": 4, "rollout.n": 4, '
+                                  '"rollout.max_tokens": 8, "hindsight.max_tokens": 8}}',
+                      cwd=tmp_path, timeout=600)
+        assert "Completed" in out
+        assert [r["status"] for r in stage_status(runs / "served")] == ["done"] * 5
+    finally:
+        # a worker whose server is gone ignores SIGTERM: stop the worker first
+        if worker is not None:
+            _stop(worker)
+        _stop(server)

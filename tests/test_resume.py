@@ -1,0 +1,94 @@
+"""A real `herl run` process is SIGKILLed during a stage and resumed with `herl resume`:
+only unfinished stages run again, and the final tables have no duplicate keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from herl.cli import query_run, stage_status
+from herl.rundir import STAGES
+from schemas.tables import TABLES
+from tests.conftest import ROOT, small_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def _herl(*args: str) -> list[str]:
+    return [sys.executable, "-m", "herl.cli", *args]
+
+
+def _set_args(overrides: dict) -> list[str]:
+    out = []
+    for key, value in overrides.items():
+        if key in ("run_id", "runs_dir", "iterations"):
+            continue
+        out += ["--set", f"{key}={json.dumps(value)}"]
+    return out
+
+
+def _manifest(run_dir, k, stage):
+    p = run_dir / f"iter-{k}" / "_manifests" / f"{stage}.json"
+    try:
+        return json.loads(p.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def test_sigkill_during_a_stage_then_resume(tmp_path):
+    runs = tmp_path / "runs"
+    ov = small_overrides(runs, run_id="killed")
+    cmd = _herl("run", "--run-id", "killed", "--runs-dir", str(runs), "--iterations", "2", *_set_args(ov))
+    log = open(tmp_path / "run.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    run_dir = runs / "killed"
+    victim = (0, "train")  # the longest stage of iteration 0: load, old log-probs, two steps, save
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            m = _manifest(run_dir, *victim)
+            if m and m["status"] == "running":
+                break
+            assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+            time.sleep(0.01)
+        else:
+            pytest.fail("the run never reached the train stage")
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+        log.close()
+    assert proc.returncode == -signal.SIGKILL
+
+    status = {(r["iteration"], r["stage"]): r["status"] for r in stage_status(run_dir)}
+    assert status[victim] == "interrupted"
+    assert [status[(0, s)] for s in STAGES[:4]] == ["done"] * 4
+    assert all(status[(1, s)] == "missing" for s in STAGES)
+    before = {s: _manifest(run_dir, 0, s) for s in STAGES[:4]}
+
+    res = subprocess.run(_herl("resume", str(run_dir)), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+    # finished stages were not run again: same manifests, one attempt each
+    for s in STAGES[:4]:
+        assert _manifest(run_dir, 0, s) == before[s], s
+    train0 = _manifest(run_dir, 0, "train")
+    assert train0["status"] == "done" and train0["attempts"] == 2
+    assert all(_manifest(run_dir, 1, s)["attempts"] == 1 for s in STAGES)
+    assert "skipped: manifest current" in res.stdout + res.stderr
+
+    # nothing duplicated or half-written
+    for name, spec in TABLES.items():
+        keys = ", ".join(spec.key)
+        dup = query_run(run_dir, f"SELECT {keys}, count(*) FROM {name} GROUP BY ALL HAVING count(*) > 1").fetchall()
+        assert dup == [], name
+    assert not list(run_dir.glob("snapshots/.policy-*")) and not list(run_dir.glob("iter-*/.*.tmp"))
+    assert sorted(p.name for p in (run_dir / "snapshots").iterdir()) == ["policy-1", "policy-2"]
+    out = subprocess.run(_herl("sql", str(run_dir), "SELECT iteration, avg(reward) FROM rewards GROUP BY 1 ORDER BY 1",
+                               "--format", "csv"), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.splitlines()[1].startswith("0,")
