@@ -42,6 +42,12 @@ def metrics_markdown(run: Run, k: int) -> str:
     return "\n".join(lines)
 
 
+def flow_overrides(run_id, iterations, model_path, runs_dir, overrides) -> dict[str, Any]:
+    """Merge the flow's named parameters over `overrides`; unset (None) ones leave it alone."""
+    named = {"run_id": run_id, "iterations": iterations, "model.path": model_path, "runs_dir": runs_dir}
+    return {**(overrides or {}), **{k: v for k, v in named.items() if v is not None}}
+
+
 @flow(name="herl", log_prints=True)
 def iterate(config: str | None = None, run_id: str | None = None, iterations: int | None = None,
             model_path: str | None = None, runs_dir: str | None = None,
@@ -52,8 +58,7 @@ def iterate(config: str | None = None, run_id: str | None = None, iterations: in
     resume; iterations, model_path, runs_dir: common overrides; overrides: any dotted
     config keys, e.g. {"train.learning_rate": 1e-5, "algorithm": "grpo"}.
     """
-    cfg = load_config(config, {**(overrides or {}), "run_id": run_id, "iterations": iterations,
-                               "model.path": model_path, "runs_dir": runs_dir})
+    cfg = load_config(config, flow_overrides(run_id, iterations, model_path, runs_dir, overrides))
     run = open_run(cfg)
     logger = get_run_logger()
     logger.info("run directory: %s", run.path)

@@ -98,10 +98,12 @@ def cmd_status(args) -> int:
     print("-" * len(header))
     for r in rows:
         print(f"{r['iteration']:>4}  {r['stage']:<11} {r['status']:<12} {'' if r['rows'] is None else r['rows']:>7} "
-              f"{'' if r['seconds'] is None else format(r['seconds'], '.1f'):>8} {r['attempts'] or '':>8}"
-              + (f"  {r['error'][:80]}" if r["error"] else ""))
+              f"{'' if r['seconds'] is None else format(r['seconds'], '.1f'):>8} {r['attempts'] or '':>8}")
     done = sum(r["status"] == "done" for r in rows)
     print(f"\n{done}/{len(rows)} stages done")
+    for r in rows:
+        if r["error"]:
+            print(f"iteration {r['iteration']} {r['stage']} failed: {r['error']}")
     return 0
 
 

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import threading
 import time
 import traceback
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from schemas.config import HerlConfig, load_config, stage_config_hash
-from schemas.tables import TABLES
+from schemas.tables import TABLES, atomic_write
 
 STAGES = ("rollout", "grade", "hindsight", "advantages", "train")
 SNAPSHOT_META = "herl_snapshot.json"
@@ -43,17 +42,8 @@ class RunLockedError(RuntimeError):
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
 
 
 def fingerprint(path: Path) -> str:

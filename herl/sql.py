@@ -10,13 +10,22 @@ import pyarrow as pa
 SQL_DIR = Path(__file__).resolve().parent.parent / "stages" / "sql"
 
 
+# models other models select from, created as views first: {model: models it needs}
+VIEWS = {"candidates": ["originals"], "advantages": ["originals"]}
+
+
 def run_sql_file(name: str, tables: dict[str, pa.Table], params: dict) -> pa.Table:
-    """Execute stages/sql/<name>.sql with `tables` visible by name and `params` bound ($name)."""
+    """Execute stages/sql/<name>.sql with `tables` visible by name and `params` bound ($name).
+
+    Shared models (VIEWS) are created as views over `tables` first, like dbt's ref()."""
     query = (SQL_DIR / f"{name}.sql").read_text()
     con = duckdb.connect()
     try:
         for tname, table in tables.items():
             con.register(tname, table)
+        for view in VIEWS.get(name, []):
+            # the view name is one of ours, never user input; its SQL takes no parameters
+            con.execute(f"CREATE VIEW {view} AS " + (SQL_DIR / f"{view}.sql").read_text())
         rel = con.sql(query, params=params)
         return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
     finally:

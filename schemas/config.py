@@ -247,3 +247,24 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
             lines.append(f"  field {loc}: {err['msg'].removeprefix('Value error, ')}")
         raise ConfigError(f"config file {path} is invalid:\n" + "\n".join(lines)) from None
+
+
+def reference_markdown() -> str:
+    """The configuration reference (README), generated from the model's field docstrings."""
+    lines = ["| field | default | meaning |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = json.dumps(field.default)
+            lines.append(f"| `{prefix}{name}` | `{default}` | {field.description} |")
+
+    walk(HerlConfig, "")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,23 +177,33 @@ def from_rows(name: str, rows: list[dict]) -> pa.Table:
         raise SchemaError(f"table '{name}': {exc}") from exc
 
 
-def write_table(name: str, table: pa.Table | list[dict], path: Path) -> int:
-    """Check `table` against its contract and write it atomically to `path`; returns rows."""
-    spec = TABLES[name]
-    if isinstance(table, list):
-        table = from_rows(name, table)
-    table = _check(table, spec, f"writing {path}")
+@contextmanager
+def atomic_write(path: Path, mode: str = "wb"):
+    """Open a temporary file beside `path`; on success fsync it and rename it to `path`.
+
+    Readers see the old file or the complete new one, never a partial one; on error
+    (or a kill) only a `.<name>.*.tmp` file remains, which the next attempt removes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            pq.write_table(table, fh)
+        with os.fdopen(fd, mode) as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_table(name: str, table: pa.Table | list[dict], path: Path) -> int:
+    """Check `table` against its contract and write it atomically to `path`; returns rows."""
+    spec = TABLES[name]
+    if isinstance(table, list):
+        table = from_rows(name, table)
+    table = _check(table, spec, f"writing {path}")
+    with atomic_write(path) as fh:
+        pq.write_table(table, fh)
     return table.num_rows
 
 

@@ -126,6 +126,10 @@ def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]
     return logp * mask, mask
 
 
+def _length(row: dict) -> int:
+    return len(row["prompt_token_ids"]) + len(row["response_token_ids"])
+
+
 def _chunks(seq, size):
     return [seq[i:i + size] for i in range(0, len(seq), size)]
 
@@ -139,6 +143,9 @@ def train_on_batch(model, optimizer, accelerator, rows: list[dict], cfg: TrainCo
     model.eval()
     old: list[torch.Tensor] = []
     refs: list[torch.Tensor | None] = []
+    # micro-batches of similar lengths: short rollouts and long hindsight sequences would
+    # otherwise share a micro-batch padded to the longest one
+    rows = sorted(rows, key=_length)
     with torch.no_grad():
         for chunk in _chunks(rows, micro):
             lp, m = sequence_logprobs(model, [r["prompt_token_ids"] for r in chunk],
@@ -164,7 +171,7 @@ def train_on_batch(model, optimizer, accelerator, rows: list[dict], cfg: TrainCo
         random.Random(f"{seed}:{epoch}").shuffle(order)
         n_mb = min(cfg.mini_batches, len(order))
         for mb_index in range(n_mb):
-            mb = [r for pid in order[mb_index::n_mb] for r in groups[pid]]
+            mb = sorted((r for pid in order[mb_index::n_mb] for r in groups[pid]), key=_length)
             denom = float(sum(len(r["response_token_ids"]) for r in mb)) or 1.0
             for chunk in _chunks(mb, micro):
                 logp, mask = sequence_logprobs(model, [r["prompt_token_ids"] for r in chunk],

@@ -119,3 +119,11 @@ def test_builtin_task_and_epoch_sampling():
     seen = [p["prompt_id"] for k in range(5) for p in sample_for_iteration(pool, k, 2, 0)]
     assert sorted(seen) == sorted(p["prompt_id"] for p in pool)  # one epoch = every prompt once
     assert len(sample_for_iteration(pool, 0, 25, 0)) == 10  # no duplicates inside one iteration
+
+
+def test_flow_parameters_merge_over_overrides():
+    from flows.iterate import flow_overrides
+
+    assert flow_overrides(None, None, None, None, {"iterations": 16})["iterations"] == 16
+    assert flow_overrides("r", 3, "m", None, {"iterations": 16, "seed": 2}) == {
+        "iterations": 3, "seed": 2, "run_id": "r", "model.path": "m"}

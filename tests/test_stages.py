@@ -177,3 +177,35 @@ def test_rollouts_reproduce_and_engine_logprobs_match_trainer(tmp_path, done_run
         n = len(r["response_token_ids"])
         assert torch.allclose(logp[i, :n], torch.tensor(r["logprobs"]), atol=1e-4)
         assert int(mask[i].sum()) == n
+
+
+def test_bad_prompts_file_fails_the_stage_cleanly(tmp_path, capsys):
+    from herl.cli import main
+    from herl.task import PromptFileError, builtin_toy
+
+    rows = builtin_toy(3, 0)
+    rows[2]["messages"] = "hello"
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run = open_run(load_config(None, small_overrides(tmp_path / "runs", **{"task.source": str(bad)})))
+    with pytest.raises(PromptFileError, match=r"prompts.jsonl line 3: field 'messages'"):
+        rollout.run(run, 0)
+    assert run.read_manifest(0, "rollout")["status"] == "failed"
+    assert not run.table(0, "prompts").exists() and not run.table(0, "rollouts").exists()
+    assert list(run.iter_dir(0).glob("*.parquet")) == []
+    main(["status", str(run.path)])
+    out = capsys.readouterr().out
+    assert "rollout     failed" in out and "line 3: field 'messages'" in out
+
+
+def test_init_model_builds_a_loadable_model(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from herl.cli import main
+
+    assert main(["init-model", str(tmp_path / "m")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert model.config.num_hidden_layers == 2
+    text, ids = __import__("herl.engines", fromlist=["render_chat"]).render_chat(
+        load_tokenizer(tmp_path / "m"), [{"role": "user", "content": "hi"}])
+    assert text.endswith("<|im_start|>assistant\n") and len(ids) > 3

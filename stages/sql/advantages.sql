@@ -1,6 +1,6 @@
 -- Bonus-augmented, hindsight-mixed group advantages (HERL.md steps 6-8).
 -- Grain: one row per training sequence; each prompt's mixed group keeps the group size G.
--- Inputs: rollouts, rewards, hindsight (this iteration; hindsight may be empty).
+-- Inputs: originals (originals.sql), hindsight (this iteration; may be empty).
 -- Parameters:
 --   $threshold        a group failed when its best original reward is below this
 --   $bonus            apply the bonus reward (algorithm herl)
@@ -12,19 +12,6 @@
 --   $seed             seeds which members are replaced ("a random member")
 --   $hindsight_prompt train revisions after the hindsight prompt (else the original one)
 with
-
-originals as (
-    select
-        r.rollout_id,
-        r.prompt_id,
-        r.sample_index,
-        r.prompt_token_ids,
-        r.response_token_ids,
-        w.reward,
-        w.items_met
-    from rollouts as r
-    join rewards as w using (rollout_id)
-),
 
 groups as (
     select prompt_id, max(reward) as best_reward

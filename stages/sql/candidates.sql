@@ -3,19 +3,8 @@
 -- A group fails when its best reward is below $threshold; from it we take the answers
 -- whose reward equals the group's best, preferring more items met, at most
 -- $candidate_limit per group.
--- Inputs: rollouts, rewards (this iteration).  Parameters: $threshold, $candidate_limit.
+-- Inputs: originals (originals.sql over this iteration's rollouts and rewards).  Parameters: $threshold, $candidate_limit.
 with
-
-originals as (
-    select
-        r.rollout_id,
-        r.prompt_id,
-        r.sample_index,
-        w.reward,
-        w.items_met
-    from rollouts as r
-    join rewards as w using (rollout_id)
-),
 
 groups as (
     select

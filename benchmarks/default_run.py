@@ -1,0 +1,62 @@
+"""Time the embedded default run end to end and print stage timings and rewards.
+
+    python benchmarks/default_run.py [--config FILE] [--runs-dir DIR] [--set KEY=VALUE ...]
+
+Runs the `herl` flow in-process (as `herl run` does, Prefect's ephemeral API included),
+then prints one row per iteration with each stage's seconds (from the stage manifests)
+and the mean reward, plus the total wall time and where it went.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from herl.cli import _overrides, _prefect_env, query_run  # noqa: E402
+from herl.rundir import STAGES, load_run  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--runs-dir", default=None, help="default: a temporary folder")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args()
+    _prefect_env()
+    from flows.iterate import iterate
+
+    runs_dir = args.runs_dir or tempfile.mkdtemp(prefix="herl-bench-")
+    t0 = time.perf_counter()
+    path = iterate(config=args.config, runs_dir=runs_dir, run_id="bench", overrides=_overrides(args.set))
+    wall = time.perf_counter() - t0
+    run = load_run(path)
+
+    rewards = dict(query_run(path, "SELECT iteration, avg(reward) FROM rewards GROUP BY 1").fetchall())
+    header = f"| iter | {' | '.join(f'{s:>10}' for s in STAGES)} | {'total s':>8} | {'reward':>6} |"
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    stage_total = {s: 0.0 for s in STAGES}
+    for k in range(run.cfg.iterations):
+        secs = [run.read_manifest(k, s)["seconds"] for s in STAGES]
+        for s, v in zip(STAGES, secs):
+            stage_total[s] += v
+        print(f"| {k:>4} | {' | '.join(f'{v:>10.2f}' for v in secs)} | {sum(secs):>8.2f} | {rewards[k]:>6.3f} |")
+    in_stages = sum(stage_total.values())
+    print(f"| {'all':>4} | {' | '.join(f'{stage_total[s]:>10.2f}' for s in STAGES)} | {in_stages:>8.2f} |        |")
+    print()
+    print(f"wall time {wall:.1f} s: {in_stages:.1f} s in stages, {wall - in_stages:.1f} s Prefect start-up and overhead")
+    first, last = rewards[0], rewards[run.cfg.iterations - 1]
+    print(f"mean reward: first iteration {first:.3f}, last iteration {last:.3f} ({last - first:+.3f})")
+    print(json.dumps({"wall_seconds": round(wall, 1), "stage_seconds": round(in_stages, 1),
+                      "reward_first": round(first, 4), "reward_last": round(last, 4), "run_dir": str(path)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
