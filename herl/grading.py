@@ -1,13 +1,19 @@
-"""Rubric grading: verifiable checks, the grader interface, and reward aggregation.
+"""Rubric grading: the check registry, verifiable and judge graders, reward aggregation.
 
 A rubric item is {item_id, description, weight, kind, params}. `kind` names a check in
-the registry; `params` (a JSON object) are its keyword arguments. Add a check with
+the registry (or `judge`, graded by an LLM judge, see herl.judge); `params` (a JSON
+object) are its keyword arguments. Add a check with
 
-    @register_check("my_kind")
+    @register_check("my_kind", describe=lambda limit: f"Use at most {limit} lines.")
     def my_kind(response: str, *, limit: int) -> bool: ...
 
-A check returns a bool (met / unmet) or (bool, detail). A check that raises gives the
-verdict `unknown` with the error as detail; never a silent 0/1.
+A check returns a bool (met / unmet) or (bool, detail); `describe` makes the item's
+description from its params when the data has none (IFEval's has none). A check that
+raises gives the verdict `unknown` with the error as detail; never a silent 0/1.
+
+Every verifiable item gets a strict and a loose verdict. Loose is IFEval's: the item is
+met if the check passes on the response or on any of its variants with the first line,
+the last line or both removed, each also with markdown asterisks stripped.
 """
 
 from __future__ import annotations
@@ -18,55 +24,153 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
 MET, UNMET, UNKNOWN = "met", "unmet", "unknown"
+JUDGE_KIND = "judge"
 
-CHECKS: dict[str, Callable[..., bool | tuple[bool, str]]] = {}
+
+@dataclass(frozen=True)
+class Check:
+    fn: Callable[..., bool | tuple[bool, str]]
+    describe: Callable[..., str] | None = None
+    needs_prompt: bool = False  # the check receives the prompt text as `prompt=`
 
 
-def register_check(kind: str):
+CHECKS: dict[str, Check] = {}
+
+
+def register_check(kind: str, describe: Callable[..., str] | None = None, needs_prompt: bool = False):
     """Decorator: make `fn(response, **params)` the check for rubric items of this kind."""
 
     def deco(fn):
-        if kind in CHECKS:
+        if kind in CHECKS or kind == JUDGE_KIND:
             raise ValueError(f"check kind {kind!r} is already registered")
-        CHECKS[kind] = fn
+        CHECKS[kind] = Check(fn, describe, needs_prompt)
         return fn
 
     return deco
 
 
+def is_known_kind(kind: str) -> bool:
+    return kind == JUDGE_KIND or kind in CHECKS
+
+
+def describe_item(kind: str, params: dict) -> str:
+    """A readable sentence for an item from its kind and params ("Answer with at least 300 words.")."""
+    check = CHECKS.get(kind)
+    if check is None or check.describe is None:
+        args = ", ".join(f"{k}={v!r}" for k, v in params.items())
+        return f"Satisfy the check {kind}({args})."
+    return check.describe(**params)
+
+
 @dataclass(frozen=True)
 class Verdict:
-    verdict: str  # met / unmet / unknown
+    verdict: str  # met / unmet / unknown (strict)
     grader: str
     detail: str = ""
+    loose: str | None = None  # IFEval's loose verdict; None where it equals the strict one
+
+    @property
+    def loose_verdict(self) -> str:
+        return self.loose or self.verdict
 
 
 class Grader(Protocol):
-    def grade(self, rubric: list[dict], response: str) -> list[Verdict]:
+    def grade(self, rubric: list[dict], response: str, prompt: str = "") -> list[Verdict]:
         """One verdict per rubric item, in rubric order."""
 
 
+def loose_variants(response: str) -> list[str]:
+    """IFEval's loose variants: first / last / both lines removed, asterisks stripped."""
+    lines = response.split("\n")
+    first = "\n".join(lines[1:]).strip()
+    last = "\n".join(lines[:-1]).strip()
+    both = "\n".join(lines[1:-1]).strip()
+    return [response, response.replace("*", ""), first, last, both,
+            first.replace("*", ""), last.replace("*", ""), both.replace("*", "")]
+
+
 class VerifiableGrader:
-    """Grades items whose `kind` is a registered check."""
+    """Grades items whose `kind` is a registered check (judge items come back unknown)."""
 
     name = "verifiable"
 
-    def grade(self, rubric: list[dict], response: str) -> list[Verdict]:
+    def _run(self, check: Check, params: dict, response: str, prompt: str) -> tuple[bool, str]:
+        res = check.fn(response, **params, **({"prompt": prompt} if check.needs_prompt else {}))
+        return res if isinstance(res, tuple) else (res, "")
+
+    def grade(self, rubric: list[dict], response: str, prompt: str = "") -> list[Verdict]:
         out = []
         for item in rubric:
-            fn = CHECKS.get(item["kind"])
-            if fn is None:
+            check = CHECKS.get(item["kind"])
+            if check is None:
                 out.append(Verdict(UNKNOWN, self.name, f"no check registered for kind {item['kind']!r}"))
                 continue
             try:
                 params = json.loads(item["params"]) if item["params"] else {}
-                res = fn(response, **params)
+                # IFEval grades an empty response as not following any instruction
+                ok, detail = self._run(check, params, response, prompt) if response.strip() else (False, "empty response")
+                loose_ok = ok or any(v.strip() and self._run(check, params, v, prompt)[0]
+                                     for v in loose_variants(response)[1:])
             except Exception as exc:  # a broken check must surface as unknown, not as a verdict
                 out.append(Verdict(UNKNOWN, self.name, f"{type(exc).__name__}: {exc}"))
                 continue
-            ok, detail = res if isinstance(res, tuple) else (res, "")
-            out.append(Verdict(MET if ok else UNMET, self.name, detail))
+            strict = MET if ok else UNMET
+            loose = MET if loose_ok else UNMET
+            out.append(Verdict(strict, self.name, detail, None if loose == strict else loose))
         return out
+
+
+@dataclass(frozen=True)
+class GradeInput:
+    rubric: list[dict]
+    response: str
+    messages: list[dict]
+
+    @property
+    def prompt(self) -> str:
+        users = [m["content"] for m in self.messages if m["role"] == "user"]
+        return users[-1] if users else ""
+
+
+class RubricGrader:
+    """Verifiable items by their checks; `judge` items by an LLM judge, made on first need.
+
+    `grade_cfg` is schemas.config.GradeConfig; `cache_path` is where the judge cache lives."""
+
+    def __init__(self, grade_cfg, cache_path=None):
+        self.cfg, self.cache_path = grade_cfg, cache_path
+        self.verifiable = VerifiableGrader()
+        self.judge = None
+
+    def grade_many(self, inputs: list[GradeInput]) -> list[list[Verdict]]:
+        from herl.judge import JudgeTask, conversation_text, make_judge
+
+        results, tasks, slots = [], [], []
+        for i, inp in enumerate(inputs):
+            results.append(self.verifiable.grade(inp.rubric, inp.response, inp.prompt))
+            idx = [j for j, it in enumerate(inp.rubric) if it["kind"] == JUDGE_KIND]
+            if idx:
+                tasks.append(JudgeTask(conversation_text(inp.messages), inp.response,
+                                       tuple(inp.rubric[j]["description"] for j in idx)))
+                slots.append((i, idx))
+        if tasks:
+            if self.judge is None:
+                self.judge = make_judge(self.cfg.judge, self.cache_path)
+            for (i, idx), verdicts in zip(slots, self.judge.grade_many(tasks)):
+                for j, v in zip(idx, verdicts):
+                    results[i][j] = v
+        return results
+
+    def stats(self) -> dict[str, float]:
+        if self.judge is None:
+            return {}
+        st = self.judge.stats
+        return {"judge_calls": st.calls, "judge_cache_hits": st.cache_hits, "judge_retries": st.retries,
+                "judge_failures": st.failures}
+
+    def close(self) -> None:
+        if self.judge is not None:
+            self.judge.close()
 
 
 def aggregate(verdicts: Iterable[str], weights: Iterable[float], mode: str = "weighted",
@@ -98,58 +202,161 @@ def aggregate(verdicts: Iterable[str], weights: Iterable[float], mode: str = "we
     return reward, n_met, len(pairs), n_unknown
 
 
-# ---- the checks the built-in task uses ------------------------------------------------
+# ---- general checks ---------------------------------------------------------------
 
 
-@register_check("no_capitals")
+def _range_text(unit: str, min=None, max=None) -> str:
+    if min is not None and max is not None:
+        return f"Use between {min} and {max} {unit}."
+    if min is not None:
+        return f"Use at least {min} {unit}."
+    return f"Use at most {max} {unit}."
+
+
+def _in_range(n: int, min, max) -> bool:
+    return (min is None or n >= min) and (max is None or n <= max)
+
+
+@register_check("no_capitals", describe=lambda: "Use no capital letters.")
 def no_capitals(response: str) -> tuple[bool, str]:
     caps = [c for c in response if c.isupper()]
     return not caps, f"capitals: {''.join(caps[:10])!r}" if caps else ""
 
 
-@register_check("no_digits")
+@register_check("no_digits", describe=lambda: "Use no digits.")
 def no_digits(response: str) -> tuple[bool, str]:
     digits = [c for c in response if c.isdigit()]
     return not digits, f"digits: {''.join(digits[:10])!r}" if digits else ""
 
 
-@register_check("include")
+@register_check("include", describe=lambda text, case_sensitive=False: f"Include {text!r}.")
 def include(response: str, *, text: str, case_sensitive: bool = False) -> bool:
     return (text in response) if case_sensitive else (text.lower() in response.lower())
 
 
-@register_check("exclude")
+@register_check("exclude", describe=lambda text, case_sensitive=False: f"Do not use {text!r}.")
 def exclude(response: str, *, text: str, case_sensitive: bool = False) -> bool:
     return not include(response, text=text, case_sensitive=case_sensitive)
 
 
-@register_check("char_length")
+@register_check("char_length", describe=lambda min=None, max=None: _range_text("characters", min, max))
 def char_length(response: str, *, min: int | None = None, max: int | None = None) -> tuple[bool, str]:
     n = len(response.strip())
-    ok = (min is None or n >= min) and (max is None or n <= max)
-    return ok, f"{n} characters"
+    return _in_range(n, min, max), f"{n} characters"
 
 
-@register_check("word_length")
+@register_check("word_length", describe=lambda min=None, max=None: _range_text("words", min, max))
 def word_length(response: str, *, min: int | None = None, max: int | None = None) -> tuple[bool, str]:
     n = len(re.findall(r"\w+", response))
-    ok = (min is None or n >= min) and (max is None or n <= max)
-    return ok, f"{n} words"
+    return _in_range(n, min, max), f"{n} words"
 
 
-@register_check("ends_with")
+@register_check("token_length", describe=lambda min=None, max=None, tokenizer=None: _range_text("tokens", min, max))
+def token_length(response: str, *, min: int | None = None, max: int | None = None,
+                 tokenizer: str | None = None) -> tuple[bool, str]:
+    """Tokens of a local tokenizer folder if given, else words and punctuation marks."""
+    if tokenizer:
+        n = len(_tokenizer(tokenizer)(response, add_special_tokens=False)["input_ids"])
+    else:
+        n = len(re.findall(r"\w+|[^\w\s]", response))
+    return _in_range(n, min, max), f"{n} tokens"
+
+
+_TOKENIZERS: dict[str, object] = {}
+
+
+def _tokenizer(path: str):
+    if path not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path)
+    return _TOKENIZERS[path]
+
+
+@register_check("ends_with", describe=lambda text: f"End with {text!r}.")
 def ends_with(response: str, *, text: str) -> bool:
     return response.rstrip().endswith(text)
 
 
-@register_check("starts_with")
+@register_check("starts_with", describe=lambda text: f"Start with {text!r}.")
 def starts_with(response: str, *, text: str) -> bool:
     return response.lstrip().startswith(text)
 
 
-@register_check("regex")
+@register_check("regex", describe=lambda pattern, must_match=True, flags="":
+                f"{'Match' if must_match else 'Do not match'} the pattern /{pattern}/{flags}.")
 def regex(response: str, *, pattern: str, must_match: bool = True, flags: str = "") -> bool:
     fl = 0
     for ch in flags:
         fl |= {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL}[ch]
     return bool(re.search(pattern, response, fl)) == must_match
+
+
+_FINAL_ANSWER = re.compile(r"(?:\\boxed\{([^{}]*)\}|(?:final answer|answer)\s*(?:is|:)\s*([^\n]+))", re.IGNORECASE)
+
+
+def _extract_answer(response: str) -> str:
+    """The answer part of a response: \\boxed{...}, "answer: ..." / "answer is ...", or the last line."""
+    found = _FINAL_ANSWER.findall(response)
+    if found:
+        boxed, stated = found[-1]
+        return (boxed or stated).strip()
+    lines = [ln for ln in response.strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def _normalise(text: str) -> str:
+    text = text.strip().lower().rstrip(".")
+    text = re.sub(r"[\s]+", " ", text)
+    return text.strip("*`\"' ")
+
+
+@register_check("exact_answer", describe=lambda answer, **_: f"Give the answer {answer!r}.")
+def exact_answer(response: str, *, answer: str | list[str], extract: bool = True) -> tuple[bool, str]:
+    """Match after normalisation (case, surrounding space/quotes/markdown, a final period)."""
+    got = _normalise(_extract_answer(response) if extract else response)
+    accepted = [answer] if isinstance(answer, str) else list(answer)
+    return got in {_normalise(a) for a in accepted}, f"answer {got!r}"
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*\.?\d*(?:e-?\d+)?|-?\.\d+")
+
+
+@register_check("numeric_answer", describe=lambda answer, **_: f"Give the numeric answer {answer}.")
+def numeric_answer(response: str, *, answer: float, rel_tol: float = 1e-6, abs_tol: float = 1e-9,
+                   extract: bool = True) -> tuple[bool, str]:
+    """The last number of the answer part (commas and a trailing % ignored) equals `answer`."""
+    import math
+
+    text = _extract_answer(response) if extract else response
+    numbers = _NUMBER.findall(text.replace("%", ""))
+    if not numbers:
+        return False, "no number found"
+    got = float(numbers[-1].replace(",", ""))
+    return math.isclose(got, float(answer), rel_tol=rel_tol, abs_tol=abs_tol), f"number {got}"
+
+
+def _strip_fence(text: str) -> str:
+    text = text.strip()
+    m = re.fullmatch(r"```[a-zA-Z]*\s*\n?(.*?)\n?```", text, re.DOTALL)
+    return m.group(1).strip() if m else text
+
+
+@register_check("json", describe=lambda schema=None: "Answer in valid JSON" + (" following the given schema." if schema else "."))
+def json_valid(response: str, *, schema: dict | None = None) -> tuple[bool, str]:
+    """The response (optionally in a ``` fence) parses as JSON and, if given, satisfies the JSON Schema."""
+    try:
+        value = json.loads(_strip_fence(response))
+    except ValueError as exc:
+        return False, f"invalid JSON: {exc}"
+    if schema is not None:
+        import jsonschema
+
+        errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(value), key=lambda e: list(e.path))
+        if errors:
+            return False, f"schema: {errors[0].message}"
+    return True, ""
+
+
+# the IFEval instruction ids register themselves as kinds
+from herl import ifeval as _ifeval_kinds  # noqa: E402,F401

@@ -34,6 +34,10 @@ class ModelConfig(_Section):
 class TaskConfig(_Section):
     source: str = "builtin:toy"
     """Prompt pool: `builtin:toy` (generated from `seed`) or a prompts file (.jsonl or .parquet, prompts schema)."""
+    format: Literal["auto", "herl", "ifeval", "rar", "healthbench"] = "auto"
+    """Format of a prompts file: IFEval/IFBench, RaR, HealthBench or the herl prompts schema; auto detects it."""
+    drop_unsupported: bool = False
+    """Drop IFEval/IFBench instructions that have no registered check (else the import fails, naming them)."""
     num_prompts: int = 64
     """Size of the `builtin:toy` pool; ignored for files."""
     prompts_per_iteration: int = 64
@@ -57,7 +61,42 @@ class RolloutConfig(_Section):
     """Sequences generated together in one batch (transformers engine)."""
 
 
+class JudgeConfig(_Section):
+    backend: Literal["openai", "local"] = "openai"
+    """openai: an OpenAI-compatible HTTP endpoint (vllm serve, a hosted API); local: a herl engine on a local model folder."""
+    model: str = "gpt-4o-mini"
+    """Judge model: the served model name (openai) or a local folder / builtin:tiny (local) [reference: gpt-4o-mini]."""
+    base_url: str | None = None
+    """Endpoint, e.g. http://127.0.0.1:8000/v1 for `vllm serve`; None uses the openai client's default."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the API key (read at call time, never stored)."""
+    api_key_secret: str | None = None
+    """Name of a Prefect Secret block holding the API key; takes precedence over api_key_env."""
+    temperature: float = 0.1
+    """Judge sampling temperature [reference: 0.1]."""
+    max_tokens: int = 512
+    """Maximum tokens of a judge reply."""
+    concurrency: int = 8
+    """Judge calls in flight at once (openai backend)."""
+    timeout_s: float = 60.0
+    """Timeout of one judge call, in seconds."""
+    retries: int = 3
+    """Retries of a call after a timeout, connection error, HTTP 429 or 5xx, with exponential backoff."""
+    backoff_s: float = 1.0
+    """First backoff; doubles with each retry."""
+    parse_retries: int = 1
+    """Extra calls when a reply cannot be parsed as a JSON list of 0/1 of the right length."""
+    cache: bool = True
+    """Cache definitive verdicts (SQLite, keyed by judge model and prompt) so a resumed stage does not pay twice."""
+    local_engine: Literal["transformers"] = "transformers"
+    """Engine of the local backend."""
+
+
 class GradeConfig(_Section):
+    mode: Literal["strict", "loose"] = "strict"
+    """Which verdict rewards use: strict, or IFEval's loose (first/last line removed, asterisks stripped also tried)."""
+    judge: JudgeConfig = JudgeConfig()
+    """The LLM judge for items of kind `judge`."""
     reward: Literal["weighted", "fraction", "all"] = "weighted"
     """Aggregation: weighted = sum(w*met)/sum(positive w) clipped to [0,1]; fraction = items met / items; all = 1 if every item met."""
     unknown_policy: Literal["unmet", "drop"] = "unmet"
@@ -183,6 +222,10 @@ class HerlConfig(_Section):
         need(t.dual_clip_c > 1, "train.dual_clip_c must be > 1 (3 in the reference)")
         need(t.gamma > 0, "train.gamma must be > 0 (1.0 in the reference; 0.1 for the medical setup)")
         need(t.kl_coef >= 0, "train.kl_coef must be >= 0")
+        j = self.grade.judge
+        need(j.concurrency >= 1 and j.retries >= 0 and j.parse_retries >= 0,
+             "grade.judge.concurrency must be >= 1, retries and parse_retries >= 0")
+        need(j.timeout_s > 0 and j.backoff_s >= 0, "grade.judge.timeout_s must be > 0 and backoff_s >= 0")
         return self
 
     @property
@@ -266,5 +309,19 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
+def update_readme(readme: Path) -> None:
+    """Replace the table between the config-reference markers in the README."""
+    text = readme.read_text()
+    start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{reference_markdown()}\n{end}{tail}")
+
+
 if __name__ == "__main__":
-    print(reference_markdown())
+    import sys
+
+    if "--update-readme" in sys.argv:
+        update_readme(Path(__file__).resolve().parent.parent / "README.md")
+    else:
+        print(reference_markdown())

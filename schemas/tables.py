@@ -57,7 +57,9 @@ _verdict_fields = [
     ("prompt_id", pa.string()),
     ("item_index", pa.int32()),
     ("item_id", pa.string()),
-    ("verdict", pa.string()),
+    ("verdict", pa.string()),  # the verdict rewards use (grade.mode)
+    ("verdict_strict", pa.string()),
+    ("verdict_loose", pa.string()),
     ("weight", pa.float64()),
     ("grader", pa.string()),
     ("detail", pa.string()),

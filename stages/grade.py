@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from herl.grading import UNKNOWN, VerifiableGrader, aggregate
+from herl.grading import UNKNOWN, GradeInput, RubricGrader, aggregate
 from herl.rundir import Run
 from schemas.config import GradeConfig
 from schemas.tables import read_table, write_table
@@ -20,29 +20,33 @@ from stages.common import stage_main, write_metrics
 STAGE = "grade"
 
 
-def grade_samples(run: Run, k: int, rubrics: dict[str, list[dict]], samples: list[tuple[str, str, str]],
-                  cfg: GradeConfig) -> tuple[list[dict], dict[str, dict]]:
+def grade_samples(run: Run, k: int, prompts: dict[str, dict], samples: list[tuple[str, str, str]],
+                  cfg: GradeConfig) -> tuple[list[dict], dict[str, dict], dict[str, float]]:
     """Grade (sample_id, prompt_id, response) triples against their prompt's rubric.
 
-    Returns verdict rows (verdicts schema) and {sample_id: {reward, items_met,
-    items_total, items_unknown}}. Shared by the grade and hindsight stages so that
-    answers and revisions are scored by the same grader.
+    Returns verdict rows (verdicts schema), {sample_id: {reward, items_met, items_total,
+    items_unknown}} and grader statistics. Shared by the grade and hindsight stages so
+    that answers and revisions are scored by the same grader.
     """
-    grader = VerifiableGrader()
+    grader = RubricGrader(cfg, cache_path=run.path / "judge_cache.sqlite")
+    try:
+        graded = grader.grade_many([GradeInput(prompts[pid]["rubric"], response, prompts[pid]["messages"])
+                                    for _, pid, response in samples])
+    finally:
+        grader.close()
     verdict_rows, scores = [], {}
-    for sample_id, prompt_id, response in samples:
-        rubric = rubrics[prompt_id]
-        verdicts = grader.grade(rubric, response)
-        for j, (item, v) in enumerate(zip(rubric, verdicts)):
+    for (sample_id, prompt_id, _), verdicts in zip(samples, graded):
+        rubric = prompts[prompt_id]["rubric"]
+        used = [v.loose_verdict if cfg.mode == "loose" else v.verdict for v in verdicts]
+        for j, (item, v, u) in enumerate(zip(rubric, verdicts, used)):
             verdict_rows.append({
                 "run_id": run.run_id, "iteration": k, "sample_id": sample_id, "prompt_id": prompt_id,
-                "item_index": j, "item_id": item["item_id"], "verdict": v.verdict, "weight": item["weight"],
-                "grader": v.grader, "detail": v.detail,
+                "item_index": j, "item_id": item["item_id"], "verdict": u, "verdict_strict": v.verdict,
+                "verdict_loose": v.loose_verdict, "weight": item["weight"], "grader": v.grader, "detail": v.detail,
             })
-        reward, met, total, unknown = aggregate([v.verdict for v in verdicts], [it["weight"] for it in rubric],
-                                                cfg.reward, cfg.unknown_policy)
+        reward, met, total, unknown = aggregate(used, [it["weight"] for it in rubric], cfg.reward, cfg.unknown_policy)
         scores[sample_id] = {"reward": reward, "items_met": met, "items_total": total, "items_unknown": unknown}
-    return verdict_rows, scores
+    return verdict_rows, scores, grader.stats()
 
 
 def run(run: Run, k: int) -> dict:
@@ -51,9 +55,9 @@ def run(run: Run, k: int) -> dict:
     def body():
         prompts = read_table("prompts", inputs["prompts"]).to_pylist()
         rollouts = read_table("rollouts", inputs["rollouts"]).select(["rollout_id", "prompt_id", "response_text"])
-        rubrics = {p["prompt_id"]: p["rubric"] for p in prompts}
         samples = list(zip(*(rollouts.column(c).to_pylist() for c in rollouts.column_names)))
-        verdict_rows, scores = grade_samples(run, k, rubrics, samples, run.cfg.grade)
+        verdict_rows, scores, grader_stats = grade_samples(run, k, {p["prompt_id"]: p for p in prompts}, samples,
+                                                           run.cfg.grade)
         prompt_of = {sid: pid for sid, pid, _ in samples}
         reward_rows = [{"run_id": run.run_id, "iteration": k, "rollout_id": sid, "prompt_id": prompt_of[sid], **s}
                        for sid, s in scores.items()]
@@ -72,6 +76,7 @@ def run(run: Run, k: int) -> dict:
             "groups_failed": sum(b < run.cfg.hindsight.threshold for b in best.values()),
             "mean_group_best": sum(best.values()) / max(1, len(best)),
             "verdicts_met": counts["met"], "verdicts_unmet": counts["unmet"], "verdicts_unknown": counts[UNKNOWN],
+            **grader_stats,
         })
         return out
 

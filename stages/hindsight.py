@@ -131,12 +131,12 @@ def _revise(run: Run, k: int, candidates: list[dict], rollouts, inputs) -> tuple
                 "finish_reason": comp.finish_reason, "num_tokens": len(comp.token_ids), "seed": req.seed,
                 "snapshot_id": snapshot_id, "logprobs": comp.logprobs,
             })
-    rubrics = {pid: p["rubric"] for pid, p in prompts.items()}
-    verdict_rows, scores = grade_samples(run, k, rubrics, [(r["revision_id"], r["prompt_id"], r["response_text"])
-                                                           for r in rows], cfg.grade)
+    verdict_rows, scores, grader_stats = grade_samples(
+        run, k, prompts, [(r["revision_id"], r["prompt_id"], r["response_text"]) for r in rows], cfg.grade)
     for r in rows:
         r.update(scores[r["revision_id"]])
-    return rows, verdict_rows, {"mean_hindsight_prompt_tokens": sum(len(q.prompt_token_ids) for q in requests) / len(requests)}
+    return rows, verdict_rows, {"mean_hindsight_prompt_tokens": sum(len(q.prompt_token_ids) for q in requests) / len(requests),
+                                **grader_stats}
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def run(run: Run, k: int) -> dict:
         inputs["task"] = Path(cfg.task.source)
 
     def body():
-        pool = load_pool(cfg.task.source, cfg.task.num_prompts, cfg.seed)
+        pool = load_pool(cfg.task.source, cfg.task.num_prompts, cfg.seed, cfg.task.format, cfg.task.drop_unsupported)
         prompts = sample_for_iteration(pool, k, cfg.task.prompts_per_iteration, cfg.seed)
         snapshot_id = run.snapshot_id(k)
         engine = load_engine(cfg.rollout.engine, snapshot, cfg.model.dtype, cfg.rollout.batch_size)

@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from herl.task import PromptFileError, builtin_toy, load_prompt_file, sample_for_iteration
+from herl.importers import PromptFileError, load_prompts
+from herl.task import builtin_toy, sample_for_iteration
 from schemas.config import DEFAULT_CONFIG, ConfigError, HerlConfig, load_config, stage_config_hash
 from schemas.tables import SchemaError, read_table, write_table
 
@@ -92,24 +93,24 @@ def test_prompt_file_errors_name_file_line_field(tmp_path):
     good = builtin_toy(2, 0)
     p = tmp_path / "prompts.jsonl"
     _write_jsonl(p, good)
-    assert [r["prompt_id"] for r in load_prompt_file(p)] == ["toy-0000", "toy-0001"]
+    assert [r["prompt_id"] for r in load_prompts(p)] == ["toy-0000", "toy-0001"]
 
     bad = json.loads(json.dumps(good))
     bad[1]["rubric"][0]["weight"] = "heavy"
     _write_jsonl(p, bad)
     with pytest.raises(PromptFileError, match=r"prompts.jsonl line 2: field 'rubric\[0\].weight'"):
-        load_prompt_file(p)
+        load_prompts(p)
     bad = json.loads(json.dumps(good))
     bad[0]["rubric"][1]["kind"] = "telepathy"
     _write_jsonl(p, bad)
     with pytest.raises(PromptFileError, match=r"line 1: field 'rubric\[1\].kind': unknown kind 'telepathy'"):
-        load_prompt_file(p)
+        load_prompts(p)
     _write_jsonl(p, [good[0], good[0]])
     with pytest.raises(PromptFileError, match="line 2: field 'prompt_id': duplicate"):
-        load_prompt_file(p)
+        load_prompts(p)
     p.write_text('{"prompt_id": \n')
     with pytest.raises(PromptFileError, match="line 1: not valid JSON"):
-        load_prompt_file(p)
+        load_prompts(p)
 
 
 def test_builtin_task_and_epoch_sampling():

@@ -1,0 +1,316 @@
+"""LLM-judge grading: one call per (response, rubric list), a JSON list of 0/1 back.
+
+    judge = make_judge(cfg.grade.judge, cache_path)
+    verdicts = judge.grade_many([JudgeTask(conversation, response, criteria), ...])
+
+Backends: `openai` (any OpenAI-compatible HTTP endpoint through the openai client:
+vLLM's `vllm serve`, a hosted API) and `local` (one of herl's generation engines on a
+local model folder). Calls run `concurrency` at a time, each with a timeout, retried
+with exponential backoff on timeouts, connection errors, HTTP 429 and 5xx, and once
+more on an unparseable reply. Definitive answers are cached in SQLite under the key
+(judge model, prompt) -- the prompt holds the conversation, response and rubric -- so
+a resumed stage does not pay twice; failures are not cached. When no verdict can be
+had the items are `unknown` with the reason as detail: never a silent 0/1.
+
+The API key is read from the environment variable `api_key_env` or the Prefect Secret
+block `api_key_secret` at call time and is never written anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+
+from herl.grading import MET, UNKNOWN, UNMET, Verdict
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "stages" / "templates" / "judge.j2"
+
+
+@dataclass(frozen=True)
+class JudgeTask:
+    conversation: str
+    response: str
+    criteria: tuple[str, ...]
+
+
+@dataclass
+class JudgeStats:
+    calls: int = 0
+    cache_hits: int = 0
+    retries: int = 0
+    failures: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **kw) -> None:
+        with self.lock:
+            for k, v in kw.items():
+                setattr(self, k, getattr(self, k) + v)
+
+
+@lru_cache(maxsize=1)
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    return env.from_string(TEMPLATE.read_text())
+
+
+def build_judge_prompt(task: JudgeTask) -> str:
+    fence = hashlib.sha256(task.response.encode()).hexdigest()[:16]
+    return _template().render(conversation=task.conversation, response=task.response, fence=fence,
+                              items=list(task.criteria)).strip()
+
+
+def conversation_text(messages: list[dict]) -> str:
+    return "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in messages)
+
+
+class ParseError(ValueError):
+    pass
+
+
+def parse_verdicts(text: str, n: int) -> list[int]:
+    """The last JSON list of n 0/1 values in `text` (code fences and prose around it allowed)."""
+    candidates = re.findall(r"\[[^\[\]]*\]", text)
+    if not candidates:
+        raise ParseError(f"no JSON list in the judge's reply: {text[:200]!r}")
+    last_error = ""
+    for raw in reversed(candidates):
+        try:
+            values = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            last_error = f"malformed JSON list {raw[:80]!r}: {exc}"
+            continue
+        out: list[int] | None = []
+        for v in values:
+            if isinstance(v, bool) or (isinstance(v, (int, float)) and v in (0, 1)):
+                out.append(int(v))
+            elif isinstance(v, str) and v.strip() in ("0", "1"):
+                out.append(int(v.strip()))
+            else:
+                out = None
+                break
+        if out is None:
+            last_error = f"list has values other than 0/1: {raw[:80]!r}"
+            continue
+        if len(out) != n:
+            last_error = f"list has {len(out)} values for {n} rubric items: {raw[:80]!r}"
+            continue
+        return out
+    raise ParseError(last_error)
+
+
+class JudgeCache:
+    """SQLite cache of definitive judge answers, safe across threads."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._lock = threading.Lock()
+        self._con = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._con = sqlite3.connect(str(path), check_same_thread=False)
+            self._con.execute("CREATE TABLE IF NOT EXISTS verdicts (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self._con.commit()
+
+    @staticmethod
+    def key(model: str, prompt: str) -> str:
+        return hashlib.sha256(f"{model}\0{prompt}".encode()).hexdigest()
+
+    def get(self, key: str) -> list[int] | None:
+        if self._con is None:
+            return None
+        with self._lock:
+            row = self._con.execute("SELECT value FROM verdicts WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put(self, key: str, value: list[int]) -> None:
+        if self._con is None:
+            return
+        with self._lock:
+            self._con.execute("INSERT OR REPLACE INTO verdicts (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+            self._con.commit()
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+
+
+class TransientError(RuntimeError):
+    """A call that may succeed when repeated (timeout, connection, 429, 5xx)."""
+
+
+class Judge:
+    """Grades judge items through a backend's `complete(prompts) -> texts`."""
+
+    def __init__(self, cfg, backend, cache: JudgeCache):
+        self.cfg, self.backend, self.cache = cfg, backend, cache
+        self.stats = JudgeStats()
+        self.name = f"judge:{cfg.backend}:{cfg.model}"
+
+    def grade_many(self, tasks: list[JudgeTask]) -> list[list[Verdict]]:
+        if not tasks:
+            return []
+        if getattr(self.backend, "batched", False):
+            return self._grade_batched(tasks)
+        with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
+            return list(pool.map(self._grade_one, tasks))
+
+    def _verdicts(self, values: list[int], detail: str = "") -> list[Verdict]:
+        return [Verdict(MET if v else UNMET, self.name, detail) for v in values]
+
+    def _unknown(self, task: JudgeTask, reason: str) -> list[Verdict]:
+        self.stats.add(failures=1)
+        return [Verdict(UNKNOWN, self.name, reason[:500]) for _ in task.criteria]
+
+    def _grade_one(self, task: JudgeTask) -> list[Verdict]:
+        prompt = build_judge_prompt(task)
+        key = self.cache.key(self.cfg.model, prompt)
+        cached = self.cache.get(key)
+        if cached is not None:
+            self.stats.add(cache_hits=1)
+            return self._verdicts(cached, "cached")
+        reason = ""
+        parse_failures = 0
+        for attempt in range(self.cfg.retries + 1):
+            if attempt:
+                self.stats.add(retries=1)
+                time.sleep(self.cfg.backoff_s * 2 ** (attempt - 1))
+            try:
+                self.stats.add(calls=1)
+                text = self.backend.complete_one(prompt)
+            except TransientError as exc:
+                reason = f"judge call failed: {exc}"
+                continue
+            except Exception as exc:  # a permanent error (4xx, bad config): no point retrying
+                return self._unknown(task, f"judge call failed: {type(exc).__name__}: {exc}")
+            try:
+                values = parse_verdicts(text, len(task.criteria))
+            except ParseError as exc:
+                reason = f"unparseable judge reply: {exc}"
+                parse_failures += 1
+                if parse_failures > self.cfg.parse_retries:
+                    break
+                continue
+            self.cache.put(key, values)
+            return self._verdicts(values)
+        return self._unknown(task, reason)
+
+    def _grade_batched(self, tasks: list[JudgeTask]) -> list[list[Verdict]]:
+        prompts = [build_judge_prompt(t) for t in tasks]
+        keys = [self.cache.key(self.cfg.model, p) for p in prompts]
+        out: list[list[Verdict] | None] = [None] * len(tasks)
+        todo = []
+        for i, key in enumerate(keys):
+            cached = self.cache.get(key)
+            if cached is not None:
+                self.stats.add(cache_hits=1)
+                out[i] = self._verdicts(cached, "cached")
+            else:
+                todo.append(i)
+        if todo:
+            self.stats.add(calls=len(todo))
+            texts = self.backend.complete_batch([prompts[i] for i in todo])
+            for i, text in zip(todo, texts):
+                try:
+                    values = parse_verdicts(text, len(tasks[i].criteria))
+                except ParseError as exc:
+                    out[i] = self._unknown(tasks[i], f"unparseable judge reply: {exc}")
+                    continue
+                self.cache.put(keys[i], values)
+                out[i] = self._verdicts(values)
+        return out  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.cache.close()
+        close = getattr(self.backend, "close", None)
+        if close:
+            close()
+
+
+def resolve_api_key(cfg) -> str:
+    """The judge API key from the environment or a Prefect Secret block (never stored)."""
+    if cfg.api_key_secret:
+        from prefect.blocks.system import Secret
+
+        return Secret.load(cfg.api_key_secret).get()
+    key = os.environ.get(cfg.api_key_env)
+    if key:
+        return key
+    if cfg.base_url:
+        return "EMPTY"  # local OpenAI-compatible servers (vllm serve) accept any key
+    raise ValueError(f"no judge API key: set the environment variable {cfg.api_key_env} or "
+                     "grade.judge.api_key_secret (a Prefect Secret block), or point grade.judge.base_url at a local server")
+
+
+class OpenAIBackend:
+    """Chat completions on an OpenAI-compatible endpoint."""
+
+    batched = False
+
+    def __init__(self, cfg):
+        import openai
+
+        self.cfg = cfg
+        self._openai = openai
+        self.client = openai.OpenAI(base_url=cfg.base_url, api_key=resolve_api_key(cfg),
+                                    timeout=cfg.timeout_s, max_retries=0)
+
+    def complete_one(self, prompt: str) -> str:
+        o = self._openai
+        try:
+            resp = self.client.chat.completions.create(
+                model=self.cfg.model, messages=[{"role": "user", "content": prompt}],
+                temperature=self.cfg.temperature, max_tokens=self.cfg.max_tokens)
+        except (o.APITimeoutError, o.APIConnectionError, o.RateLimitError, o.InternalServerError) as exc:
+            raise TransientError(f"{type(exc).__name__}: {exc}") from None
+        except o.APIStatusError as exc:
+            if exc.status_code >= 500:
+                raise TransientError(f"HTTP {exc.status_code}") from None
+            raise
+        content = resp.choices[0].message.content if resp.choices else None
+        if content is None:
+            raise TransientError("empty completion")
+        return content
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class LocalBackend:
+    """A herl generation engine on a local model folder, all prompts in one batch."""
+
+    batched = True
+
+    def __init__(self, cfg):
+        from herl.engines import load_engine
+        from herl.tiny import resolve_model_path
+
+        self.cfg = cfg
+        self.engine = load_engine(cfg.local_engine, resolve_model_path(cfg.model))
+
+    def complete_batch(self, prompts: list[str]) -> list[str]:
+        from herl.engines import GenRequest, SamplingParams, derive_seed, render_chat
+
+        reqs = [GenRequest(str(i), render_chat(self.engine.tokenizer, [{"role": "user", "content": p}])[1],
+                           derive_seed("judge", p), 1) for i, p in enumerate(prompts)]
+        outs = self.engine.generate(reqs, SamplingParams(self.cfg.temperature, 1.0, 0, self.cfg.max_tokens))
+        return [o[0].text for o in outs]
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def make_judge(cfg, cache_path: Path | None) -> Judge:
+    backend = OpenAIBackend(cfg) if cfg.backend == "openai" else LocalBackend(cfg)
+    return Judge(cfg, backend, JudgeCache(cache_path if cfg.cache else None))
