@@ -171,6 +171,29 @@ def cmd_sql(args) -> int:
     return 0
 
 
+def cmd_grade(args) -> int:
+    from herl.grade_file import grade_file
+    from herl.importers import PromptFileError
+    from schemas.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, _overrides(args.set)).grade if (args.config or args.set) else None
+        summary = grade_file(Path(args.input), Path(args.output), args.format, args.drop_unsupported, cfg,
+                             Path(args.judge_cache) if args.judge_cache else None)
+    except (PromptFileError, ConfigError) as exc:
+        print(f"herl grade: {exc}", file=sys.stderr)
+        return 2
+    print(f"graded {summary['graded_rows']} rows, {summary['graded_items']} items ({summary['format']} format)"
+          + (f"; dropped {summary['dropped_prompts']} prompts without supported items" if summary["dropped_prompts"] else ""))
+    for name, value in summary["metrics"].items():
+        print(f"  {name:<26} {value:.4f}" if isinstance(value, float) else f"  {name:<26} {value}")
+    for name in ("judge_calls", "judge_cache_hits", "judge_retries", "judge_failures"):
+        if name in summary:
+            print(f"  {name:<26} {summary[name]}")
+    print(f"items: {summary['output']}\nrows:  {summary['rows_output']}")
+    return 0
+
+
 def cmd_init_model(args) -> int:
     from herl.tiny import build_tiny_model
 
@@ -209,6 +232,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--max-rows", type=int, default=100)
     p.set_defaults(fn=cmd_sql)
+
+    p = sub.add_parser("grade", help="grade a file of prompts with responses (IFEval, IFBench, RaR, HealthBench, herl)")
+    p.add_argument("--input", required=True, help=".jsonl / .json / .parquet; each row a prompt plus a 'response' field")
+    p.add_argument("--output", required=True, help="OUT.parquet (items); rewards per row go to OUT.rows.parquet")
+    p.add_argument("--format", default="auto", choices=["auto", "herl", "ifeval", "rar", "healthbench"])
+    p.add_argument("--drop-unsupported", action="store_true", help="skip instruction ids with no registered check")
+    p.add_argument("--config", default=None, help="a herl TOML config whose [grade] section (judge...) to use")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override, e.g. --set grade.judge.base_url=http://127.0.0.1:8000/v1")
+    p.add_argument("--judge-cache", default=None, help="SQLite file caching judge verdicts across runs")
+    p.set_defaults(fn=cmd_grade)
 
     p = sub.add_parser("init-model", help="build the tiny random model (builtin:tiny) into DIR")
     p.add_argument("dir")

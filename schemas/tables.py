@@ -144,6 +144,33 @@ TABLES: dict[str, Table] = {
 }
 
 
+# Outputs of `herl grade` (grading a file outside training): not run tables.
+GRADE_TABLES: dict[str, Table] = {
+    t.name: t
+    for t in [
+        Table(
+            "graded_items",
+            "one row per (input row, rubric item) of a graded file",
+            pa.schema([("input_row", pa.int64()), ("prompt_id", pa.string()), ("item_index", pa.int32()),
+                       ("item_id", pa.string()), ("kind", pa.string()), ("weight", pa.float64()),
+                       ("verdict_strict", pa.string()), ("verdict_loose", pa.string()),
+                       ("grader", pa.string()), ("detail", pa.string())]),
+            ("input_row", "item_index"),
+        ),
+        Table(
+            "graded_rows",
+            "one row per input row of a graded file: rewards, strict and loose",
+            pa.schema([("input_row", pa.int64()), ("prompt_id", pa.string()), ("items_total", pa.int32()),
+                       ("items_met_strict", pa.int32()), ("items_met_loose", pa.int32()),
+                       ("items_unknown", pa.int32()), ("reward_strict", pa.float64()),
+                       ("reward_loose", pa.float64()), ("all_met_strict", pa.bool_()), ("all_met_loose", pa.bool_())]),
+            ("input_row",),
+        ),
+    ]
+}
+_ALL = {**TABLES, **GRADE_TABLES}
+
+
 class SchemaError(ValueError):
     """A table on disk or about to be written does not match its contract."""
 
@@ -168,7 +195,7 @@ def _check(table: pa.Table, spec: Table, where: str) -> pa.Table:
 
 def from_rows(name: str, rows: list[dict]) -> pa.Table:
     """Build a checked table from row dicts (field names must match the contract)."""
-    spec = TABLES[name]
+    spec = _ALL[name]
     for i, row in enumerate(rows):
         missing = [f for f in spec.schema.names if f not in row]
         if missing:
@@ -200,7 +227,7 @@ def atomic_write(path: Path, mode: str = "wb"):
 
 def write_table(name: str, table: pa.Table | list[dict], path: Path) -> int:
     """Check `table` against its contract and write it atomically to `path`; returns rows."""
-    spec = TABLES[name]
+    spec = _ALL[name]
     if isinstance(table, list):
         table = from_rows(name, table)
     table = _check(table, spec, f"writing {path}")
@@ -213,7 +240,7 @@ def read_table(name: str, path: Path) -> pa.Table:
     """Read `path` and check it against table `name`'s contract."""
     if not path.exists():
         raise FileNotFoundError(f"table '{name}' not found at {path}: run the stage that writes it first")
-    return _check(pq.read_table(path), TABLES[name], f"reading {path}")
+    return _check(pq.read_table(path), _ALL[name], f"reading {path}")
 
 
 def empty(name: str) -> pa.Table:

@@ -1,0 +1,109 @@
+"""A scripted OpenAI-compatible chat server on loopback, to provoke judge errors.
+
+The behaviour for a request is picked by a `CASE:<name>` marker inside the response
+being graded; the server counts calls per case, records prompts and headers, and
+tracks how many requests were in flight at once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class ScriptedJudge:
+    def __init__(self, delay: float = 0.05, slow_seconds: float = 2.0):
+        self.delay, self.slow_seconds = delay, slow_seconds
+        self.calls: Counter = Counter()
+        self.prompts: list[str] = []
+        self.auth: set[str] = set()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def reply(self, case: str, n_items: int, attempt: int) -> tuple[int, str | None]:
+        """(HTTP status, completion text) for this case and attempt (1-based)."""
+        ones = json.dumps([1] * n_items)
+        if case == "ok":
+            return 200, f"Here is my grading:\n```json\n{ones}\n```"
+        if case == "zeros":
+            return 200, json.dumps([0] * n_items)
+        if case == "timeout_once":
+            if attempt == 1:
+                time.sleep(self.slow_seconds)
+            return 200, ones
+        if case == "http500_once":
+            return (500, None) if attempt == 1 else (200, ones)
+        if case == "always500":
+            return 500, None
+        if case == "malformed":
+            return 200, "[1, 0,"
+        if case == "wrong_length":
+            return 200, json.dumps([1] * (n_items + 1))
+        if case == "not_binary":
+            return 200, json.dumps([2] * n_items)
+        if case == "http400":
+            return 400, None
+        raise AssertionError(f"unknown case {case}")
+
+    def _handler(self):
+        judge = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body["messages"][-1]["content"]
+                case = re.search(r"CASE:(\w+)", prompt).group(1)
+                n_items = len(re.findall(r"^\d+\. ", prompt.rsplit("## Rubric", 1)[1], flags=re.MULTILINE))
+                with judge._lock:
+                    judge.calls[case] += 1
+                    attempt = judge.calls[case]
+                    judge.prompts.append(prompt)
+                    judge.auth.add(self.headers.get("Authorization", ""))
+                    judge.in_flight += 1
+                    judge.max_in_flight = max(judge.max_in_flight, judge.in_flight)
+                try:
+                    time.sleep(judge.delay)
+                    status, text = judge.reply(case, n_items, attempt)
+                finally:
+                    with judge._lock:
+                        judge.in_flight -= 1
+                if status != 200:
+                    payload = {"error": {"message": f"scripted {status}", "type": "server_error"}}
+                else:
+                    payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                               "choices": [{"index": 0, "finish_reason": "stop",
+                                            "message": {"role": "assistant", "content": text}}],
+                               "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out and left
+
+        return Handler

@@ -1,0 +1,125 @@
+"""Importers on the real benchmark files (../shared/benchmarks), RaR, errors, and `herl grade`."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pyarrow.parquet as pq
+import pytest
+
+from herl.cli import main
+from herl.grade_file import grade_file
+from herl.ifeval import IFEVAL_IDS
+from herl.importers import PromptFileError, convert, load_prompts, read_records
+from tests.conftest import BENCHMARKS
+
+needs_benchmarks = pytest.mark.skipif(not BENCHMARKS.exists(), reason=f"benchmark samples not found at {BENCHMARKS}")
+
+
+@needs_benchmarks
+def test_all_ifeval_prompts_import_and_every_id_is_graded(tmp_path):
+    src = BENCHMARKS / "ifeval_input_data.jsonl"
+    rows = load_prompts(src)
+    assert len(rows) == 541
+    assert Counter(it["kind"] for r in rows for it in r["rubric"]).keys() == set(IFEVAL_IDS)
+    first = rows[0]["rubric"]
+    assert first[2]["description"] == "Answer with at least 300 words."
+    # grade every prompt with a response (its own text) through herl grade
+    graded_in = tmp_path / "ifeval_responses.jsonl"
+    with open(src) as fin, open(graded_in, "w") as fout:
+        for line in fin:
+            rec = json.loads(line)
+            rec["response"] = rec["prompt"]
+            fout.write(json.dumps(rec) + "\n")
+    summary = grade_file(graded_in, tmp_path / "out.parquet")
+    items = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert summary["graded_rows"] == 541 and len(items) == sum(len(r["rubric"]) for r in rows)
+    assert {i["item_id"] for i in items} == set(IFEVAL_IDS)
+    assert all(i["verdict_strict"] in ("met", "unmet") for i in items)  # never unknown
+    m = summary["metrics"]
+    assert 0 < m["prompt_level_strict"] <= m["prompt_level_loose"] <= 1
+    assert m["prompt_level_strict"] <= m["instruction_level_strict"] <= m["instruction_level_loose"]
+
+
+@needs_benchmarks
+def test_all_healthbench_conversations_import():
+    rows = load_prompts(BENCHMARKS / "healthbench_500.jsonl")
+    assert len(rows) == 500
+    weights = [it["weight"] for r in rows for it in r["rubric"]]
+    assert min(weights) < 0 < max(weights)  # pitfalls keep their negative points
+    assert all(it["kind"] == "judge" for r in rows for it in r["rubric"])
+    assert max(len(r["messages"]) for r in rows) > 1  # multi-turn conversations kept whole
+
+
+@needs_benchmarks
+def test_ifbench_unsupported_ids_are_named_unless_dropped():
+    src = BENCHMARKS / "ifbench_test.jsonl"
+    with pytest.raises(PromptFileError) as exc:
+        load_prompts(src)
+    assert "have no registered check" in str(exc.value) and "count:word_count_range" in str(exc.value)
+    rows, report = convert(read_records(src), src, drop_unsupported=True)
+    assert report["records"] == 294 and report["dropped_prompts"] + report["prompts"] == 294
+    assert "count:word_count_range" in report["dropped_items"]
+
+
+def test_rar_json_and_jsonl(tmp_path):
+    recs = [{"question": "What lowers fever?", "rubric": [
+        {"title": "Essential Criteria: Paracetamol", "description": "Mentions paracetamol.", "weight": 5},
+        {"title": "Pitfall Criteria: Aspirin for children", "description": "Recommends aspirin to a child.",
+         "weight": "Pitfall"}]}]
+    (tmp_path / "rar.json").write_text(json.dumps(recs))
+    (tmp_path / "rar.jsonl").write_text(json.dumps(recs[0]) + "\n")
+    for name in ("rar.json", "rar.jsonl"):
+        (row,) = load_prompts(tmp_path / name)
+        assert row["source"] == "rar" and [it["weight"] for it in row["rubric"]] == [5.0, -1.0]
+        assert row["rubric"][0]["item_id"] == "Essential Criteria: Paracetamol"
+        assert row["messages"] == [{"role": "user", "content": "What lowers fever?"}]
+
+
+def test_errors_name_file_line_field(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"key": 1, "prompt": "p", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]})
+                   + "\n" + json.dumps({"key": 2, "prompt": "p", "instruction_id_list": ["length_constraints:number_words"],
+                                        "kwargs": [{"num_words": 3, "relatoin": "at least"}]}) + "\n")
+    with pytest.raises(PromptFileError, match=r"bad.jsonl line 2: field 'kwargs\[0\]': do not fit"):
+        load_prompts(bad)
+    hb = tmp_path / "hb.jsonl"
+    hb.write_text(json.dumps({"prompt_id": "x", "prompt": [{"role": "user", "content": "hi"}],
+                              "rubrics": [{"criterion": "ok", "points": "five"}]}) + "\n")
+    with pytest.raises(PromptFileError, match=r"hb.jsonl line 1: field 'rubrics\[0\].points': must be a number"):
+        load_prompts(hb)
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"text": "hello"}) + "\n")
+    with pytest.raises(PromptFileError, match="cannot tell the format"):
+        load_prompts(odd)
+
+
+def test_herl_grade_missing_response_writes_nothing(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"key": 1, "prompt": "p", "instruction_id_list": ["punctuation:no_comma"],
+                               "kwargs": [{}], "response": "fine"}) + "\n"
+                   + json.dumps({"key": 2, "prompt": "p", "instruction_id_list": ["punctuation:no_comma"],
+                                 "kwargs": [{}]}) + "\n")
+    out = tmp_path / "out.parquet"
+    assert main(["grade", "--input", str(src), "--output", str(out)]) == 2
+    assert "in.jsonl line 2: field 'response'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_herl_grade_prints_ifeval_metrics(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    lines = [
+        {"key": 1, "prompt": "p", "instruction_id_list": ["punctuation:no_comma", "startend:quotation"],
+         "kwargs": [{}, {}], "response": '"no commas"'},
+        {"key": 2, "prompt": "p", "instruction_id_list": ["punctuation:no_comma", "startend:quotation"],
+         "kwargs": [{}, {}], "response": '**"yes, commas"**'},
+    ]
+    src.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    assert main(["grade", "--input", str(src), "--output", str(tmp_path / "o.parquet")]) == 0
+    out = capsys.readouterr().out
+    # row 1 follows both; row 2 has a comma, and is quoted only once markdown asterisks are stripped
+    assert "prompt_level_strict        0.5000" in out
+    assert "instruction_level_strict   0.5000" in out
+    assert "instruction_level_loose    0.7500" in out
+    assert "prompt_level_loose         0.5000" in out
