@@ -176,11 +176,14 @@ def cmd_grade(args) -> int:
     from herl.importers import PromptFileError
     from schemas.config import ConfigError, load_config
 
+    from herl.grading import import_plugins
+
     try:
+        import_plugins(args.plugin)
         cfg = load_config(args.config, _overrides(args.set)).grade if (args.config or args.set) else None
         summary = grade_file(Path(args.input), Path(args.output), args.format, args.drop_unsupported, cfg,
                              Path(args.judge_cache) if args.judge_cache else None)
-    except (PromptFileError, ConfigError) as exc:
+    except (PromptFileError, ConfigError, ImportError) as exc:
         print(f"herl grade: {exc}", file=sys.stderr)
         return 2
     print(f"graded {summary['graded_rows']} rows, {summary['graded_items']} items ({summary['format']} format)"
@@ -242,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override, e.g. --set grade.judge.base_url=http://127.0.0.1:8000/v1")
     p.add_argument("--judge-cache", default=None, help="SQLite file caching judge verdicts across runs")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import a module that registers checks before grading")
     p.set_defaults(fn=cmd_grade)
 
     p = sub.add_parser("init-model", help="build the tiny random model (builtin:tiny) into DIR")

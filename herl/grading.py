@@ -49,6 +49,17 @@ def register_check(kind: str, describe: Callable[..., str] | None = None, needs_
     return deco
 
 
+def import_plugins(modules: Iterable[str]) -> None:
+    """Import modules that register checks (config `plugins`, `herl grade --plugin`)."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ImportError(f"cannot import plugin module {name!r} (config 'plugins'): {exc}") from exc
+
+
 def is_known_kind(kind: str) -> bool:
     return kind == JUDGE_KIND or kind in CHECKS
 

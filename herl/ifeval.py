@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from functools import lru_cache
 
 from herl.grading import register_check
 
@@ -91,6 +92,7 @@ def word_tokens(text: str) -> list[str]:
     return re.findall(r"\w+(?:[-'\u2019]\w+)*|[^\w\s]", text)
 
 
+@lru_cache(maxsize=4096)  # loose grading asks again for identical variants of a response
 def _detect_language(text: str) -> str | None:
     import langdetect
 
@@ -310,14 +312,18 @@ def capital_word_frequency(response: str, *, capital_frequency: int, capital_rel
 @_ifeval("change_case:english_capital",
                 describe=lambda: "Your entire response should be in English, and in all capital letters.")
 def english_capital(response: str) -> tuple[bool, str]:
+    if not response.isupper():  # the cheap test first, as the reference does
+        return False, "not all capital letters"
     got = _detect_language(response)
-    return response.isupper() and got in (None, "en"), f"detected {got}"
+    return got in (None, "en"), f"detected {got}"
 
 
 @_ifeval("change_case:english_lowercase",
                 describe=lambda: "Your entire response should be in English, and in all lowercase letters. No capital letters are allowed.")
 def english_lowercase(response: str) -> tuple[bool, str]:
+    if not response.islower():
+        return False, "not all lowercase letters"
     got = _detect_language(response)
-    return response.islower() and got in (None, "en"), f"detected {got}"
+    return got in (None, "en"), f"detected {got}"
 
 

@@ -78,6 +78,11 @@ class Run:
     path: Path
     cfg: HerlConfig
 
+    def __post_init__(self) -> None:
+        from herl.grading import import_plugins
+
+        import_plugins(self.cfg.plugins)
+
     @property
     def run_id(self) -> str:
         return self.path.name

@@ -173,6 +173,8 @@ class HerlConfig(_Section):
     """herl = hindsight experience + bonus reward; he = hindsight without bonus; grpo = plain GRPO (no hindsight)."""
     stage_retries: int = 0
     """Prefect retries per stage task; a retried stage reruns from its inputs."""
+    plugins: list[str] = []
+    """Python modules imported when a run opens, e.g. ones that register checks with herl.grading.register_check."""
     model: ModelConfig = ModelConfig()
     """The initial policy."""
     task: TaskConfig = TaskConfig()

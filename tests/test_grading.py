@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from herl.grading import CHECKS, MET, UNKNOWN, UNMET, VerifiableGrader, aggregate, register_check
+from herl.grading import CHECKS, MET, UNKNOWN, UNMET, VerifiableGrader, aggregate, describe_item, register_check
 
 
 def item(kind, **params):
@@ -73,3 +73,26 @@ def test_aggregate_modes_and_unknown_policy():
     assert aggregate([UNKNOWN], [1], "weighted", "drop") == (0.0, 0, 0, 1)
     with pytest.raises(ValueError):
         aggregate([MET], [1], "median")
+
+
+def test_plugins_register_checks_for_runs_and_herl_grade(tmp_path, monkeypatch, capsys):
+    from herl.cli import main
+
+    (tmp_path / "herl_test_plugin_checks.py").write_text(
+        "from herl.grading import register_check\n"
+        "@register_check('test_max_lines', describe=lambda n: f'Use at most {n} lines.')\n"
+        "def max_lines(response, *, n):\n    return len(response.strip().splitlines()) <= n\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt_id": "p", "messages": [{"role": "user", "content": "q"}],
+                               "rubric": [{"item_id": "l", "kind": "test_max_lines", "params": {"n": 1}}],
+                               "response": "one line"}) + "\n")
+    try:
+        assert main(["grade", "--input", str(src), "--output", str(tmp_path / "o.parquet")]) == 2
+        assert "unknown kind 'test_max_lines'" in capsys.readouterr().err
+        assert main(["grade", "--input", str(src), "--output", str(tmp_path / "o.parquet"),
+                     "--plugin", "herl_test_plugin_checks"]) == 0
+        assert "mean_reward_strict         1.0000" in capsys.readouterr().out
+        assert describe_item("test_max_lines", {"n": 2}) == "Use at most 2 lines."
+    finally:
+        CHECKS.pop("test_max_lines", None)
