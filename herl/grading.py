@@ -172,6 +172,15 @@ class RubricGrader:
                     results[i][j] = v
         return results
 
+    def score_many(self, inputs: list[GradeInput]) -> list[tuple[float | None, str]]:
+        """RaR's implicit reward: a holistic judge score in [0, 1] per input (None where none could be had)."""
+        from herl.judge import JudgeTask, conversation_text, make_judge
+
+        if self.judge is None:
+            self.judge = make_judge(self.cfg.judge, self.cache_path)
+        return self.judge.score_many([JudgeTask(conversation_text(inp.messages), inp.response,
+                                                tuple(it["description"] for it in inp.rubric)) for inp in inputs])
+
     def stats(self) -> dict[str, float]:
         if self.judge is None:
             return {}
@@ -209,7 +218,7 @@ def aggregate(verdicts: Iterable[str], weights: Iterable[float], mode: str = "we
     elif mode == "all":
         reward = float(all(met))
     else:
-        raise ValueError(f"unknown reward mode {mode!r}: use weighted, fraction or all")
+        raise ValueError(f"unknown reward mode {mode!r}: use weighted, fraction or all (implicit is scored by a judge)")
     return reward, n_met, len(pairs), n_unknown
 
 

@@ -35,6 +35,7 @@ import jinja2
 from herl.grading import MET, UNKNOWN, UNMET, Verdict
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "stages" / "templates" / "judge.j2"
+HOLISTIC_TEMPLATE = TEMPLATE.with_name("judge_holistic.j2")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,26 @@ def build_judge_prompt(task: JudgeTask) -> str:
     fence = hashlib.sha256(task.response.encode()).hexdigest()[:16]
     return _template().render(conversation=task.conversation, response=task.response, fence=fence,
                               items=list(task.criteria)).strip()
+
+
+@lru_cache(maxsize=1)
+def _holistic_template() -> jinja2.Template:
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    return env.from_string(HOLISTIC_TEMPLATE.read_text())
+
+
+def build_holistic_prompt(task: JudgeTask) -> str:
+    fence = hashlib.sha256(task.response.encode()).hexdigest()[:16]
+    return _holistic_template().render(conversation=task.conversation, response=task.response, fence=fence,
+                                       items=list(task.criteria)).strip()
+
+
+def parse_score(text: str) -> int:
+    """The last integer from 1 to 10 in the judge's reply."""
+    found = [int(x) for x in re.findall(r"(?<![\d.])(10|[1-9])(?![\d.])", text)]
+    if not found:
+        raise ParseError(f"no score from 1 to 10 in the judge's reply: {text[:200]!r}")
+    return found[-1]
 
 
 def conversation_text(messages: list[dict]) -> str:
@@ -174,12 +195,38 @@ class Judge:
         return [Verdict(UNKNOWN, self.name, reason[:500]) for _ in task.criteria]
 
     def _grade_one(self, task: JudgeTask) -> list[Verdict]:
-        prompt = build_judge_prompt(task)
+        n = len(task.criteria)
+        values, reason, cached = self._ask(build_judge_prompt(task), lambda text: parse_verdicts(text, n))
+        return self._verdicts(values, "cached" if cached else "") if values is not None else self._unknown(task, reason)
+
+    def _grade_batched(self, tasks: list[JudgeTask]) -> list[list[Verdict]]:
+        answers = self._ask_batched([build_judge_prompt(t) for t in tasks],
+                                    [lambda text, n=len(t.criteria): parse_verdicts(text, n) for t in tasks])
+        return [self._verdicts(v, "cached" if c else "") if v is not None else self._unknown(t, r)
+                for t, (v, r, c) in zip(tasks, answers)]
+
+    def score_many(self, tasks: list[JudgeTask]) -> list[tuple[float | None, str]]:
+        """RaR's implicit reward: one holistic 1-10 score per response, as (score - 1) / 9 in [0, 1]."""
+        prompts = [build_holistic_prompt(t) for t in tasks]
+        if getattr(self.backend, "batched", False):
+            answers = self._ask_batched(prompts, [parse_score] * len(prompts))
+        else:
+            with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
+                answers = list(pool.map(lambda p: self._ask(p, parse_score), prompts))
+        out = []
+        for value, reason, _ in answers:
+            if value is None:
+                self.stats.add(failures=1)
+            out.append(((value - 1) / 9 if value is not None else None, reason))
+        return out
+
+    def _ask(self, prompt: str, parse) -> tuple[object | None, str, bool]:
+        """One prompt with cache, retries and parsing: (value or None, failure reason, from cache)."""
         key = self.cache.key(self.cfg.model, prompt)
         cached = self.cache.get(key)
         if cached is not None:
             self.stats.add(cache_hits=1)
-            return self._verdicts(cached, "cached")
+            return cached, "", True
         reason = ""
         parse_failures = 0
         for attempt in range(self.cfg.retries + 1):
@@ -193,42 +240,40 @@ class Judge:
                 reason = f"judge call failed: {exc}"
                 continue
             except Exception as exc:  # a permanent error (4xx, bad config): no point retrying
-                return self._unknown(task, f"judge call failed: {type(exc).__name__}: {exc}")
+                return None, f"judge call failed: {type(exc).__name__}: {exc}", False
             try:
-                values = parse_verdicts(text, len(task.criteria))
+                value = parse(text)
             except ParseError as exc:
                 reason = f"unparseable judge reply: {exc}"
                 parse_failures += 1
                 if parse_failures > self.cfg.parse_retries:
                     break
                 continue
-            self.cache.put(key, values)
-            return self._verdicts(values)
-        return self._unknown(task, reason)
+            self.cache.put(key, value)
+            return value, "", False
+        return None, reason, False
 
-    def _grade_batched(self, tasks: list[JudgeTask]) -> list[list[Verdict]]:
-        prompts = [build_judge_prompt(t) for t in tasks]
+    def _ask_batched(self, prompts: list[str], parsers) -> list[tuple[object | None, str, bool]]:
         keys = [self.cache.key(self.cfg.model, p) for p in prompts]
-        out: list[list[Verdict] | None] = [None] * len(tasks)
+        out: list[tuple[object | None, str, bool] | None] = [None] * len(prompts)
         todo = []
         for i, key in enumerate(keys):
             cached = self.cache.get(key)
             if cached is not None:
                 self.stats.add(cache_hits=1)
-                out[i] = self._verdicts(cached, "cached")
+                out[i] = (cached, "", True)
             else:
                 todo.append(i)
         if todo:
             self.stats.add(calls=len(todo))
-            texts = self.backend.complete_batch([prompts[i] for i in todo])
-            for i, text in zip(todo, texts):
+            for i, text in zip(todo, self.backend.complete_batch([prompts[i] for i in todo])):
                 try:
-                    values = parse_verdicts(text, len(tasks[i].criteria))
+                    value = parsers[i](text)
                 except ParseError as exc:
-                    out[i] = self._unknown(tasks[i], f"unparseable judge reply: {exc}")
+                    out[i] = (None, f"unparseable judge reply: {exc}", False)
                     continue
-                self.cache.put(keys[i], values)
-                out[i] = self._verdicts(values)
+                self.cache.put(keys[i], value)
+                out[i] = (value, "", False)
         return out  # type: ignore[return-value]
 
     def close(self) -> None:

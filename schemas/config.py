@@ -97,8 +97,8 @@ class GradeConfig(_Section):
     """Which verdict rewards use: strict, or IFEval's loose (first/last line removed, asterisks stripped also tried)."""
     judge: JudgeConfig = JudgeConfig()
     """The LLM judge for items of kind `judge`."""
-    reward: Literal["weighted", "fraction", "all"] = "weighted"
-    """Aggregation: weighted = sum(w*met)/sum(positive w) clipped to [0,1]; fraction = items met / items; all = 1 if every item met."""
+    reward: Literal["weighted", "fraction", "all", "implicit"] = "weighted"
+    """Aggregation: weighted = sum(w*met)/sum(positive w) clipped to [0,1]; fraction = items met / items; all = 1 if every item met; implicit = the judge's holistic 1-10 score as (s-1)/9 (RaR), falling back to weighted when no score can be had."""
     unknown_policy: Literal["unmet", "drop"] = "unmet"
     """What an `unknown` verdict counts as: unmet, or dropped from the denominator."""
 

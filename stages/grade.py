@@ -29,13 +29,15 @@ def grade_samples(run: Run, k: int, prompts: dict[str, dict], samples: list[tupl
     that answers and revisions are scored by the same grader.
     """
     grader = RubricGrader(cfg, cache_path=run.path / "judge_cache.sqlite")
+    inputs = [GradeInput(prompts[pid]["rubric"], response, prompts[pid]["messages"]) for _, pid, response in samples]
     try:
-        graded = grader.grade_many([GradeInput(prompts[pid]["rubric"], response, prompts[pid]["messages"])
-                                    for _, pid, response in samples])
+        graded = grader.grade_many(inputs)  # per-item verdicts: hindsight needs them whatever the reward
+        holistic = grader.score_many(inputs) if cfg.reward == "implicit" else [(None, "")] * len(inputs)
     finally:
         grader.close()
+    fallbacks = 0
     verdict_rows, scores = [], {}
-    for (sample_id, prompt_id, _), verdicts in zip(samples, graded):
+    for (sample_id, prompt_id, _), verdicts, (score, _reason) in zip(samples, graded, holistic):
         rubric = prompts[prompt_id]["rubric"]
         used = [v.loose_verdict if cfg.mode == "loose" else v.verdict for v in verdicts]
         for j, (item, v, u) in enumerate(zip(rubric, verdicts, used)):
@@ -44,9 +46,18 @@ def grade_samples(run: Run, k: int, prompts: dict[str, dict], samples: list[tupl
                 "item_index": j, "item_id": item["item_id"], "verdict": u, "verdict_strict": v.verdict,
                 "verdict_loose": v.loose_verdict, "weight": item["weight"], "grader": v.grader, "detail": v.detail,
             })
-        reward, met, total, unknown = aggregate(used, [it["weight"] for it in rubric], cfg.reward, cfg.unknown_policy)
+        mode = "weighted" if cfg.reward == "implicit" else cfg.reward
+        reward, met, total, unknown = aggregate(used, [it["weight"] for it in rubric], mode, cfg.unknown_policy)
+        if cfg.reward == "implicit":
+            if score is None:
+                fallbacks += 1  # no holistic score: the weighted reward of the item verdicts stands in
+            else:
+                reward = score
         scores[sample_id] = {"reward": reward, "items_met": met, "items_total": total, "items_unknown": unknown}
-    return verdict_rows, scores, grader.stats()
+    stats = grader.stats()
+    if cfg.reward == "implicit":
+        stats["implicit_fallbacks"] = fallbacks
+    return verdict_rows, scores, stats
 
 
 def run(run: Run, k: int) -> dict:

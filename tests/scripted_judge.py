@@ -41,6 +41,8 @@ class ScriptedJudge:
 
     def reply(self, case: str, n_items: int, attempt: int) -> tuple[int, str | None]:
         """(HTTP status, completion text) for this case and attempt (1-based)."""
+        if case.startswith("score"):  # holistic prompts: CASE:score7 -> "7"
+            return 200, f"Overall: {case[5:]}"
         ones = json.dumps([1] * n_items)
         if case == "ok":
             return 200, f"Here is my grading:\n```json\n{ones}\n```"
@@ -75,7 +77,7 @@ class ScriptedJudge:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 prompt = body["messages"][-1]["content"]
                 case = re.search(r"CASE:(\w+)", prompt).group(1)
-                n_items = len(re.findall(r"^\d+\. ", prompt.rsplit("## Rubric", 1)[1], flags=re.MULTILINE))
+                n_items = len(re.findall(r"^(?:\d+\.|-) ", prompt.rsplit("## Rubric", 1)[1], flags=re.MULTILINE))
                 with judge._lock:
                     judge.calls[case] += 1
                     attempt = judge.calls[case]

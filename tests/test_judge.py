@@ -189,3 +189,27 @@ def test_grade_stage_uses_the_judge_and_reports_it(tmp_path):
     assert metrics["judge_calls"] == 8 and metrics["judge_failures"] == 0
     assert (run.path / "judge_cache.sqlite").exists()
     assert SECRET.encode() not in (run.path / "judge_cache.sqlite").read_bytes()
+
+
+def test_implicit_holistic_reward(tmp_path):
+    """RaR implicit: one 1-10 judge score per response, as (s - 1) / 9; a failed score falls
+    back to the weighted item reward and is counted."""
+    from herl.rundir import open_run
+    from schemas.config import load_config
+    from stages.grade import grade_samples
+
+    prompt = {"prompt_id": "p", "messages": [{"role": "user", "content": "q"}],
+              "rubric": [{"item_id": "nc", "description": "No commas.", "weight": 1.0,
+                          "kind": "punctuation:no_comma", "params": "{}"}]}
+    with ScriptedJudge() as server:
+        cfg = load_config(None, {"runs_dir": str(tmp_path), "run_id": "r", "grade.reward": "implicit",
+                                 "grade.judge.base_url": server.base_url, "grade.judge.model": "scripted",
+                                 "grade.judge.api_key_env": "HERL_TEST_JUDGE_KEY", "grade.judge.backoff_s": 0.01})
+        run = open_run(cfg)
+        rows, scores, stats = grade_samples(run, 0, {"p": prompt},
+                                            [("a", "p", "CASE:score7 fine"), ("b", "p", "CASE:score10 ok"),
+                                             ("c", "p", "CASE:always500, oops")], cfg.grade)
+    assert scores["a"]["reward"] == pytest.approx(6 / 9) and scores["b"]["reward"] == 1.0
+    assert scores["c"]["reward"] == 0.0  # fallback: the comma fails the only item
+    assert stats["implicit_fallbacks"] == 1
+    assert [r["verdict"] for r in rows] == [MET, MET, UNMET]  # item verdicts are still there for hindsight
