@@ -154,6 +154,107 @@ class TransformersEngine:
         self.model = None
 
 
+DEFAULT_VLLM_VENV = Path.home() / ".cache" / "herl" / "vllm-venv"
+
+
+def find_vllm_python(configured: str | None = None) -> str | None:
+    """The interpreter of a vLLM environment: the configured one, $HERL_VLLM_PYTHON, this
+    interpreter if it can import vllm, or the venv `herl install-vllm` makes; else None."""
+    import importlib.util
+    import os
+    import sys
+
+    for candidate in (configured, os.environ.get("HERL_VLLM_PYTHON")):
+        if candidate:
+            if not Path(candidate).exists():
+                raise FileNotFoundError(f"vLLM interpreter {candidate} does not exist; run `herl install-vllm` "
+                                        "or fix vllm.python / HERL_VLLM_PYTHON")
+            return candidate
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    default = DEFAULT_VLLM_VENV / "bin" / "python"
+    return str(default) if default.exists() else None
+
+
+def resolve_engine_kind(kind: str, vllm_cfg=None) -> str:
+    """`auto` becomes vllm where a vLLM environment is found, else transformers."""
+    if kind != "auto":
+        return kind
+    return "vllm" if find_vllm_python(getattr(vllm_cfg, "python", None)) else "transformers"
+
+
+class VLLMEngine:
+    """vLLM's offline engine in its own process and environment (herl/vllm_worker.py).
+
+    Per-request seeds, so a request's samples do not depend on what it is batched with.
+    One engine process per generate call: it starts from the snapshot, generates, and
+    exits, so its memory is free before the train stage.
+    """
+
+    def __init__(self, path: Path, dtype: str = "float32", vllm_cfg=None):
+        from schemas.config import VLLMConfig
+
+        self.cfg = vllm_cfg or VLLMConfig()
+        self.python = find_vllm_python(self.cfg.python)
+        if self.python is None:
+            raise RuntimeError("rollout.engine = vllm but no vLLM environment was found: run `herl install-vllm` "
+                               "(or set vllm.python / HERL_VLLM_PYTHON)")
+        self.path, self.dtype = Path(path), dtype
+        self.tokenizer = load_tokenizer(path)
+        self.last_stats: dict = {}
+
+    def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[Completion]]:
+        import json
+        import os
+        import signal
+        import subprocess
+        import tempfile
+
+        if not requests:
+            return []
+        c = self.cfg
+        engine = {"model": str(self.path), "dtype": self.dtype, "seed": 0,
+                  "tensor_parallel_size": c.tensor_parallel_size, "data_parallel_size": c.data_parallel_size,
+                  "gpu_memory_utilization": c.gpu_memory_utilization, "enforce_eager": c.enforce_eager,
+                  "logprobs_mode": "raw_logprobs"}  # log-probs before temperature / top-p, as the trainer computes
+        if c.max_model_len:
+            engine["max_model_len"] = c.max_model_len
+        sampling = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+                    "max_tokens": params.max_tokens}
+        with tempfile.TemporaryDirectory(prefix="herl-vllm-") as tmp:
+            req_path, out_path = Path(tmp) / "requests.jsonl", Path(tmp) / "results.jsonl"
+            with open(req_path, "w") as fh:
+                fh.write(json.dumps({"engine": engine, "sampling": sampling}) + "\n")
+                for r in requests:
+                    fh.write(json.dumps({"request_id": r.request_id, "prompt_token_ids": r.prompt_token_ids,
+                                         "seed": r.seed, "n": r.n}) + "\n")
+            env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(c.cpu_kvcache_gib),
+                   "VLLM_CONFIGURE_LOGGING": os.environ.get("VLLM_CONFIGURE_LOGGING", "1")}
+            log_path = Path(tmp) / "engine.log"
+            with open(log_path, "w") as log:
+                # own session: on cancellation or timeout the whole engine process group goes
+                proc = subprocess.Popen([self.python, str(Path(__file__).with_name("vllm_worker.py")),
+                                         str(req_path), str(out_path)], stdout=log, stderr=subprocess.STDOUT,
+                                        env=env, start_new_session=True)
+                try:
+                    rc = proc.wait(timeout=c.timeout_s)
+                except BaseException:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    raise
+            if rc != 0 or not out_path.exists():
+                tail = log_path.read_text()[-4000:]
+                raise RuntimeError(f"vLLM engine process failed (exit {rc}) for {self.path}:\n{tail}")
+            lines = [json.loads(line) for line in out_path.read_text().split("\n") if line.strip()]
+        self.last_stats = lines[-1]["stats"]
+        by_id = {row["request_id"]: row["completions"] for row in lines[:-1]}
+        return [[Completion(token_ids=x["token_ids"], text=x["text"], finish_reason=x["finish_reason"],
+                            logprobs=x["logprobs"]) for x in by_id[r.request_id]] for r in requests]
+
+    def close(self) -> None:
+        pass  # nothing held: each generate call's engine process has exited
+
+
 def _eos_ids(model, tokenizer) -> list[int]:
     eos = model.generation_config.eos_token_id
     ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
@@ -162,7 +263,10 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
-def load_engine(kind: str, path: Path, dtype: str = "float32", batch_size: int = 64) -> Engine:
+def load_engine(kind: str, path: Path, dtype: str = "float32", batch_size: int = 64, vllm_cfg=None) -> Engine:
+    kind = resolve_engine_kind(kind, vllm_cfg)
     if kind == "transformers":
         return TransformersEngine(path, dtype=dtype, batch_size=batch_size)
-    raise ValueError(f"unknown engine {kind!r}: use 'transformers'")
+    if kind == "vllm":
+        return VLLMEngine(path, dtype=dtype, vllm_cfg=vllm_cfg)
+    raise ValueError(f"unknown engine {kind!r}: use 'auto', 'transformers' or 'vllm'")

@@ -44,9 +44,28 @@ class TaskConfig(_Section):
     """B, prompts sampled per iteration (epoch-wise without replacement) [reference: 64]."""
 
 
+class VLLMConfig(_Section):
+    python: str | None = None
+    """Interpreter of vLLM's environment; None: $HERL_VLLM_PYTHON, this interpreter if it has vllm, else ~/.cache/herl/vllm-venv/bin/python (made by `herl install-vllm`)."""
+    tensor_parallel_size: int = 1
+    """GPUs per engine (tensor parallel) [reference: 2]."""
+    data_parallel_size: int = 1
+    """Engine replicas (data parallel)."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of GPU memory for weights and KV cache. On CPUs the KV cache size is cpu_kvcache_gib instead."""
+    cpu_kvcache_gib: int = 2
+    """KV cache size on CPUs, in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE)."""
+    max_model_len: int | None = None
+    """Longest prompt + answer the engine plans for; None takes the model's maximum."""
+    enforce_eager: bool = False
+    """Skip CUDA graph capture / compilation: slower generation, faster start-up."""
+    timeout_s: float = 7200.0
+    """Hard limit for one engine process (start-up and generation); it is killed past it."""
+
+
 class RolloutConfig(_Section):
-    engine: Literal["transformers"] = "transformers"
-    """Generation engine for rollouts and revisions."""
+    engine: Literal["auto", "transformers", "vllm"] = "auto"
+    """Generation engine for rollouts and revisions; auto = vllm where a vLLM environment is found, else transformers."""
     n: int = 8
     """G, answers sampled per prompt (the GRPO group size) [reference: 8]."""
     temperature: float = 1.0
@@ -88,8 +107,8 @@ class JudgeConfig(_Section):
     """Extra calls when a reply cannot be parsed as a JSON list of 0/1 of the right length."""
     cache: bool = True
     """Cache definitive verdicts (SQLite, keyed by judge model and prompt) so a resumed stage does not pay twice."""
-    local_engine: Literal["transformers"] = "transformers"
-    """Engine of the local backend."""
+    local_engine: Literal["transformers", "vllm"] = "transformers"
+    """Engine of the local backend (vllm uses the [vllm] section)."""
 
 
 class GradeConfig(_Section):
@@ -156,6 +175,10 @@ class TrainConfig(_Section):
     """Dual clip bound for negative advantages; must be > 1 [reference: 3]."""
     gamma: float = 1.0
     """Policy-shaping constant for hindsight tokens, loss = -A * p / (p + gamma) [reference: 1.0; 0.1 medical]."""
+    is_correction: Literal["none", "truncated"] = "none"
+    """Importance-sampling correction for the engine/trainer log-prob gap on on-policy tokens: truncated = weight min(pi_old/pi_engine, is_cap) (TIS, as TRL and verl offer)."""
+    is_cap: float = 2.0
+    """Truncation bound of the importance weight."""
     kl_coef: float = 0.0
     """Coefficient of the k3 KL penalty to the initial policy; 0 skips loading a reference [reference: 0]."""
 
@@ -189,6 +212,8 @@ class HerlConfig(_Section):
     """Stage 4: bonus reward, mixing and group advantages."""
     train: TrainConfig = TrainConfig()
     """Stage 5: the policy update."""
+    vllm: VLLMConfig = VLLMConfig()
+    """The vLLM engine (rollout.engine = vllm or auto), run in its own environment and process."""
 
     @model_validator(mode="after")
     def _check(self) -> "HerlConfig":
@@ -224,6 +249,12 @@ class HerlConfig(_Section):
         need(t.dual_clip_c > 1, "train.dual_clip_c must be > 1 (3 in the reference)")
         need(t.gamma > 0, "train.gamma must be > 0 (1.0 in the reference; 0.1 for the medical setup)")
         need(t.kl_coef >= 0, "train.kl_coef must be >= 0")
+        need(t.is_cap >= 1, "train.is_cap must be >= 1: it truncates importance weights from above")
+        v = self.vllm
+        need(v.tensor_parallel_size >= 1 and v.data_parallel_size >= 1,
+             "vllm.tensor_parallel_size and vllm.data_parallel_size must be >= 1")
+        need(0 < v.gpu_memory_utilization <= 1, "vllm.gpu_memory_utilization must be in (0, 1]")
+        need(v.cpu_kvcache_gib > 0 and v.timeout_s > 0, "vllm.cpu_kvcache_gib and vllm.timeout_s must be > 0")
         j = self.grade.judge
         need(j.concurrency >= 1 and j.retries >= 0 and j.parse_retries >= 0,
              "grade.judge.concurrency must be >= 1, retries and parse_retries >= 0")
@@ -242,9 +273,9 @@ class HerlConfig(_Section):
 # The config parts each stage's output depends on: a change to one of these redoes the
 # stage on resume; a change elsewhere (say iterations) does not.
 STAGE_CONFIG: dict[str, tuple[str, ...]] = {
-    "rollout": ("seed", "model", "task", "rollout"),
+    "rollout": ("seed", "model", "task", "rollout", "vllm"),
     "grade": ("grade",),
-    "hindsight": ("seed", "algorithm", "rollout", "grade", "hindsight"),
+    "hindsight": ("seed", "algorithm", "rollout", "grade", "hindsight", "vllm"),
     "advantages": ("seed", "algorithm", "hindsight", "advantages"),
     "train": ("seed", "model", "train"),
 }

@@ -128,6 +128,7 @@ TABLES: dict[str, Table] = {
                        ("prompt_id", pa.string()), ("kind", pa.string()),
                        ("is_hindsight", pa.bool_()), ("replaced_rollout_id", pa.string()),
                        ("prompt_token_ids", _tokens), ("response_token_ids", _tokens),
+                       ("engine_logprobs", pa.list_(pa.float32())),
                        ("reward", pa.float64()), ("shaped_reward", pa.float64()),
                        ("group_mean", pa.float64()), ("group_std", pa.float64()),
                        ("group_size", pa.int32()), ("advantage", pa.float64())]),

@@ -103,7 +103,7 @@ def _revise(run: Run, k: int, candidates: list[dict], rollouts, inputs) -> tuple
 
     snapshot = run.snapshot(k)
     snapshot_id = run.snapshot_id(k)
-    engine = load_engine(cfg.rollout.engine, snapshot, cfg.model.dtype, cfg.rollout.batch_size)
+    engine = load_engine(cfg.rollout.engine, snapshot, cfg.model.dtype, cfg.rollout.batch_size, cfg.vllm)
     try:
         texts, requests = [], []
         for c in candidates:

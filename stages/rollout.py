@@ -32,7 +32,7 @@ def run(run: Run, k: int) -> dict:
         pool = load_pool(cfg.task.source, cfg.task.num_prompts, cfg.seed, cfg.task.format, cfg.task.drop_unsupported)
         prompts = sample_for_iteration(pool, k, cfg.task.prompts_per_iteration, cfg.seed)
         snapshot_id = run.snapshot_id(k)
-        engine = load_engine(cfg.rollout.engine, snapshot, cfg.model.dtype, cfg.rollout.batch_size)
+        engine = load_engine(cfg.rollout.engine, snapshot, cfg.model.dtype, cfg.rollout.batch_size, cfg.vllm)
         try:
             rendered = [render_chat(engine.tokenizer, p["messages"]) for p in prompts]
             requests = [
@@ -70,6 +70,8 @@ def run(run: Run, k: int) -> dict:
             "mean_response_tokens": tokens / max(1, len(rollout_rows)),
             "stop_fraction": sum(r["finish_reason"] == "stop" for r in rollout_rows) / max(1, len(rollout_rows)),
             "generation_seconds": gen_seconds,
+            "engine_vllm": float(type(engine).__name__ == "VLLMEngine"),
+            "engine_startup_seconds": getattr(engine, "last_stats", {}).get("startup_seconds", 0.0),
             "tokens_per_second": tokens / gen_seconds if gen_seconds > 0 else 0.0,
         })
         return out

@@ -53,12 +53,13 @@ class LossParts:
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                 is_hindsight: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig, denominator: float,
-                ref_logp: torch.Tensor | None = None) -> LossParts:
+                ref_logp: torch.Tensor | None = None, is_weight: torch.Tensor | None = None) -> LossParts:
     """HeRL's mixed-policy loss, summed over tokens and divided by `denominator`.
 
-    logp, old_logp, mask, ref_logp: (B, T); advantages: (B,); is_hindsight: (B,) bool.
-    `denominator` is the mini-batch's response-token count, so summing the returned
-    losses over its micro-batches gives the token mean.
+    logp, old_logp, mask, ref_logp, is_weight: (B, T); advantages: (B,); is_hindsight: (B,)
+    bool. `denominator` is the mini-batch's response-token count, so summing the returned
+    losses over its micro-batches gives the token mean. `is_weight` (truncated importance
+    weights pi_old / pi_engine, no gradient) scales the on-policy tokens' loss.
     """
     mask = mask.to(logp.dtype)
     adv = advantages[:, None].to(logp.dtype).expand_as(logp)  # (B, T)
@@ -70,6 +71,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     clipped = torch.maximum(pg1, pg2)
     dual = torch.minimum(-adv * cfg.dual_clip_c, clipped)
     on_loss = torch.where(adv < 0, dual, clipped)
+    if is_weight is not None:
+        on_loss = on_loss * is_weight.detach()
 
     p = torch.exp(logp)
     off_loss = -adv * p / (p + cfg.gamma)
@@ -134,6 +137,19 @@ def _chunks(seq, size):
     return [seq[i:i + size] for i in range(0, len(seq), size)]
 
 
+def truncated_is_weight(old_lp: torch.Tensor, engine_lp: torch.Tensor, has_engine: torch.Tensor,
+                        mask: torch.Tensor, cap: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Token weights min(exp(old - engine), cap) where the engine's log-probs exist, else 1.
+
+    old_lp, engine_lp, mask: (B, T); has_engine: (B,) bool. Returns weights (B, T) and sums
+    for the metrics (ratio sum, truncated count, tokens)."""
+    ratio = torch.exp(old_lp - engine_lp)
+    use = mask & has_engine[:, None]
+    weight = torch.where(use, torch.clamp(ratio, max=cap), torch.ones_like(ratio))
+    return weight, {"is_ratio_sum": float((ratio * use).sum()), "is_truncated": int(((ratio > cap) & use).sum()),
+                    "is_tokens": int(use.sum())}
+
+
 def train_on_batch(model, optimizer, accelerator, rows: list[dict], cfg: TrainConfig, seed: int, pad_id: int,
                    ref_model=None) -> dict[str, float]:
     """One iteration's update: old log-probs, then ppo_epochs x mini_batches optimizer steps."""
@@ -164,7 +180,8 @@ def train_on_batch(model, optimizer, accelerator, rows: list[dict], cfg: TrainCo
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["prompt_id"], []).append(r)
-    totals = dict(loss=0.0, on=0.0, off=0.0, kl=0.0, clipped=0, on_tokens=0, off_tokens=0, ratio=0.0, grad_norm=0.0)
+    totals = dict(loss=0.0, on=0.0, off=0.0, kl=0.0, clipped=0, on_tokens=0, off_tokens=0, ratio=0.0, grad_norm=0.0,
+                  is_ratio_sum=0.0, is_truncated=0, is_tokens=0)
     steps = 0
     for epoch in range(cfg.ppo_epochs):
         order = sorted(groups)
@@ -180,11 +197,21 @@ def train_on_batch(model, optimizer, accelerator, rows: list[dict], cfg: TrainCo
                 pad = lambda t: torch.nn.functional.pad(t, (0, width - t.numel()))  # noqa: E731
                 old_lp = torch.stack([pad(r["_old"]) for r in chunk]).to(logp.device)
                 ref_lp = torch.stack([pad(r["_ref"]) for r in chunk]).to(logp.device) if ref_model is not None else None
+                hindsight = torch.tensor([r["is_hindsight"] for r in chunk], device=logp.device)
+                is_weight = None
+                if cfg.is_correction == "truncated":
+                    engine = [r["engine_logprobs"] for r in chunk]
+                    usable = [e is not None and None not in e and len(e) == len(r["response_token_ids"])
+                              for e, r in zip(engine, chunk)]
+                    engine_lp = torch.stack([pad(torch.tensor(e if ok else [], dtype=logp.dtype))
+                                             for e, ok in zip(engine, usable)]).to(logp.device)
+                    has = torch.tensor(usable, device=logp.device) & ~hindsight  # hindsight tokens: policy shaping, no IS
+                    is_weight, is_stats = truncated_is_weight(old_lp, engine_lp, has, mask, cfg.is_cap)
+                    for key, value in is_stats.items():
+                        totals[key] += value
                 parts = policy_loss(
-                    logp, old_lp,
-                    torch.tensor([r["advantage"] for r in chunk], device=logp.device),
-                    torch.tensor([r["is_hindsight"] for r in chunk], device=logp.device),
-                    mask, cfg, denom, ref_lp,
+                    logp, old_lp, torch.tensor([r["advantage"] for r in chunk], device=logp.device),
+                    hindsight, mask, cfg, denom, ref_lp, is_weight,
                 )
                 accelerator.backward(parts.loss)
                 totals["loss"] += float(parts.loss.detach())
@@ -216,6 +243,8 @@ def train_on_batch(model, optimizer, accelerator, rows: list[dict], cfg: TrainCo
         "mean_ratio": totals["ratio"] / max(1, totals["on_tokens"]),
         "grad_norm": totals["grad_norm"] / steps,
         "hindsight_token_fraction": totals["off_tokens"] / max(1, tokens),
+        "is_mean_ratio": totals["is_ratio_sum"] / max(1, totals["is_tokens"]),
+        "is_truncated_fraction": totals["is_truncated"] / max(1, totals["is_tokens"]),
         "optimizer_steps": steps,
         "tokens": tokens // cfg.ppo_epochs,
         "sequences": len(rows),

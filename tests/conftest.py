@@ -26,6 +26,6 @@ def small_overrides(runs_dir: Path, run_id: str = "t", **extra) -> dict:
     return {
         "run_id": run_id, "runs_dir": str(runs_dir), "iterations": 2,
         "task.num_prompts": 8, "task.prompts_per_iteration": 4,
-        "rollout.n": 4, "rollout.max_tokens": 8, "hindsight.max_tokens": 8, "hindsight.candidate_limit": 2,
+        "rollout.engine": "transformers", "rollout.n": 4, "rollout.max_tokens": 8, "hindsight.max_tokens": 8, "hindsight.candidate_limit": 2,
         "train.micro_batch_size": 16, "train.mini_batches": 2, **extra,
     }

@@ -237,3 +237,22 @@ def test_masked_tokens_do_not_count_and_kl_is_added():
     k3 = math.exp(-0.5) + 0.5 - 1
     assert pk.kl == pytest.approx(k3)
     assert pk.loss.item() == pytest.approx(-1.0 + 0.1 * k3)
+
+
+def test_truncated_importance_weights():
+    from stages.train import truncated_is_weight
+
+    ln = math.log
+    old = torch.tensor([[ln(0.5), ln(0.9)], [ln(0.5), ln(0.5)]])
+    engine = torch.tensor([[ln(0.25), ln(0.1)], [ln(0.1), ln(0.1)]])
+    mask = torch.tensor([[True, True], [True, False]])
+    has = torch.tensor([True, False])  # row 1: no engine log-probs (or a hindsight row)
+    w, stats = truncated_is_weight(old, engine, has, mask, cap=2.0)
+    # row 0: ratios 2.0 and 9.0 -> 2.0 and the cap 2.0; row 1 untouched
+    assert torch.allclose(w, torch.tensor([[2.0, 2.0], [1.0, 1.0]]))
+    assert stats == {"is_ratio_sum": pytest.approx(11.0), "is_truncated": 1, "is_tokens": 2}
+    # the weight scales the on-policy loss and its gradient
+    logp = old.clone().requires_grad_(True)
+    parts = policy_loss(logp, old, torch.tensor([1.0, 1.0]), torch.tensor([False, False]), mask, _cfg(),
+                        denominator=3.0, is_weight=w)
+    assert parts.loss.item() == pytest.approx((-2.0 - 2.0 - 1.0) / 3)

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -16,6 +17,7 @@ from herl.cli import stage_status
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
+PREFECT = [sys.executable, "-m", "prefect"]  # the CLI of the interpreter running the tests
 
 
 def _free_port() -> int:
@@ -38,7 +40,7 @@ def test_deployment_run_watch_completes(tmp_path):
     port = _free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"),
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
-    server = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+    server = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port),
                                "--analytics-off"], cwd=tmp_path, env=env, stdout=open(tmp_path / "server.log", "w"),
                               stderr=subprocess.STDOUT, start_new_session=True)
     worker = None
@@ -54,14 +56,14 @@ def test_deployment_run_watch_completes(tmp_path):
                 time.sleep(1)
 
         def prefect(*args, cwd=ROOT, timeout=300):
-            res = subprocess.run(["prefect", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+            res = subprocess.run([*PREFECT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
             assert res.returncode == 0, f"prefect {' '.join(args)}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
             return res.stdout
 
         prefect("work-pool", "create", "herl", "--type", "process")
         prefect("--no-prompt", "deploy", "--all")
         # the worker runs from anywhere: the deployment's pull step points at the checkout
-        worker = subprocess.Popen(["prefect", "worker", "start", "--pool", "herl"], cwd=tmp_path, env=env,
+        worker = subprocess.Popen([*PREFECT, "worker", "start", "--pool", "herl"], cwd=tmp_path, env=env,
                                   stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT,
                                   start_new_session=True)
         runs = tmp_path / "runs"

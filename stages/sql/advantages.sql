@@ -53,6 +53,7 @@ qualifying as (
         h.prompt_id,
         h.prompt_token_ids as hindsight_prompt_token_ids,
         h.response_token_ids,
+        h.logprobs,
         h.reward,
         case when h.reward > f.best_reward then 1 else 2 end as tier
     from hindsight as h
@@ -104,6 +105,7 @@ fills as (
             then (case when $hindsight_prompt then k.hindsight_prompt_token_ids else c.prompt_token_ids end)
             else b.prompt_token_ids end as prompt_token_ids,
         coalesce(k.response_token_ids, b.response_token_ids) as response_token_ids,
+        case when k.revision_id is not null then k.logprobs else b.logprobs end as engine_logprobs,
         coalesce(k.reward, b.reward) as reward,
         coalesce(k.reward, b.shaped_reward) as shaped_reward
     from slots as s
@@ -148,6 +150,7 @@ mixed as (
         cast(null as varchar) as replaced_rollout_id,
         s.prompt_token_ids,
         s.response_token_ids,
+        s.logprobs as engine_logprobs,
         s.reward,
         s.shaped_reward
     from shaped as s
@@ -162,6 +165,7 @@ mixed as (
         replaced_rollout_id,
         prompt_token_ids,
         response_token_ids,
+        engine_logprobs,
         reward,
         shaped_reward
     from replaced
@@ -188,6 +192,7 @@ final as (
         m.replaced_rollout_id,
         m.prompt_token_ids,
         m.response_token_ids,
+        m.engine_logprobs,
         m.reward,
         m.shaped_reward,
         g.group_mean,

@@ -10,6 +10,7 @@ final as (
         r.sample_index,
         r.prompt_token_ids,
         r.response_token_ids,
+        r.logprobs,
         w.reward,
         w.items_met
     from rollouts as r
