@@ -219,6 +219,8 @@ class VLLMEngine:
                   "logprobs_mode": "raw_logprobs"}  # log-probs before temperature / top-p, as the trainer computes
         if c.max_model_len:
             engine["max_model_len"] = c.max_model_len
+        if c.enable_chunked_prefill is not None:
+            engine["enable_chunked_prefill"] = c.enable_chunked_prefill
         sampling = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
                     "max_tokens": params.max_tokens}
         with tempfile.TemporaryDirectory(prefix="herl-vllm-") as tmp:

@@ -29,7 +29,20 @@ def main(req_path: str, out_path: str) -> int:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(**header["engine"])
+    engine = dict(header["engine"])
+    chunked = engine.pop("enable_chunked_prefill", None)
+    from vllm.platforms import current_platform
+
+    if chunked is None and current_platform.is_cpu():
+        # Chunked prefill rewinds a seeded request's random generator when it splits the
+        # prompt across steps, which CPU generators cannot do ("CPU Generator does not use
+        # offset"): schedule whole prompts on CPUs.
+        chunked = False
+    if chunked is not None:
+        engine["enable_chunked_prefill"] = chunked
+        if not chunked:
+            engine.setdefault("max_num_batched_tokens", max(8192, engine.get("max_model_len") or 0))
+    llm = LLM(**engine)
     startup = time.perf_counter() - t0
     s = header["sampling"]
     greedy = s["temperature"] == 0

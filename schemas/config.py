@@ -59,6 +59,8 @@ class VLLMConfig(_Section):
     """Longest prompt + answer the engine plans for; None takes the model's maximum."""
     enforce_eager: bool = False
     """Skip CUDA graph capture / compilation: slower generation, faster start-up."""
+    enable_chunked_prefill: bool | None = None
+    """Chunked prefill; None: vLLM's default on GPUs, off on CPUs (where seeded sampling cannot resume a split prompt)."""
     timeout_s: float = 7200.0
     """Hard limit for one engine process (start-up and generation); it is killed past it."""
 

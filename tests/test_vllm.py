@@ -56,6 +56,20 @@ def test_greedy_parity_logprobs_and_per_request_seeds():
     assert ids[0] == ids[1] and ids[0] != ids[2]
 
 
+def test_seeded_sampling_with_split_prompts_on_cpu(tmp_path):
+    """Regression: on this model and batch, vLLM's chunked prefill split prompts and then
+    crashed rewinding the seeded CPU generators ("CPU Generator does not use offset",
+    reproduced with vllm.enable_chunked_prefill = true). herl turns it off on CPUs."""
+    from herl.tiny import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "m27", hidden=512, layers=8, heads=8, intermediate=1536)
+    engine = load_engine("vllm", model, vllm_cfg=VLLMConfig(enforce_eager=True, cpu_kvcache_gib=1))
+    reqs = [GenRequest(f"p{i}", render_chat(engine.tokenizer, [{"role": "user", "content": f"Tell story {i}."}])[1],
+                       i, 8) for i in range(16)]
+    out = engine.generate(reqs, SamplingParams(temperature=1.0, max_tokens=64))
+    assert [len(o) for o in out] == [8] * 16
+
+
 def test_one_whole_iteration_with_vllm(tmp_path):
     cfg = load_config(None, small_overrides(tmp_path, iterations=1, **{
         "rollout.engine": "vllm", "vllm.enforce_eager": True, "vllm.cpu_kvcache_gib": 1,
