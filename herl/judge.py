@@ -27,15 +27,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
-import jinja2
-
 from herl.grading import MET, UNKNOWN, UNMET, Verdict
+from herl.templating import template
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "stages" / "templates" / "judge.j2"
-HOLISTIC_TEMPLATE = TEMPLATE.with_name("judge_holistic.j2")
 
 
 @dataclass(frozen=True)
@@ -59,28 +55,19 @@ class JudgeStats:
                 setattr(self, k, getattr(self, k) + v)
 
 
-@lru_cache(maxsize=1)
-def _template() -> jinja2.Template:
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-    return env.from_string(TEMPLATE.read_text())
+def _render_fenced(name: str, task: JudgeTask) -> str:
+    # the fence id is a hash of the response: the response cannot contain its own marker
+    fence = hashlib.sha256(task.response.encode()).hexdigest()[:16]
+    return template(name).render(conversation=task.conversation, response=task.response, fence=fence,
+                                 items=list(task.criteria)).strip()
 
 
 def build_judge_prompt(task: JudgeTask) -> str:
-    fence = hashlib.sha256(task.response.encode()).hexdigest()[:16]
-    return _template().render(conversation=task.conversation, response=task.response, fence=fence,
-                              items=list(task.criteria)).strip()
-
-
-@lru_cache(maxsize=1)
-def _holistic_template() -> jinja2.Template:
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-    return env.from_string(HOLISTIC_TEMPLATE.read_text())
+    return _render_fenced("judge.j2", task)
 
 
 def build_holistic_prompt(task: JudgeTask) -> str:
-    fence = hashlib.sha256(task.response.encode()).hexdigest()[:16]
-    return _holistic_template().render(conversation=task.conversation, response=task.response, fence=fence,
-                                       items=list(task.criteria)).strip()
+    return _render_fenced("judge_holistic.j2", task)
 
 
 def parse_score(text: str) -> int:

@@ -15,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-from herl.importers import PromptFileError, load_prompts  # noqa: F401  (PromptFileError re-exported)
+from herl.importers import load_prompts
 
 TOPICS = ["the sea", "a cat", "rain", "the moon", "bread", "a river", "winter", "a garden",
           "music", "a train", "the wind", "a book", "coffee", "a forest", "snow", "the sun"]

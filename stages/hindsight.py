@@ -14,28 +14,18 @@ Alone:  python -m stages.hindsight runs/<run_id> --iteration K
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
-
-import jinja2
 
 from herl.engines import GenRequest, SamplingParams, derive_seed, load_engine, render_chat
 from herl.grading import MET, UNMET
 from herl.rundir import Run
 from herl.sql import run_sql_file
+from herl.templating import template
 from schemas.tables import empty, read_table, write_table
 from stages.common import stage_main, write_metrics
 from stages.grade import grade_samples
 
 STAGE = "hindsight"
-TEMPLATE = Path(__file__).parent / "templates" / "hindsight.j2"
-
-
-@lru_cache(maxsize=1)
-def _template() -> jinja2.Template:
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False,
-                             undefined=jinja2.StrictUndefined)
-    return env.from_string(TEMPLATE.read_text())
 
 
 def build_hindsight_prompt(messages: list[dict], rubric: list[dict], verdicts: list[str], draft: str,
@@ -46,7 +36,7 @@ def build_hindsight_prompt(messages: list[dict], rubric: list[dict], verdicts: l
         groups[v].append({"description": item["description"], "weight": item["weight"]})
     instruction = "\n\n".join(m["content"] for m in messages if m["role"] != "assistant")
     weighted = show_weights and any(it["weight"] != 1.0 for it in rubric)
-    return _template().render(instruction=instruction, met=groups[MET], unmet=groups[UNMET],
+    return template("hindsight.j2").render(instruction=instruction, met=groups[MET], unmet=groups[UNMET],
                               unknown=groups["unknown"], show_weights=weighted, draft=draft).strip()
 
 

@@ -29,3 +29,19 @@ def small_overrides(runs_dir: Path, run_id: str = "t", **extra) -> dict:
         "rollout.engine": "transformers", "rollout.n": 4, "rollout.max_tokens": 8, "hindsight.max_tokens": 8, "hindsight.candidate_limit": 2,
         "train.micro_batch_size": 16, "train.mini_batches": 2, **extra,
     }
+
+
+def wait_for_http(url: str, proc, log_path: Path, timeout: float, poll: float = 1.0) -> None:
+    """Wait until `url` answers, failing with the server's log if it exits or times out."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert proc.poll() is None, f"server exited:\n{log_path.read_text()[-3000:]}"
+            assert time.time() < deadline, f"{url} did not answer in {timeout} s:\n{log_path.read_text()[-3000:]}"
+            time.sleep(poll)

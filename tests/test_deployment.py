@@ -8,13 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
 from herl.cli import stage_status
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for_http
 
 pytestmark = pytest.mark.slow
 PREFECT = [sys.executable, "-m", "prefect"]  # the CLI of the interpreter running the tests
@@ -45,15 +43,7 @@ def test_deployment_run_watch_completes(tmp_path):
                               stderr=subprocess.STDOUT, start_new_session=True)
     worker = None
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline, (tmp_path / "server.log").read_text()[-2000:]
-                assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-                time.sleep(1)
+        wait_for_http(f"http://127.0.0.1:{port}/api/health", server, tmp_path / "server.log", timeout=120)
 
         def prefect(*args, cwd=ROOT, timeout=300):
             res = subprocess.run([*PREFECT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

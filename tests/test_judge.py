@@ -9,7 +9,6 @@ import re
 
 import pytest
 
-from herl.grade_file import grade_file
 from herl.grading import MET, UNKNOWN, UNMET, GradeInput, RubricGrader
 from herl.judge import parse_verdicts, ParseError
 from schemas.config import GradeConfig, JudgeConfig

@@ -181,7 +181,8 @@ def test_rollouts_reproduce_and_engine_logprobs_match_trainer(tmp_path, done_run
 
 def test_bad_prompts_file_fails_the_stage_cleanly(tmp_path, capsys):
     from herl.cli import main
-    from herl.task import PromptFileError, builtin_toy
+    from herl.importers import PromptFileError
+    from herl.task import builtin_toy
 
     rows = builtin_toy(3, 0)
     rows[2]["messages"] = "hello"

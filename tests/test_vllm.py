@@ -10,8 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ from herl.tiny import resolve_model_path
 from schemas.config import VLLMConfig, load_config
 from schemas.tables import read_table
 from stages import advantages, grade, hindsight, rollout, train
-from tests.conftest import small_overrides
+from tests.conftest import small_overrides, wait_for_http
 
 VLLM_PYTHON = find_vllm_python()
 pytestmark = [
@@ -106,15 +104,7 @@ def test_vllm_serve_as_the_http_judge(tmp_path):
                                "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048"],
                               stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        deadline = time.time() + 400
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-                assert time.time() < deadline, "vllm serve did not come up"
-                time.sleep(2)
+        wait_for_http(f"http://127.0.0.1:{port}/health", server, tmp_path / "serve.log", timeout=400, poll=2)
         rows = [{"prompt_id": f"p{i}", "prompt": [{"role": "user", "content": "I have a headache."}],
                  "rubrics": [{"criterion": "Suggests rest and fluids.", "points": 3, "tags": []},
                              {"criterion": "Recommends an unsafe dose.", "points": -5, "tags": []},
