@@ -194,8 +194,8 @@ class HerlConfig(_Section):
     """Iterations of rollout -> grade -> hindsight -> advantages -> train."""
     seed: int = 0
     """Seeds prompt sampling, generation, group replacement and training."""
-    algorithm: Literal["herl", "he", "grpo"] = "herl"
-    """herl = hindsight experience + bonus reward; he = hindsight without bonus; grpo = plain GRPO (no hindsight)."""
+    algorithm: Literal["herl", "he", "naive_he", "grpo"] = "herl"
+    """herl = hindsight experience + bonus reward; he = hindsight without bonus; naive_he = hindsight prompts that list the rubric without saying which items were met (no bonus); grpo = plain GRPO (no hindsight)."""
     stage_retries: int = 0
     """Prefect retries per stage task; a retried stage reruns from its inputs."""
     plugins: list[str] = []

@@ -24,8 +24,8 @@ from stages.common import stage_main, write_metrics
 STAGE = "advantages"
 
 
-def sql_params(run: Run, k: int) -> dict:
-    cfg = run.cfg
+def sql_params(cfg, k: int) -> dict:
+    """The bound parameters of advantages.sql for config `cfg` at iteration k."""
     a = cfg.advantages
     return {
         "threshold": cfg.hindsight.threshold, "bonus": cfg.bonus_enabled, "alpha": a.alpha,
@@ -47,7 +47,7 @@ def run(run: Run, k: int) -> dict:
         tables = {n: read_table(n, p) for n, p in inputs.items()}
         if not run.cfg.hindsight_enabled:  # plain GRPO: revisions (if any were left) are ignored
             tables["hindsight"] = tables["hindsight"].schema.empty_table()
-        batch = compute_batch(tables["rollouts"], tables["rewards"], tables["hindsight"], sql_params(run, k))
+        batch = compute_batch(tables["rollouts"], tables["rewards"], tables["hindsight"], sql_params(run.cfg, k))
         n_rows = batch.num_rows
         batch = batch.append_column("run_id", pa.array([run.run_id] * n_rows, pa.string())) \
                      .append_column("iteration", pa.array([k] * n_rows, pa.int32()))

@@ -29,15 +29,20 @@ STAGE = "hindsight"
 
 
 def build_hindsight_prompt(messages: list[dict], rubric: list[dict], verdicts: list[str], draft: str,
-                           show_weights: bool = True) -> str:
-    """The text of the hindsight prompt for one draft (HERL.md step 4)."""
+                           show_weights: bool = True, naive: bool = False) -> str:
+    """The text of the hindsight prompt for one draft (HERL.md step 4); `naive` lists the
+    rubric without the verdicts (the NaiveHE ablation)."""
     groups: dict[str, list[dict]] = {MET: [], UNMET: [], "unknown": []}
     for item, v in zip(rubric, verdicts, strict=True):
         groups[v].append({"description": item["description"], "weight": item["weight"]})
     instruction = "\n\n".join(m["content"] for m in messages if m["role"] != "assistant")
     weighted = show_weights and any(it["weight"] != 1.0 for it in rubric)
+    if naive:  # rubric order, no status
+        groups = {MET: [{"description": it["description"], "weight": it["weight"]} for it in rubric],
+                  UNMET: [], "unknown": []}
     return template("hindsight.j2").render(instruction=instruction, met=groups[MET], unmet=groups[UNMET],
-                              unknown=groups["unknown"], show_weights=weighted, draft=draft).strip()
+                                           unknown=groups["unknown"], show_weights=weighted, draft=draft,
+                                           naive=naive).strip()
 
 
 def run(run: Run, k: int) -> dict:
@@ -99,7 +104,8 @@ def _revise(run: Run, k: int, candidates: list[dict], rollouts, inputs) -> tuple
         for c in candidates:
             p = prompts[c["prompt_id"]]
             text = build_hindsight_prompt(p["messages"], p["rubric"], verdicts[c["rollout_id"]],
-                                          by_id[c["rollout_id"]]["response_text"], cfg.hindsight.show_weights)
+                                          by_id[c["rollout_id"]]["response_text"], cfg.hindsight.show_weights,
+                                          naive=cfg.algorithm == "naive_he")
             rendered, ids = render_chat(engine.tokenizer, [{"role": "user", "content": text}])
             texts.append(rendered)
             requests.append(GenRequest(c["rollout_id"], ids, derive_seed(cfg.seed, k, "hindsight", c["rollout_id"]),

@@ -256,3 +256,56 @@ def test_truncated_importance_weights():
     parts = policy_loss(logp, old, torch.tensor([1.0, 1.0]), torch.tensor([False, False]), mask, _cfg(),
                         denominator=3.0, is_weight=w)
     assert parts.loss.item() == pytest.approx((-2.0 - 2.0 - 1.0) / 3)
+
+
+# ---- the hindsight prompt and the ablation modes ----------------------------------
+
+RUBRIC = [{"description": "Use no commas.", "weight": 1.0}, {"description": "End with a period.", "weight": 1.0},
+          {"description": "Be short.", "weight": 1.0}]
+HEAD = "Here is an instruction, a draft answer to it, and a check of the draft against a rubric.\n\n## Instruction\nWrite.\n\n"
+TAIL = ("## Draft\ndraft, text\n\n## Task\nRevise the draft. Keep everything that satisfies the rubric, fix every "
+        "item that is not\nsatisfied, do not add new facts, and reply with the revised answer only.")
+
+
+def test_hindsight_prompt_text_full_and_naive():
+    from stages.hindsight import build_hindsight_prompt
+
+    msgs = [{"role": "user", "content": "Write."}]
+    full = build_hindsight_prompt(msgs, RUBRIC, ["met", "unmet", "unknown"], "draft, text")
+    assert full == HEAD + ("## Rubric status\nSatisfied:\n- Use no commas.\n\nNot satisfied:\n- End with a period.\n\n"
+                           "Unclear:\n- Be short.\n\n") + TAIL
+    naive = build_hindsight_prompt(msgs, RUBRIC, ["met", "unmet", "unknown"], "draft, text", naive=True)
+    assert naive == HEAD + "## Rubric\n- Use no commas.\n- End with a period.\n- Be short.\n\n" + TAIL
+    weighted = build_hindsight_prompt(msgs, [dict(r, weight=w) for r, w in zip(RUBRIC, [5.0, -2.0, 1.5])],
+                                      ["met", "unmet", "met"], "d")
+    assert "Satisfied:\n- Use no commas. (weight 5)\n- Be short. (weight 1.5)\n\nNot satisfied:\n" \
+           "- End with a period. (weight -2)\n\n## Draft" in weighted
+
+
+@pytest.mark.parametrize("mode,replaced,shaped", [
+    ("grpo", False, False),
+    ("naive_he", True, False),
+    ("he", True, False),
+    ("herl", True, True),
+])
+def test_modes_on_a_hand_built_group(mode, replaced, shaped):
+    """Which rows are replaced, which rewards are shaped, which tokens get which loss."""
+    from schemas.config import load_config
+    from stages.advantages import sql_params
+
+    cfg = load_config(None, {"algorithm": mode})
+    ro, rw = _rollouts(GROUPS)
+    hs = _revisions([("0:p:0", "p", 1.0), ("0:r:2", "r", 0.0)])
+    if not cfg.hindsight_enabled:  # the stage feeds no revisions to plain GRPO
+        hs = hs.schema.empty_table()
+    params = {**sql_params(cfg, 0), "seed": SEED}
+    batch = _by_prompt(compute_batch(ro, rw, hs, params))
+    p = {r["sample_id"]: r for r in batch["p"]}
+    assert ("0:p:0:rev-0" in p) == replaced
+    assert (_victims("p", 1, 4)[0] not in p) == replaced
+    assert _victims("p", 1, 4)[0] != "0:p:0"  # with this seed the candidate itself stays in its group
+    assert p["0:p:0"]["shaped_reward"] == pytest.approx(0.525 if shaped else 0.5)
+    # the loss each token gets follows is_hindsight: only kept revisions use policy shaping
+    assert {r["kind"]: r["is_hindsight"] for rows in batch.values() for r in rows} == (
+        {"rollout": False, "hindsight": True, "duplicate": False} if replaced else {"rollout": False})
+    assert cfg.bonus_enabled == shaped and cfg.hindsight_enabled == replaced
