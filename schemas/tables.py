@@ -145,7 +145,7 @@ TABLES: dict[str, Table] = {
 }
 
 
-# Outputs of `herl grade` (grading a file outside training): not run tables.
+# Outputs of `herl grade` and `herl eval` (outside training): not run tables.
 GRADE_TABLES: dict[str, Table] = {
     t.name: t
     for t in [
@@ -166,6 +166,21 @@ GRADE_TABLES: dict[str, Table] = {
                        ("items_unknown", pa.int32()), ("reward_strict", pa.float64()),
                        ("reward_loose", pa.float64()), ("all_met_strict", pa.bool_()), ("all_met_loose", pa.bool_())]),
             ("input_row",),
+        ),
+        Table(
+            "eval_answers",
+            "one row per (round, prompt) of `herl eval`: the current answer and its grades",
+            pa.schema([("round", pa.int32()), ("prompt_id", pa.string()), ("answer_text", pa.string()),
+                       ("revised", pa.bool_()), ("items_total", pa.int32()), ("items_met_strict", pa.int32()),
+                       ("reward_strict", pa.float64()), ("reward_loose", pa.float64()),
+                       ("all_met_strict", pa.bool_()), ("all_met_loose", pa.bool_())]),
+            ("round", "prompt_id"),
+        ),
+        Table(
+            "eval_metrics",
+            "one row per (round, metric) of `herl eval`",
+            pa.schema([("round", pa.int32()), ("name", pa.string()), ("value", pa.float64())]),
+            ("round", "name"),
         ),
     ]
 }

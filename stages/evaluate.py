@@ -1,0 +1,128 @@
+"""Evaluate stage: test-time self-improvement driven by the grader's verdicts.
+
+Round 0 answers every prompt once; each later round revises the answers that do not yet
+meet every rubric item, with the same hindsight prompt training uses (the draft plus the
+items met / not met), and grades the revisions. A fully met answer is kept as it is.
+
+Reads:  a prompts file in any supported format (herl.importers), a model folder
+Writes: OUT/eval_answers.parquet  one row per (round, prompt)
+        OUT/eval_metrics.parquet  one row per (round, metric): mean rewards, and IFEval's
+                                  four accuracies for IFEval-format prompts
+Alone:  python -m stages.evaluate --prompts FILE --model DIR --rounds R --out DIR [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from herl.engines import GenRequest, SamplingParams, derive_seed, load_engine, render_chat
+from herl.grade_file import ifeval_metrics
+from herl.grading import MET, GradeInput, RubricGrader, aggregate
+from herl.importers import convert, read_records
+from herl.tiny import resolve_model_path
+from schemas.config import HerlConfig, load_config
+from schemas.tables import write_table
+from stages.hindsight import build_hindsight_prompt
+
+
+def run(prompts_path: Path, model: str, out_dir: Path, rounds: int = 2, limit: int | None = None,
+        cfg: HerlConfig | None = None, temperature: float = 0.0, max_tokens: int | None = None,
+        fmt: str = "auto", drop_unsupported: bool = False) -> dict:
+    """Answer, grade, and revise for `rounds` rounds; returns {round: {metric: value}}."""
+    cfg = cfg or load_config(None)
+    prompts_path, out_dir = Path(prompts_path), Path(out_dir)
+    rows, report = convert(read_records(prompts_path), prompts_path, fmt, drop_unsupported)
+    prompts = [r for r in rows if r is not None][:limit]
+    if not prompts:
+        raise ValueError(f"{prompts_path}: no prompts to evaluate")
+    engine = load_engine(cfg.rollout.engine, resolve_model_path(model), cfg.model.dtype, cfg.rollout.batch_size,
+                         cfg.vllm)
+    grader = RubricGrader(cfg.grade, cache_path=out_dir / "judge_cache.sqlite")
+    params = SamplingParams(temperature, cfg.rollout.top_p, cfg.rollout.top_k, max_tokens or cfg.rollout.max_tokens)
+    answers: dict[str, str] = {}
+    graded: dict[str, list] = {}
+    answer_rows, metric_rows, summary = [], [], {}
+    try:
+        todo = prompts
+        for rnd in range(rounds + 1):
+            chats = []
+            for p in todo:
+                if rnd == 0:
+                    chats.append(p["messages"])
+                else:  # revise with the verdicts the grader gave the current answer
+                    verdicts = [v.verdict for v in graded[p["prompt_id"]]]
+                    chats.append([{"role": "user", "content": build_hindsight_prompt(
+                        p["messages"], p["rubric"], verdicts, answers[p["prompt_id"]], cfg.hindsight.show_weights)}])
+            reqs = [GenRequest(p["prompt_id"], render_chat(engine.tokenizer, chat)[1],
+                               derive_seed(cfg.seed, "eval", rnd, p["prompt_id"]), 1) for p, chat in zip(todo, chats)]
+            for p, out in zip(todo, engine.generate(reqs, params)):
+                answers[p["prompt_id"]] = out[0].text
+            for p, verdicts in zip(todo, grader.grade_many([GradeInput(p["rubric"], answers[p["prompt_id"]],
+                                                                       p["messages"]) for p in todo])):
+                graded[p["prompt_id"]] = verdicts
+            revised = {p["prompt_id"] for p in todo}
+            round_rows, items = [], []
+            for p in prompts:
+                vs = graded[p["prompt_id"]]
+                weights = [it["weight"] for it in p["rubric"]]
+                strict, loose = [v.verdict for v in vs], [v.loose_verdict for v in vs]
+                items += [{"verdict_strict": a, "verdict_loose": b} for a, b in zip(strict, loose)]
+                round_rows.append({
+                    "round": rnd, "prompt_id": p["prompt_id"], "answer_text": answers[p["prompt_id"]],
+                    "revised": rnd > 0 and p["prompt_id"] in revised, "items_total": len(vs),
+                    "items_met_strict": sum(v == MET for v in strict),
+                    "reward_strict": aggregate(strict, weights, "weighted", cfg.grade.unknown_policy)[0],
+                    "reward_loose": aggregate(loose, weights, "weighted", cfg.grade.unknown_policy)[0],
+                    "all_met_strict": all(v == MET for v in strict), "all_met_loose": all(v == MET for v in loose),
+                })
+            n = len(round_rows)
+            m = {"mean_reward_strict": sum(r["reward_strict"] for r in round_rows) / n,
+                 "mean_reward_loose": sum(r["reward_loose"] for r in round_rows) / n,
+                 "revised": float(len(revised) if rnd else 0)}
+            if report["format"] == "ifeval":
+                m.update(ifeval_metrics(round_rows, items))
+            summary[rnd] = m
+            answer_rows += round_rows
+            metric_rows += [{"round": rnd, "name": k, "value": float(v)} for k, v in sorted(m.items())]
+            todo = [p for p in prompts if not all(v.verdict == MET for v in graded[p["prompt_id"]])]
+            if not todo:  # everything met: later rounds would change nothing, but are still reported
+                for later in range(rnd + 1, rounds + 1):
+                    summary[later] = dict(m, revised=0.0)
+                    metric_rows += [{"round": later, "name": k, "value": float(v)}
+                                    for k, v in sorted(summary[later].items())]
+                    answer_rows += [dict(r, round=later, revised=False) for r in round_rows]
+                break
+    finally:
+        grader.close()
+        engine.close()
+    write_table("eval_answers", answer_rows, out_dir / "eval_answers.parquet")
+    write_table("eval_metrics", metric_rows, out_dir / "eval_metrics.parquet")
+    return summary
+
+
+def metrics_markdown(summary: dict) -> str:
+    names = sorted({k for m in summary.values() for k in m})
+    lines = ["| round | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for rnd, m in sorted(summary.items()):
+        lines.append(f"| {rnd} | " + " | ".join(f"{m.get(k, float('nan')):.4f}" for k in names) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", required=True, type=Path)
+    ap.add_argument("--model", default="builtin:tiny")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args(argv)
+    summary = run(args.prompts, args.model, args.out, args.rounds, args.limit)
+    print(metrics_markdown(summary))
+    print(json.dumps({"out": str(args.out)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

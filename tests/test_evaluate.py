@@ -1,0 +1,54 @@
+"""`herl eval`: test-time self-improvement on IFEval prompts with the tiny model."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+
+from schemas.config import load_config
+from stages.evaluate import run
+from tests.conftest import BENCHMARKS
+
+IFEVAL = BENCHMARKS / "ifeval_input_data.jsonl"
+needs_benchmarks = pytest.mark.skipif(not IFEVAL.exists(), reason=f"benchmark samples not found at {BENCHMARKS}")
+
+
+@needs_benchmarks
+def test_rounds_revise_only_unmet_answers_and_report_ifeval_metrics(tmp_path):
+    cfg = load_config(None, {"rollout.engine": "transformers", "rollout.max_tokens": 16})
+    summary = run(IFEVAL, "builtin:tiny", tmp_path, rounds=2, limit=6, cfg=cfg, temperature=1.0)
+    assert sorted(summary) == [0, 1, 2]
+    for m in summary.values():
+        assert {"prompt_level_strict", "prompt_level_loose", "instruction_level_strict",
+                "instruction_level_loose", "mean_reward_strict"} <= set(m)
+    answers = pq.read_table(tmp_path / "eval_answers.parquet").to_pylist()
+    assert len(answers) == 18  # 6 prompts x rounds 0..2
+    by = {(a["round"], a["prompt_id"]): a for a in answers}
+    for (rnd, pid), a in by.items():
+        if rnd == 0:
+            assert not a["revised"]
+            continue
+        before = by[(rnd - 1, pid)]
+        # an answer that met everything is kept; every other one is revised
+        assert a["revised"] == (not before["all_met_strict"])
+        if not a["revised"]:
+            assert a["answer_text"] == before["answer_text"]
+    assert summary[1]["revised"] == sum(not by[(0, p)]["all_met_strict"] for (r, p) in by if r == 0)
+    metrics = pq.read_table(tmp_path / "eval_metrics.parquet").to_pylist()
+    assert {m["round"] for m in metrics} == {0, 1, 2}
+
+
+@pytest.mark.slow
+@needs_benchmarks
+def test_herl_eval_command_runs_the_flow(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    res = subprocess.run([sys.executable, "-m", "herl.cli", "eval", "--prompts", str(IFEVAL), "--limit", "3",
+                          "--rounds", "1", "--out", str(tmp_path), "--set", "rollout.max_tokens=8"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| round |" in res.stdout and "prompt_level_strict" in res.stdout
+    assert (tmp_path / "eval_metrics.parquet").exists()
