@@ -23,6 +23,23 @@ def rows_path(output: Path) -> Path:
     return output.with_name(output.name.removesuffix(".parquet") + ".rows.parquet")
 
 
+def row_scores(verdicts: list, weights: list[float], mode: str, unknown_policy: str) -> dict:
+    """One answer's scores from its verdicts: strict and loose rewards, items met, all met."""
+    strict = [v.verdict for v in verdicts]
+    loose = [v.loose_verdict for v in verdicts]
+    r_strict, met_strict, _, _ = aggregate(strict, weights, mode, unknown_policy)
+    r_loose, met_loose, _, _ = aggregate(loose, weights, mode, unknown_policy)
+    return {"items_total": len(verdicts), "items_met_strict": met_strict, "items_met_loose": met_loose,
+            "items_unknown": sum(v == UNKNOWN for v in strict), "reward_strict": r_strict, "reward_loose": r_loose,
+            "all_met_strict": all(v == MET for v in strict), "all_met_loose": all(v == MET for v in loose)}
+
+
+def mean_rewards(rows: list[dict]) -> dict[str, float]:
+    n = max(1, len(rows))
+    return {"mean_reward_strict": sum(r["reward_strict"] for r in rows) / n,
+            "mean_reward_loose": sum(r["reward_loose"] for r in rows) / n}
+
+
 def ifeval_metrics(rows: list[dict], items: list[dict]) -> dict[str, float]:
     """IFEval's accuracies: prompt-level (all instructions followed) and instruction-level."""
     n_rows, n_items = max(1, len(rows)), max(1, len(items))
@@ -57,27 +74,17 @@ def grade_file(input_path: Path, output: Path, fmt: str = "auto", drop_unsupport
 
     item_rows, row_rows = [], []
     for (i, prompt), verdicts in zip(index, graded):
-        weights = [it["weight"] for it in prompt["rubric"]]
-        strict = [v.verdict for v in verdicts]
-        loose = [v.loose_verdict for v in verdicts]
         for j, (item, v) in enumerate(zip(prompt["rubric"], verdicts)):
             item_rows.append({"input_row": i, "prompt_id": prompt["prompt_id"], "item_index": j,
                               "item_id": item["item_id"], "kind": item["kind"], "weight": item["weight"],
                               "verdict_strict": v.verdict, "verdict_loose": v.loose_verdict,
                               "grader": v.grader, "detail": v.detail})
-        r_strict, met_strict, total, unknown = aggregate(strict, weights, cfg.reward, cfg.unknown_policy)
-        r_loose, met_loose, _, _ = aggregate(loose, weights, cfg.reward, cfg.unknown_policy)
-        row_rows.append({"input_row": i, "prompt_id": prompt["prompt_id"], "items_total": len(verdicts),
-                         "items_met_strict": met_strict, "items_met_loose": met_loose,
-                         "items_unknown": sum(v == UNKNOWN for v in strict),
-                         "reward_strict": r_strict, "reward_loose": r_loose,
-                         "all_met_strict": all(v == MET for v in strict), "all_met_loose": all(v == MET for v in loose)})
+        weights = [it["weight"] for it in prompt["rubric"]]
+        row_rows.append({"input_row": i, "prompt_id": prompt["prompt_id"],
+                         **row_scores(verdicts, weights, cfg.reward, cfg.unknown_policy)})
     write_table("graded_items", item_rows, output)
     write_table("graded_rows", row_rows, rows_path(output))
-    n = max(1, len(row_rows))
-    metrics = {"mean_reward_strict": sum(r["reward_strict"] for r in row_rows) / n,
-               "mean_reward_loose": sum(r["reward_loose"] for r in row_rows) / n,
-               "unknown_items": sum(r["items_unknown"] for r in row_rows)}
+    metrics = {**mean_rewards(row_rows), "unknown_items": sum(r["items_unknown"] for r in row_rows)}
     if report["format"] == "ifeval":
         metrics.update(ifeval_metrics(row_rows, item_rows))
     return {**report, "graded_rows": len(row_rows), "graded_items": len(item_rows), "metrics": metrics,

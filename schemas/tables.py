@@ -172,6 +172,7 @@ GRADE_TABLES: dict[str, Table] = {
             "one row per (round, prompt) of `herl eval`: the current answer and its grades",
             pa.schema([("round", pa.int32()), ("prompt_id", pa.string()), ("answer_text", pa.string()),
                        ("revised", pa.bool_()), ("items_total", pa.int32()), ("items_met_strict", pa.int32()),
+                       ("items_met_loose", pa.int32()), ("items_unknown", pa.int32()),
                        ("reward_strict", pa.float64()), ("reward_loose", pa.float64()),
                        ("all_met_strict", pa.bool_()), ("all_met_loose", pa.bool_())]),
             ("round", "prompt_id"),

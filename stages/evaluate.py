@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 
 from herl.engines import GenRequest, SamplingParams, derive_seed, load_engine, render_chat
-from herl.grade_file import ifeval_metrics
-from herl.grading import MET, GradeInput, RubricGrader, aggregate
+from herl.grade_file import ifeval_metrics, mean_rewards, row_scores
+from herl.grading import MET, GradeInput, RubricGrader
 from herl.importers import convert, read_records
 from herl.tiny import resolve_model_path
 from schemas.config import HerlConfig, load_config
@@ -66,21 +66,13 @@ def run(prompts_path: Path, model: str, out_dir: Path, rounds: int = 2, limit: i
             round_rows, items = [], []
             for p in prompts:
                 vs = graded[p["prompt_id"]]
-                weights = [it["weight"] for it in p["rubric"]]
-                strict, loose = [v.verdict for v in vs], [v.loose_verdict for v in vs]
-                items += [{"verdict_strict": a, "verdict_loose": b} for a, b in zip(strict, loose)]
+                items += [{"verdict_strict": v.verdict, "verdict_loose": v.loose_verdict} for v in vs]
                 round_rows.append({
                     "round": rnd, "prompt_id": p["prompt_id"], "answer_text": answers[p["prompt_id"]],
-                    "revised": rnd > 0 and p["prompt_id"] in revised, "items_total": len(vs),
-                    "items_met_strict": sum(v == MET for v in strict),
-                    "reward_strict": aggregate(strict, weights, "weighted", cfg.grade.unknown_policy)[0],
-                    "reward_loose": aggregate(loose, weights, "weighted", cfg.grade.unknown_policy)[0],
-                    "all_met_strict": all(v == MET for v in strict), "all_met_loose": all(v == MET for v in loose),
+                    "revised": rnd > 0 and p["prompt_id"] in revised,
+                    **row_scores(vs, [it["weight"] for it in p["rubric"]], "weighted", cfg.grade.unknown_policy),
                 })
-            n = len(round_rows)
-            m = {"mean_reward_strict": sum(r["reward_strict"] for r in round_rows) / n,
-                 "mean_reward_loose": sum(r["reward_loose"] for r in round_rows) / n,
-                 "revised": float(len(revised) if rnd else 0)}
+            m = {**mean_rewards(round_rows), "revised": float(len(revised) if rnd else 0)}
             if report["format"] == "ifeval":
                 m.update(ifeval_metrics(round_rows, items))
             summary[rnd] = m
