@@ -169,6 +169,8 @@ class TrainConfig(_Section):
     """Passes over the batch per iteration."""
     micro_batch_size: int = 8
     """Sequences per forward/backward pass; gradients accumulate over a mini-batch."""
+    micro_batch_tokens: int | None = None
+    """Padded tokens (sequences x longest) per forward/backward pass, on top of micro_batch_size; long hindsight sequences then get smaller micro-batches. None: only micro_batch_size bounds them."""
     clip_eps_low: float = 0.2
     """PPO clip: ratio lower bound is 1 - clip_eps_low [reference: 0.2]."""
     clip_eps_high: float = 0.2
@@ -245,6 +247,8 @@ class HerlConfig(_Section):
         need(t.learning_rate > 0, "train.learning_rate must be > 0")
         need(t.mini_batches >= 1 and t.ppo_epochs >= 1 and t.micro_batch_size >= 1,
              "train.mini_batches, train.ppo_epochs and train.micro_batch_size must be >= 1")
+        need(t.micro_batch_tokens is None or t.micro_batch_tokens >= 1,
+             "train.micro_batch_tokens must be >= 1, or unset to bound micro-batches by micro_batch_size only")
         need(t.mini_batches <= self.task.prompts_per_iteration,
              "train.mini_batches must be <= task.prompts_per_iteration: a mini-batch holds whole groups")
         need(0 < t.clip_eps_low < 1 and t.clip_eps_high > 0, "train.clip_eps_low must be in (0, 1) and clip_eps_high > 0")

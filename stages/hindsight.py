@@ -70,9 +70,12 @@ def run(run: Run, k: int) -> dict:
                 "hindsight_verdicts", verdict_rows or empty("hindsight_verdicts"), paths["hindsight_verdicts"])),
         }
         cand_reward = {c["rollout_id"]: c["reward"] for c in candidates}
+        group_best = {c["prompt_id"]: c["best_reward"] for c in candidates}
         best_rev: dict[str, float] = {}
+        best_rev_group: dict[str, float] = {}
         for r in rows:
             best_rev[r["candidate_rollout_id"]] = max(best_rev.get(r["candidate_rollout_id"], -1.0), r["reward"])
+            best_rev_group[r["prompt_id"]] = max(best_rev_group.get(r["prompt_id"], -1.0), r["reward"])
         out["metrics"] = write_metrics(run, k, STAGE, {
             "groups_failed": groups_failed,
             "candidates": len(candidates) if cfg.hindsight_enabled else 0,
@@ -80,6 +83,8 @@ def run(run: Run, k: int) -> dict:
             "mean_candidate_reward": sum(cand_reward.values()) / len(cand_reward) if cand_reward else 0.0,
             "mean_revision_reward": sum(r["reward"] for r in rows) / len(rows) if rows else 0.0,
             "revisions_beat_candidate": sum(best_rev[c] > cand_reward[c] for c in best_rev),
+            # failed groups whose best revision scores above every original answer of the group
+            "groups_beaten_by_revision": sum(best_rev_group[p] > group_best[p] for p in best_rev_group),
             **gen_metrics,
         })
         return out

@@ -133,8 +133,26 @@ def _length(row: dict) -> int:
     return len(row["prompt_token_ids"]) + len(row["response_token_ids"])
 
 
-def _chunks(seq, size):
-    return [seq[i:i + size] for i in range(0, len(seq), size)]
+def micro_batches(rows: list[dict], size: int, max_tokens: int | None = None) -> list[list[dict]]:
+    """Split length-sorted rows into micro-batches of at most `size` rows and, when
+    `max_tokens` is set, at most `max_tokens` padded tokens (rows x longest row).
+
+    A long hindsight prompt padded together with 31 short rollouts costs as much as 32
+    long sequences; the token bound gives long rows smaller micro-batches. The loss is a
+    token sum over a fixed denominator, so the split changes speed and memory only."""
+    out: list[list[dict]] = []
+    chunk: list[dict] = []
+    longest = 0
+    for r in rows:
+        n = _length(r)
+        if chunk and (len(chunk) >= size or (max_tokens and (len(chunk) + 1) * max(longest, n) > max_tokens)):
+            out.append(chunk)
+            chunk, longest = [], 0
+        chunk.append(r)
+        longest = max(longest, n)
+    if chunk:
+        out.append(chunk)
+    return out
 
 
 def truncated_is_weight(old_lp: torch.Tensor, engine_lp: torch.Tensor, has_engine: torch.Tensor,
@@ -153,7 +171,7 @@ def truncated_is_weight(old_lp: torch.Tensor, engine_lp: torch.Tensor, has_engin
 def train_on_batch(model, optimizer, accelerator, rows: list[dict], cfg: TrainConfig, seed: int, pad_id: int,
                    ref_model=None) -> dict[str, float]:
     """One iteration's update: old log-probs, then ppo_epochs x mini_batches optimizer steps."""
-    micro = cfg.micro_batch_size
+    micro, budget = cfg.micro_batch_size, cfg.micro_batch_tokens
 
     # old log-probs from the snapshot as loaded (the behaviour policy of the rollouts)
     model.eval()
@@ -163,7 +181,7 @@ def train_on_batch(model, optimizer, accelerator, rows: list[dict], cfg: TrainCo
     # otherwise share a micro-batch padded to the longest one
     rows = sorted(rows, key=_length)
     with torch.no_grad():
-        for chunk in _chunks(rows, micro):
+        for chunk in micro_batches(rows, micro, budget):
             lp, m = sequence_logprobs(model, [r["prompt_token_ids"] for r in chunk],
                                       [r["response_token_ids"] for r in chunk], pad_id)
             old.extend(lp[i, : int(m[i].sum())] for i in range(len(chunk)))
@@ -190,7 +208,7 @@ def train_on_batch(model, optimizer, accelerator, rows: list[dict], cfg: TrainCo
         for mb_index in range(n_mb):
             mb = sorted((r for pid in order[mb_index::n_mb] for r in groups[pid]), key=_length)
             denom = float(sum(len(r["response_token_ids"]) for r in mb)) or 1.0
-            for chunk in _chunks(mb, micro):
+            for chunk in micro_batches(mb, micro, budget):
                 logp, mask = sequence_logprobs(model, [r["prompt_token_ids"] for r in chunk],
                                                [r["response_token_ids"] for r in chunk], pad_id)
                 width = logp.size(1)

@@ -224,3 +224,40 @@ def test_truncated_is_correction_in_a_real_train_step(tmp_path):
     m = {r["name"]: r["value"] for r in read_table("metrics", run.table(0, "metrics", "train")).to_pylist()}
     assert m["is_mean_ratio"] == pytest.approx(1.0, abs=1e-3)
     assert m["is_truncated_fraction"] == 0.0
+
+
+def test_micro_batches_respect_rows_and_padded_tokens():
+    from stages.train import micro_batches
+
+    rows = sorted(({"prompt_token_ids": [1] * n, "response_token_ids": [2] * 4} for n in
+                   [10] * 40 + [200] * 5), key=lambda r: len(r["prompt_token_ids"]))
+    assert [len(c) for c in micro_batches(rows, 32)] == [32, 13]
+    chunks = micro_batches(rows, 32, max_tokens=500)
+    assert sum(len(c) for c in chunks) == 45
+    for c in chunks:  # every chunk within both bounds, unless a single row is longer than the budget
+        longest = max(len(r["prompt_token_ids"]) + 4 for r in c)
+        assert len(c) <= 32 and (len(c) * longest <= 500 or len(c) == 1)
+    assert [len(c) for c in chunks][-3:] == [2, 2, 1]  # the 204-token rows go two at a time
+
+
+def test_token_bounded_micro_batches_give_the_same_update(done_run):
+    """Splitting a mini-batch differently changes only speed: the update is the same."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from stages.train import train_on_batch
+
+    rows = read_table("batch", done_run.table(0, "batch")).to_pylist()
+    snapshot = done_run.snapshot(0)
+    pad = load_tokenizer(snapshot).pad_token_id
+    params = []
+    for budget in (None, 300):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(snapshot)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        cfg = done_run.cfg.train.model_copy(update={"micro_batch_tokens": budget})
+        train_on_batch(model, opt, Accelerator(cpu=True), [dict(r) for r in rows], cfg, 0, pad)
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.equal(params[0], torch.cat([p.detach().flatten() for p in
+                                                 AutoModelForCausalLM.from_pretrained(snapshot).parameters()]))
+    assert torch.allclose(params[0], params[1], atol=1e-5)
