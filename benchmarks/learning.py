@@ -56,19 +56,20 @@ def run_one(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(job["threads"])
-    from herl.rundir import STAGES, open_run
+    from herl.rundir import iteration_stages, open_run
     from schemas.config import load_config
-    from stages import advantages, grade, hindsight, rollout, train
+    from stages import advantages, grade, heldout, hindsight, rollout, train
 
-    modules = {"rollout": rollout, "grade": grade, "hindsight": hindsight, "advantages": advantages, "train": train}
+    modules = {"heldout": heldout, "rollout": rollout, "grade": grade, "hindsight": hindsight,
+               "advantages": advantages, "train": train}
     cfg = load_config(job["config"], {**job["overrides"], "algorithm": job["mode"], "seed": job["seed"],
                                       "run_id": f"{job['mode']}-seed{job['seed']}", "runs_dir": job["runs_dir"]})
     run = open_run(cfg)
     t0 = time.perf_counter()
     ran = 0
     with run.lock():
-        for k in range(cfg.iterations):
-            for stage in STAGES:
+        for k in range(cfg.iterations + 1):
+            for stage in iteration_stages(cfg, k):
                 ran += not modules[stage].run(run, k)["skipped"]
     seconds = time.perf_counter() - t0
     print(f"  {job['mode']:>8} seed {job['seed']}: {seconds:6.1f} s ({ran} stages run)", flush=True)
@@ -101,7 +102,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarise(curves: list[dict], modes: list[str], last: int = 3) -> str:
+def summarise(curves: list[dict], modes: list[str], last: int | None = None) -> str:
     """results.md: the per-iteration reward table and the per-mode summary."""
     iterations = sorted({r["iteration"] for r in curves})
     seeds = sorted({r["seed"] for r in curves})
@@ -119,15 +120,21 @@ def summarise(curves: list[dict], modes: list[str], last: int = 3) -> str:
     for k in iterations:
         lines.append(f"| {k} | " + " | ".join(cell(m, k) for m in modes) + " |")
 
+    last = last or max(3, len(iterations) // 4)
     tail = iterations[-last:]
     lines += ["", f"Per mode: reward at iteration 0 and over the last {len(tail)} iterations "
-                  "(mean per seed, then mean ± std over seeds); hindsight statistics are means per iteration "
+                  "(mean per seed, then mean ± std over seeds); `vs grpo` is the difference to grpo with the "
+                  "same seed (same prompts), over the same iterations; hindsight statistics are means per iteration "
                   "over all iterations and seeds; groups per iteration: "
                   f"{int(max((r['groups_failed'] for r in curves), default=0))} failed at most.", "",
-              "| mode | reward, iter 0 | reward, last | gain | all items met, last | groups failed "
-              "| revisions | groups beaten by a revision | hindsight sequences trained | bonus applied "
-              "| hindsight token fraction | s per run |",
-              "|---|" + "---:|" * 11]
+              "| mode | reward, iter 0 | reward, last | gain | vs grpo, last (paired) | all items met, last "
+              "| groups failed | revisions | groups beaten by a revision | hindsight sequences trained "
+              "| bonus applied | hindsight token fraction | s per run |",
+              "|---|" + "---:|" * 12]
+    def tail_mean(mode: str, seed: int) -> float | None:
+        vals = [by[(mode, seed, k)]["reward"] for k in tail if (mode, seed, k) in by]
+        return statistics.fmean(vals) if len(vals) == len(tail) else None
+
     for mode in modes:
         per_seed = [[by[(mode, s, k)] for k in iterations if (mode, s, k) in by] for s in seeds]
         per_seed = [rs for rs in per_seed if rs]
@@ -137,12 +144,16 @@ def summarise(curves: list[dict], modes: list[str], last: int = 3) -> str:
         end = _mean_std([statistics.fmean(r["reward"] for r in rs[-last:]) for rs in per_seed])
         gain = _mean_std([statistics.fmean(r["reward"] for r in rs[-last:]) - rs[0]["reward"] for rs in per_seed])
         all_met = _mean_std([statistics.fmean(r["all_met"] for r in rs[-last:]) for rs in per_seed])
+        # each seed shares its prompts across modes, so the paired difference removes prompt luck
+        diffs = [tail_mean(mode, s) - tail_mean("grpo", s) for s in seeds
+                 if tail_mean(mode, s) is not None and tail_mean("grpo", s) is not None]
+        vs = f"{_mean_std(diffs)[0]:+.3f} ± {_mean_std(diffs)[1]:.3f}" if diffs and mode != "grpo" else "-"
         flat = [r for rs in per_seed for r in rs]
         avg = {col: statistics.fmean(r[col] for r in flat) for _, _, col in STATS}
         secs = statistics.fmean(sum(r["stage_seconds"] for r in rs) for rs in per_seed)
         lines.append(
             f"| {mode} | {first[0]:.3f} ± {first[1]:.3f} | {end[0]:.3f} ± {end[1]:.3f} | {gain[0]:+.3f} ± {gain[1]:.3f} "
-            f"| {all_met[0]:.3f} ± {all_met[1]:.3f} | {avg['groups_failed']:.1f} | {avg['revisions']:.1f} "
+            f"| {vs} | {all_met[0]:.3f} ± {all_met[1]:.3f} | {avg['groups_failed']:.1f} | {avg['revisions']:.1f} "
             f"| {avg['groups_beaten_by_revision']:.2f} | {avg['hindsight_sequences']:.2f} | {avg['bonus_applied']:.2f} "
             f"| {avg['hindsight_token_fraction']:.3f} | {secs:.0f} |")
     return "\n".join(lines) + "\n"

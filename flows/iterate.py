@@ -1,5 +1,8 @@
 """The Prefect flow `herl`: N iterations of rollout -> grade -> hindsight -> advantages -> train.
 
+With evaluation.every > 0 the held-out evaluation of policy k opens iteration k where it
+is due, and the final policy is evaluated after the last iteration (herl.rundir.iteration_stages).
+
 Orchestration only: every stage is a task that calls the stage module's `run`, which
 skips itself when its manifest is current, so re-running a run (same run id) resumes
 it. Each iteration publishes a markdown artifact with its metrics.
@@ -15,12 +18,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from herl.rundir import STAGES, Run, load_run, open_run
+from herl.rundir import Run, iteration_stages, load_run, open_run
 from schemas.config import load_config
 from schemas.tables import read_table
-from stages import advantages, grade, hindsight, rollout, train
+from stages import advantages, grade, heldout, hindsight, rollout, train
 
-STAGE_MODULES = {"rollout": rollout, "grade": grade, "hindsight": hindsight, "advantages": advantages, "train": train}
+STAGE_MODULES = {"heldout": heldout, "rollout": rollout, "grade": grade, "hindsight": hindsight,
+                 "advantages": advantages, "train": train}
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{stage}-{iteration}")
@@ -34,7 +38,7 @@ def run_stage(run_dir: str, stage: str, iteration: int) -> dict:
 
 def metrics_markdown(run: Run, k: int) -> str:
     lines = [f"# herl run `{run.run_id}`, iteration {k}", "", "| stage | metric | value |", "|---|---|---|"]
-    for stage in STAGES:
+    for stage in iteration_stages(run.cfg, k):
         path = run.table(k, "metrics", stage)
         if path.exists():
             for row in read_table("metrics", path).to_pylist():
@@ -63,9 +67,12 @@ def iterate(config: str | None = None, run_id: str | None = None, iterations: in
     logger = get_run_logger()
     logger.info("run directory: %s", run.path)
     with run.lock():  # held for the whole flow: a second writer fails at once
-        for k in range(cfg.iterations):
-            for stage in STAGES:
+        for k in range(cfg.iterations + 1):
+            stages = iteration_stages(cfg, k)
+            for stage in stages:
                 run_stage.with_options(retries=cfg.stage_retries)(str(run.path), stage, k)
+            if not stages:
+                continue
             create_markdown_artifact(key=f"herl-{_slug(run.run_id)}-iter-{k}", markdown=metrics_markdown(run, k),
                                      description=f"herl {run.run_id} iteration {k} metrics")
     return str(run.path)

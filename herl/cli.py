@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from herl.rundir import STAGES, load_run
+from herl.rundir import STAGES, iteration_stages, load_run
 from schemas.tables import TABLES
 
 
@@ -75,10 +75,12 @@ def stage_status(run_dir: str | Path) -> list[dict]:
             except BlockingIOError:
                 locked = True
     iters = sorted(int(p.name.split("-")[1]) for p in run.path.glob("iter-*") if p.name.split("-")[1].isdigit())
-    n = max([run.cfg.iterations - 1, *iters]) + 1
+    n = max([run.cfg.iterations, *iters]) + 1
     rows = []
     for k in range(n):
-        for stage in STAGES:
+        planned = iteration_stages(run.cfg, k)
+        # stages of this config's plan, and any other stage that left a manifest (an earlier, longer run)
+        for stage in planned + [s for s in ("heldout", *STAGES) if s not in planned and run.manifest_path(k, s).exists()]:
             m = run.read_manifest(k, stage)
             status = "missing" if m is None else m["status"]
             if status == "running" and not locked:

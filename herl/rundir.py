@@ -37,6 +37,13 @@ STAGES = ("rollout", "grade", "hindsight", "advantages", "train")
 SNAPSHOT_META = "herl_snapshot.json"
 
 
+def iteration_stages(cfg: HerlConfig, k: int) -> list[str]:
+    """The stages of iteration k, in order, for k in 0..iterations: the held-out evaluation
+    of policy k where it is due, then the five training stages (none for k = iterations,
+    which only evaluates the final policy)."""
+    return (["heldout"] if cfg.evaluation_due(k) else []) + (list(STAGES) if k < cfg.iterations else [])
+
+
 class RunLockedError(RuntimeError):
     """Another process is writing this run."""
 

@@ -11,6 +11,7 @@ the items reward behaviours a tiny model can learn within minutes on a CPU.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -60,6 +61,20 @@ def load_pool(source: str, num_prompts: int, seed: int, fmt: str = "auto",
     if source == "builtin:toy":
         return builtin_toy(num_prompts, seed)
     return load_prompts(Path(source), fmt, drop_unsupported)
+
+
+def split_pool(pool: list[dict], holdout: int, seed: int, where: str = "task.source") -> tuple[list[dict], list[dict]]:
+    """(training prompts, held-out prompts): `holdout` prompts chosen by a seeded hash of
+    their ids, so the split does not depend on the pool's order and never changes for a
+    run. Both parts keep the pool's order."""
+    if holdout <= 0:
+        return pool, []
+    if holdout >= len(pool):
+        raise ValueError(f"{where}: task.holdout = {holdout} leaves no training prompts in a pool of {len(pool)}; "
+                         f"set task.holdout below {len(pool)}")
+    ranked = sorted(pool, key=lambda p: hashlib.sha256(f"holdout:{seed}:{p['prompt_id']}".encode()).hexdigest())
+    held = {p["prompt_id"] for p in ranked[:holdout]}
+    return [p for p in pool if p["prompt_id"] not in held], [p for p in pool if p["prompt_id"] in held]
 
 
 def sample_for_iteration(pool: list[dict], k: int, per_iteration: int, seed: int) -> list[dict]:

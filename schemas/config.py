@@ -42,6 +42,8 @@ class TaskConfig(_Section):
     """Size of the `builtin:toy` pool; ignored for files."""
     prompts_per_iteration: int = 64
     """B, prompts sampled per iteration (epoch-wise without replacement) [reference: 64]."""
+    holdout: int = 0
+    """Prompts of the pool held out from training (a seeded choice) for the held-out evaluation (see `evaluation`); 0 trains on the whole pool."""
 
 
 class VLLMConfig(_Section):
@@ -187,6 +189,17 @@ class TrainConfig(_Section):
     """Coefficient of the k3 KL penalty to the initial policy; 0 skips loading a reference [reference: 0]."""
 
 
+class EvaluationConfig(_Section):
+    every: int = 0
+    """Evaluate the policy on the held-out prompts (task.holdout) every this many iterations: policies 0, every, 2*every, ... and the final one; 0 turns it off."""
+    rounds: int = 1
+    """Rounds of verdict-driven hindsight revision after the first answer (test-time self-improvement); 0 scores first answers only."""
+    temperature: float = 0.0
+    """Sampling temperature of evaluation answers and revisions; 0 means greedy."""
+    max_tokens: int | None = None
+    """Maximum tokens per evaluation answer; None uses rollout.max_tokens."""
+
+
 class HerlConfig(_Section):
     run_id: str | None = None
     """Run name; the run lives in runs_dir/run_id. None makes a timestamped id."""
@@ -218,6 +231,8 @@ class HerlConfig(_Section):
     """Stage 5: the policy update."""
     vllm: VLLMConfig = VLLMConfig()
     """The vLLM engine (rollout.engine = vllm or auto), run in its own environment and process."""
+    evaluation: EvaluationConfig = EvaluationConfig()
+    """Held-out evaluation during training: the policy answers prompts it never trains on, then revises them from the grader's verdicts."""
 
     @model_validator(mode="after")
     def _check(self) -> "HerlConfig":
@@ -230,6 +245,16 @@ class HerlConfig(_Section):
         need(self.stage_retries >= 0, "stage_retries must be >= 0")
         need(self.task.prompts_per_iteration >= 1, "task.prompts_per_iteration must be >= 1")
         need(self.task.num_prompts >= 1, "task.num_prompts must be >= 1")
+        e = self.evaluation
+        need(self.task.holdout >= 0, "task.holdout must be >= 0 (0 trains on the whole pool)")
+        need(self.task.source != "builtin:toy" or self.task.holdout < self.task.num_prompts,
+             f"task.holdout ({self.task.holdout}) must be smaller than task.num_prompts ({self.task.num_prompts}): "
+             "some prompts must remain for training")
+        need(e.every >= 0 and e.rounds >= 0 and e.temperature >= 0,
+             "evaluation.every, evaluation.rounds and evaluation.temperature must be >= 0")
+        need(e.max_tokens is None or e.max_tokens >= 1, "evaluation.max_tokens must be >= 1 or unset")
+        need(e.every == 0 or self.task.holdout >= 1,
+             "evaluation.every needs held-out prompts: set task.holdout (e.g. 16), or evaluation.every = 0")
         need(r.n >= 2, "rollout.n must be >= 2: group advantages need at least two answers per prompt")
         need(r.temperature >= 0, "rollout.temperature must be >= 0 (0 = greedy)")
         need(0 < r.top_p <= 1 and 0 < h.top_p <= 1, "top_p must be in (0, 1]")
@@ -275,6 +300,11 @@ class HerlConfig(_Section):
     def bonus_enabled(self) -> bool:
         return self.algorithm == "herl"
 
+    def evaluation_due(self, k: int) -> bool:
+        """Whether policy k (the snapshot iteration k uses; k = iterations is the final one) is evaluated."""
+        every = self.evaluation.every
+        return every > 0 and 0 <= k <= self.iterations and (k % every == 0 or k == self.iterations)
+
 
 # The config parts each stage's output depends on: a change to one of these redoes the
 # stage on resume; a change elsewhere (say iterations) does not.
@@ -284,6 +314,7 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     "hindsight": ("seed", "algorithm", "rollout", "grade", "hindsight", "vllm"),
     "advantages": ("seed", "algorithm", "hindsight", "advantages"),
     "train": ("seed", "model", "train"),
+    "heldout": ("seed", "model", "task", "rollout", "grade", "hindsight", "evaluation", "vllm"),
 }
 
 

@@ -6,7 +6,8 @@ rename), so a table on disk is either complete or absent.
 
 Layout inside a run directory (see herl.rundir):
     iter-<k>/<table>.parquet           prompts, rollouts, verdicts, rewards, hindsight,
-                                       hindsight_verdicts, batch
+                                       hindsight_verdicts, batch; heldout_answers and
+                                       heldout_metrics where policy k was evaluated
     iter-<k>/metrics-<stage>.parquet   one metrics file per stage, seen as one view `metrics`
 """
 
@@ -39,6 +40,16 @@ _score = [
     ("items_total", pa.int32()),
     ("items_unknown", pa.int32()),
 ]
+
+# the self-improvement evaluation (`herl eval`, and the held-out evaluation inside a run)
+_EVAL_ANSWER = [
+    ("round", pa.int32()), ("prompt_id", pa.string()), ("answer_text", pa.string()),
+    ("revised", pa.bool_()), ("items_total", pa.int32()), ("items_met_strict", pa.int32()),
+    ("items_met_loose", pa.int32()), ("items_unknown", pa.int32()),
+    ("reward_strict", pa.float64()), ("reward_loose", pa.float64()),
+    ("all_met_strict", pa.bool_()), ("all_met_loose", pa.bool_()),
+]
+_EVAL_METRIC = [("round", pa.int32()), ("name", pa.string()), ("value", pa.float64())]
 
 RUBRIC_ITEM = pa.struct(
     [
@@ -135,6 +146,18 @@ TABLES: dict[str, Table] = {
             ("iteration", "sample_id"),
         ),
         Table(
+            "heldout_answers",
+            "one row per (iteration, round, held-out prompt): policy k's answer after that many revision rounds",
+            pa.schema([*_ids, *_EVAL_ANSWER]),
+            ("iteration", "round", "prompt_id"),
+        ),
+        Table(
+            "heldout_metrics",
+            "one row per (iteration, round, metric) of the held-out evaluation of policy k",
+            pa.schema([*_ids, *_EVAL_METRIC]),
+            ("iteration", "round", "name"),
+        ),
+        Table(
             "metrics",
             "one row per (iteration, stage, name): a scalar measured by that stage",
             pa.schema([*_ids, ("stage", pa.string()), ("name", pa.string()), ("value", pa.float64())]),
@@ -170,17 +193,13 @@ GRADE_TABLES: dict[str, Table] = {
         Table(
             "eval_answers",
             "one row per (round, prompt) of `herl eval`: the current answer and its grades",
-            pa.schema([("round", pa.int32()), ("prompt_id", pa.string()), ("answer_text", pa.string()),
-                       ("revised", pa.bool_()), ("items_total", pa.int32()), ("items_met_strict", pa.int32()),
-                       ("items_met_loose", pa.int32()), ("items_unknown", pa.int32()),
-                       ("reward_strict", pa.float64()), ("reward_loose", pa.float64()),
-                       ("all_met_strict", pa.bool_()), ("all_met_loose", pa.bool_())]),
+            pa.schema(_EVAL_ANSWER),
             ("round", "prompt_id"),
         ),
         Table(
             "eval_metrics",
             "one row per (round, metric) of `herl eval`",
-            pa.schema([("round", pa.int32()), ("name", pa.string()), ("value", pa.float64())]),
+            pa.schema(_EVAL_METRIC),
             ("round", "name"),
         ),
     ]

@@ -7,7 +7,8 @@ items met / not met), and grades the revisions. A fully met answer is kept as it
 Reads:  a prompts file in any supported format (herl.importers), a model folder
 Writes: OUT/eval_answers.parquet  one row per (round, prompt)
         OUT/eval_metrics.parquet  one row per (round, metric): mean rewards, and IFEval's
-                                  four accuracies for IFEval-format prompts
+                                  four accuracies when every rubric item is an IFEval instruction
+The same loop evaluates held-out prompts inside a training run (stages.heldout).
 Alone:  python -m stages.evaluate --prompts FILE --model DIR --rounds R --out DIR [--limit N]
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 from herl.engines import GenRequest, SamplingParams, derive_seed, load_engine, render_chat
 from herl.grade_file import ifeval_metrics, mean_rewards, row_scores
 from herl.grading import MET, GradeInput, RubricGrader
+from herl.ifeval import IFEVAL_IDS
 from herl.importers import convert, read_records
 from herl.tiny import resolve_model_path
 from schemas.config import HerlConfig, load_config
@@ -27,20 +29,17 @@ from schemas.tables import write_table
 from stages.hindsight import build_hindsight_prompt
 
 
-def run(prompts_path: Path, model: str, out_dir: Path, rounds: int = 2, limit: int | None = None,
-        cfg: HerlConfig | None = None, temperature: float = 0.0, max_tokens: int | None = None,
-        fmt: str = "auto", drop_unsupported: bool = False) -> dict:
-    """Answer, grade, and revise for `rounds` rounds; returns {round: {metric: value}}."""
-    cfg = cfg or load_config(None)
-    prompts_path, out_dir = Path(prompts_path), Path(out_dir)
-    rows, report = convert(read_records(prompts_path), prompts_path, fmt, drop_unsupported)
-    prompts = [r for r in rows if r is not None][:limit]
-    if not prompts:
-        raise ValueError(f"{prompts_path}: no prompts to evaluate")
-    engine = load_engine(cfg.rollout.engine, resolve_model_path(model), cfg.model.dtype, cfg.rollout.batch_size,
-                         cfg.vllm)
-    grader = RubricGrader(cfg.grade, cache_path=out_dir / "judge_cache.sqlite")
-    params = SamplingParams(temperature, cfg.rollout.top_p, cfg.rollout.top_k, max_tokens or cfg.rollout.max_tokens)
+def self_improve(prompts: list[dict], model: Path, cfg: HerlConfig, rounds: int, temperature: float,
+                 max_tokens: int, cache_path: Path | None, seed_tag: str = "eval") -> tuple[list, list, dict]:
+    """Answer `prompts` with `model`, grade, and revise for `rounds` rounds.
+
+    Returns (answer rows, metric rows, {round: {metric: value}}): one answer row per
+    (round, prompt) and one metric row per (round, metric). IFEval's four accuracies are
+    added when every rubric item is an IFEval instruction."""
+    engine = load_engine(cfg.rollout.engine, model, cfg.model.dtype, cfg.rollout.batch_size, cfg.vllm)
+    grader = RubricGrader(cfg.grade, cache_path=cache_path)
+    params = SamplingParams(temperature, cfg.rollout.top_p, cfg.rollout.top_k, max_tokens)
+    ifeval = all(it["kind"] in IFEVAL_IDS for p in prompts for it in p["rubric"])
     answers: dict[str, str] = {}
     graded: dict[str, list] = {}
     answer_rows, metric_rows, summary = [], [], {}
@@ -56,7 +55,7 @@ def run(prompts_path: Path, model: str, out_dir: Path, rounds: int = 2, limit: i
                     chats.append([{"role": "user", "content": build_hindsight_prompt(
                         p["messages"], p["rubric"], verdicts, answers[p["prompt_id"]], cfg.hindsight.show_weights)}])
             reqs = [GenRequest(p["prompt_id"], render_chat(engine.tokenizer, chat)[1],
-                               derive_seed(cfg.seed, "eval", rnd, p["prompt_id"]), 1) for p, chat in zip(todo, chats)]
+                               derive_seed(cfg.seed, seed_tag, rnd, p["prompt_id"]), 1) for p, chat in zip(todo, chats)]
             for p, out in zip(todo, engine.generate(reqs, params)):
                 answers[p["prompt_id"]] = out[0].text
             for p, verdicts in zip(todo, grader.grade_many([GradeInput(p["rubric"], answers[p["prompt_id"]],
@@ -73,7 +72,7 @@ def run(prompts_path: Path, model: str, out_dir: Path, rounds: int = 2, limit: i
                     **row_scores(vs, [it["weight"] for it in p["rubric"]], "weighted", cfg.grade.unknown_policy),
                 })
             m = {**mean_rewards(round_rows), "revised": float(len(revised) if rnd else 0)}
-            if report["format"] == "ifeval":
+            if ifeval:
                 m.update(ifeval_metrics(round_rows, items))
             summary[rnd] = m
             answer_rows += round_rows
@@ -89,6 +88,22 @@ def run(prompts_path: Path, model: str, out_dir: Path, rounds: int = 2, limit: i
     finally:
         grader.close()
         engine.close()
+    return answer_rows, metric_rows, summary
+
+
+def run(prompts_path: Path, model: str, out_dir: Path, rounds: int = 2, limit: int | None = None,
+        cfg: HerlConfig | None = None, temperature: float = 0.0, max_tokens: int | None = None,
+        fmt: str = "auto", drop_unsupported: bool = False) -> dict:
+    """Answer, grade, and revise for `rounds` rounds; returns {round: {metric: value}}."""
+    cfg = cfg or load_config(None)
+    prompts_path, out_dir = Path(prompts_path), Path(out_dir)
+    rows, _ = convert(read_records(prompts_path), prompts_path, fmt, drop_unsupported)
+    prompts = [r for r in rows if r is not None][:limit]
+    if not prompts:
+        raise ValueError(f"{prompts_path}: no prompts to evaluate")
+    answer_rows, metric_rows, summary = self_improve(
+        prompts, resolve_model_path(model), cfg, rounds, temperature, max_tokens or cfg.rollout.max_tokens,
+        out_dir / "judge_cache.sqlite")
     write_table("eval_answers", answer_rows, out_dir / "eval_answers.parquet")
     write_table("eval_metrics", metric_rows, out_dir / "eval_metrics.parquet")
     return summary

@@ -1,6 +1,7 @@
 """Rollout stage: sample G answers per prompt from the iteration's policy snapshot.
 
-Reads:  the prompt pool (task.source), snapshot k (model.path for k = 0)
+Reads:  the prompt pool (task.source) less the held-out prompts (task.holdout),
+        snapshot k (model.path for k = 0)
 Writes: iter-k/prompts.parquet   one row per prompt sampled for iteration k
         iter-k/rollouts.parquet  one row per (prompt, sample index)
         iter-k/metrics-rollout.parquet
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from herl.engines import GenRequest, SamplingParams, derive_seed, load_engine, render_chat
 from herl.rundir import Run
-from herl.task import load_pool, sample_for_iteration
+from herl.task import load_pool, sample_for_iteration, split_pool
 from schemas.tables import write_table
 from stages.common import stage_main, write_metrics
 
@@ -30,6 +31,7 @@ def run(run: Run, k: int) -> dict:
 
     def body():
         pool = load_pool(cfg.task.source, cfg.task.num_prompts, cfg.seed, cfg.task.format, cfg.task.drop_unsupported)
+        pool, _ = split_pool(pool, cfg.task.holdout, cfg.seed, cfg.task.source)  # held-out prompts never train
         prompts = sample_for_iteration(pool, k, cfg.task.prompts_per_iteration, cfg.seed)
         snapshot_id = run.snapshot_id(k)
         engine = load_engine(cfg.rollout.engine, snapshot, cfg.model.dtype, cfg.rollout.batch_size, cfg.vllm)
