@@ -43,7 +43,8 @@ def _manifest(run_dir, k, stage):
 
 def test_sigkill_during_a_stage_then_resume(tmp_path):
     runs = tmp_path / "runs"
-    ov = small_overrides(runs, run_id="killed")
+    # with the held-out evaluation of policies 0 and 2 (the final one), so the flow's whole plan runs
+    ov = small_overrides(runs, run_id="killed", **{"task.holdout": 2, "evaluation.every": 2})
     cmd = _herl("run", "--run-id", "killed", "--runs-dir", str(runs), "--iterations", "2", *_set_args(ov))
     log = open(tmp_path / "run.log", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -67,16 +68,17 @@ def test_sigkill_during_a_stage_then_resume(tmp_path):
 
     status = {(r["iteration"], r["stage"]): r["status"] for r in stage_status(run_dir)}
     assert status[victim] == "interrupted"
-    assert [status[(0, s)] for s in STAGES[:4]] == ["done"] * 4
-    assert all(status[(1, s)] == "missing" for s in STAGES)
-    before = {s: _manifest(run_dir, 0, s) for s in STAGES[:4]}
+    assert [status[(0, s)] for s in ("heldout", *STAGES[:4])] == ["done"] * 5
+    assert all(status[(1, s)] == "missing" for s in STAGES) and status[(2, "heldout")] == "missing"
+    before = {s: _manifest(run_dir, 0, s) for s in ("heldout", *STAGES[:4])}
 
     res = subprocess.run(_herl("resume", str(run_dir)), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
     # finished stages were not run again: same manifests, one attempt each
-    for s in STAGES[:4]:
+    for s in ("heldout", *STAGES[:4]):
         assert _manifest(run_dir, 0, s) == before[s], s
+    assert _manifest(run_dir, 2, "heldout")["status"] == "done" and not (run_dir / "iter-2" / "rollouts.parquet").exists()
     train0 = _manifest(run_dir, 0, "train")
     assert train0["status"] == "done" and train0["attempts"] == 2
     assert all(_manifest(run_dir, 1, s)["attempts"] == 1 for s in STAGES)

@@ -1,0 +1,63 @@
+"""The learning benchmark script: its summary arithmetic on hand-built curves, and a
+small real run of the script (2 modes x 2 seeds x 2 iterations) with its outputs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import ROOT, small_overrides
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import learning  # noqa: E402
+
+
+def _row(mode, seed, k, reward, **kw):
+    base = {"mode": mode, "seed": seed, "iteration": k, "reward": reward, "all_met": 0.0, "stage_seconds": 1.0}
+    return {**base, **{col: 0.0 for _, _, col in learning.STATS}, **kw}
+
+
+def test_summary_means_spreads_and_paired_differences():
+    curves = []
+    for seed, (g, h) in enumerate([(0.2, 0.3), (0.4, 0.6)]):
+        for k in range(4):  # rewards constant over iterations: the tail mean is the value itself
+            curves.append(_row("grpo", seed, k, g))
+            curves.append(_row("herl", seed, k, h, groups_failed=3.0, bonus_applied=2.0))
+    text = learning.summarise(curves, ["grpo", "herl"], last=2)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| ")}
+    assert rows["3"] == ["0.300 ± 0.141", "0.450 ± 0.212"]  # mean ± sample std over the two seeds
+    grpo, herl = rows["grpo"], rows["herl"]
+    assert grpo[1] == "0.300 ± 0.141" and grpo[3] == "-"
+    # paired by seed: (0.3 - 0.2, 0.6 - 0.4) = (0.1, 0.2)
+    assert herl[3] == "+0.150 ± 0.071"
+    assert herl[5] == "3.0" and herl[9] == "2.00"
+
+
+def test_the_script_runs_every_mode_and_seed(tmp_path):
+    ov = small_overrides(tmp_path, iterations=2)
+    sets = [f"{k}={v}" for k, v in ov.items() if k not in ("run_id", "runs_dir", "iterations")]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "learning.py"), "--modes", "grpo,herl", "--seeds", "0,1",
+           "--iterations", "2", "--workers", "2", "--out", str(tmp_path / "out"), "--config",
+           str(ROOT / "schemas" / "presets" / "tiny.toml")]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    curves = pq.read_table(tmp_path / "out" / "curves.parquet").to_pylist()
+    assert sorted((r["mode"], r["seed"], r["iteration"]) for r in curves) == \
+        [(m, s, k) for m in ("grpo", "herl") for s in (0, 1) for k in (0, 1)]
+    assert all(r["revisions"] == 0 and r["hindsight_sequences"] == 0 for r in curves if r["mode"] == "grpo")
+    assert any(r["revisions"] > 0 for r in curves if r["mode"] == "herl")
+    # the same seed gives both modes the same first rollouts (same prompts, same policy 0)
+    first = {(r["mode"], r["seed"]): r["reward"] for r in curves if r["iteration"] == 0}
+    assert first[("grpo", 0)] == pytest.approx(first[("herl", 0)])
+    assert (tmp_path / "out" / "learning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert "| grpo |" in report and "| herl |" in report and report in proc.stdout
+    # finished runs are not run again
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "(0 stages run)" in again.stdout
