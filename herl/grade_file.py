@@ -66,26 +66,37 @@ def grade_file(input_path: Path, output: Path, fmt: str = "auto", drop_unsupport
             raise PromptFileError(f"{where}: field 'response': must be a string with the answer to grade")
         inputs.append(GradeInput(prompt["rubric"], response, prompt["messages"]))
         index.append((i, prompt))
+    implicit = cfg.reward == "implicit"
     grader = RubricGrader(cfg, cache_path=cache_path)
     try:
         graded = grader.grade_many(inputs)
+        # RaR implicit: one holistic judge score per row replaces the item-based reward
+        holistic = grader.score_many(inputs) if implicit else [(None, "")] * len(inputs)
     finally:
         grader.close()
+    fallbacks = 0
 
     item_rows, row_rows = [], []
-    for (i, prompt), verdicts in zip(index, graded):
+    for (i, prompt), verdicts, (score, _reason) in zip(index, graded, holistic):
         for j, (item, v) in enumerate(zip(prompt["rubric"], verdicts)):
             item_rows.append({"input_row": i, "prompt_id": prompt["prompt_id"], "item_index": j,
                               "item_id": item["item_id"], "kind": item["kind"], "weight": item["weight"],
                               "verdict_strict": v.verdict, "verdict_loose": v.loose_verdict,
                               "grader": v.grader, "detail": v.detail})
         weights = [it["weight"] for it in prompt["rubric"]]
-        row_rows.append({"input_row": i, "prompt_id": prompt["prompt_id"],
-                         **row_scores(verdicts, weights, cfg.reward, cfg.unknown_policy)})
+        scores = row_scores(verdicts, weights, "weighted" if implicit else cfg.reward, cfg.unknown_policy)
+        if implicit:
+            if score is None:
+                fallbacks += 1  # no holistic score: the weighted item reward stands in, as in the grade stage
+            else:
+                scores["reward_strict"] = scores["reward_loose"] = score
+        row_rows.append({"input_row": i, "prompt_id": prompt["prompt_id"], **scores})
     write_table("graded_items", item_rows, output)
     write_table("graded_rows", row_rows, rows_path(output))
     metrics = {**mean_rewards(row_rows), "unknown_items": sum(r["items_unknown"] for r in row_rows)}
     if report["format"] == "ifeval":
         metrics.update(ifeval_metrics(row_rows, item_rows))
+    if implicit:
+        metrics["implicit_fallbacks"] = fallbacks
     return {**report, "graded_rows": len(row_rows), "graded_items": len(item_rows), "metrics": metrics,
             **grader.stats(), "output": str(output), "rows_output": str(rows_path(output))}

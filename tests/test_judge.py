@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 
+import pyarrow.parquet as pq
 import pytest
 
 from herl.grading import MET, UNKNOWN, UNMET, GradeInput, RubricGrader
@@ -124,7 +125,6 @@ def test_grade_file_with_judge_never_writes_the_key(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "healthbench format" in printed and "judge_failures             1" in printed
-    import pyarrow.parquet as pq
 
     graded = pq.read_table(out.with_name("graded.rows.parquet")).to_pylist()
     # ok: +5 met and the -8 pitfall met -> clipped to 0; zeros: neither -> 0; failure: unknown counted
@@ -212,3 +212,23 @@ def test_implicit_holistic_reward(tmp_path):
     assert scores["c"]["reward"] == 0.0  # fallback: the comma fails the only item
     assert stats["implicit_fallbacks"] == 1
     assert [r["verdict"] for r in rows] == [MET, MET, UNMET]  # item verdicts are still there for hindsight
+
+
+def test_herl_grade_file_with_implicit_reward(tmp_path):
+    """`herl grade` scores rows with the holistic judge score too, with the same fallback."""
+    from herl.grade_file import grade_file
+    from schemas.config import GradeConfig, JudgeConfig
+
+    rows = [{"prompt_id": f"p{i}", "messages": [{"role": "user", "content": "q"}], "response": text,
+             "rubric": [{"item_id": "nc", "description": "No commas.", "kind": "punctuation:no_comma"}]}
+            for i, text in enumerate(["CASE:score7 fine", "CASE:always500, oops"])]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with ScriptedJudge() as server:
+        cfg = GradeConfig(reward="implicit", judge=JudgeConfig(
+            base_url=server.base_url, model="scripted", api_key_env="HERL_TEST_JUDGE_KEY", backoff_s=0.01))
+        summary = grade_file(src, tmp_path / "out.parquet", cfg=cfg)
+    graded = pq.read_table(tmp_path / "out.rows.parquet").to_pylist()
+    assert graded[0]["reward_strict"] == pytest.approx(6 / 9) and graded[0]["reward_loose"] == pytest.approx(6 / 9)
+    assert graded[1]["reward_strict"] == 0.0  # the judge failed: the comma fails the only item
+    assert summary["metrics"]["implicit_fallbacks"] == 1
