@@ -21,6 +21,9 @@ Writes (OUT defaults to benchmarks/results/learning):
   results.md       mean reward per iteration per mode (mean +- std over seeds), and a
                    per-mode summary with the hindsight statistics
   learning.png     the reward curves (mean over seeds, band = min..max)
+  heldout.parquet  with task.holdout and evaluation.every set (--set), one row per
+                   (mode, seed, evaluated policy): held-out reward before and after
+                   revision rounds; results.md then has a held-out table too
 and prints results.md.
 """
 
@@ -96,6 +99,39 @@ def collect(result: dict) -> list[dict]:
     for k, row in rows.items():
         row["stage_seconds"] = sum((run.read_manifest(k, s) or {}).get("seconds", 0.0) for s in STAGES)
     return [rows[k] for k in sorted(rows)]
+
+
+def collect_heldout(result: dict) -> list[dict]:
+    """One row per evaluated policy when the config turns the held-out evaluation on:
+    mean reward of the first answers and after the last revision round."""
+    from herl.cli import query_run
+
+    out = query_run(result["path"], """
+        select iteration,
+               max(value) filter (name = 'round0_mean_reward_strict'),
+               max(value) filter (name = 'final_mean_reward_strict')
+        from metrics where stage = 'heldout' group by iteration order by iteration""").fetchall()
+    return [{"mode": result["mode"], "seed": result["seed"], "policy": k, "round0": r0, "final": fin}
+            for k, r0, fin in out]
+
+
+def heldout_table(rows: list[dict], modes: list[str]) -> str:
+    """Held-out mean reward per evaluated policy and mode: first answer -> last round, mean over seeds."""
+    policies = sorted({r["policy"] for r in rows})
+    lines = ["", "Held-out prompts (never trained on): mean reward of policy k's first answers -> after the "
+                 "last revision round, mean ± std over seeds.", "",
+             "| policy | " + " | ".join(modes) + " |", "|---:|" + "---:|" * len(modes)]
+    for k in policies:
+        cells = []
+        for mode in modes:
+            got = [r for r in rows if r["mode"] == mode and r["policy"] == k]
+            if not got:
+                cells.append("-")
+                continue
+            r0, fin = _mean_std([r["round0"] for r in got]), _mean_std([r["final"] for r in got])
+            cells.append(f"{r0[0]:.3f} ± {r0[1]:.3f} -> {fin[0]:.3f} ± {fin[1]:.3f}")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -240,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     write_curves(curves, args.out / "curves.parquet")
     report = summarise(curves, modes)
+    heldout = [row for res in results for row in collect_heldout(res)]
+    if heldout:
+        write_curves(heldout, args.out / "heldout.parquet")
+        report += heldout_table(heldout, modes)
     report += f"\n{len(jobs)} runs in {wall / 60:.1f} min wall on {os.cpu_count()} cores ({args.workers} in parallel).\n"
     from schemas.tables import atomic_write
 

@@ -38,7 +38,7 @@ def test_summary_means_spreads_and_paired_differences():
 
 
 def test_the_script_runs_every_mode_and_seed(tmp_path):
-    ov = small_overrides(tmp_path, iterations=2)
+    ov = small_overrides(tmp_path, iterations=2, **{"task.holdout": 2, "evaluation.every": 2})
     sets = [f"{k}={v}" for k, v in ov.items() if k not in ("run_id", "runs_dir", "iterations")]
     cmd = [sys.executable, str(ROOT / "benchmarks" / "learning.py"), "--modes", "grpo,herl", "--seeds", "0,1",
            "--iterations", "2", "--workers", "2", "--out", str(tmp_path / "out"), "--config",
@@ -58,6 +58,12 @@ def test_the_script_runs_every_mode_and_seed(tmp_path):
     assert (tmp_path / "out" / "learning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (tmp_path / "out" / "results.md").read_text()
     assert "| grpo |" in report and "| herl |" in report and report in proc.stdout
+    # held-out evaluation of policies 0 and 2 (the final one) for every run
+    held = pq.read_table(tmp_path / "out" / "heldout.parquet").to_pylist()
+    assert sorted((r["mode"], r["seed"], r["policy"]) for r in held) == \
+        [(m, s, k) for m in ("grpo", "herl") for s in (0, 1) for k in (0, 2)]
+    assert all(0 <= r["round0"] <= 1 and 0 <= r["final"] <= 1 for r in held)
+    assert "Held-out prompts" in report
     # finished runs are not run again
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "(0 stages run)" in again.stdout
