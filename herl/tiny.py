@@ -82,7 +82,16 @@ def resolve_model_path(path: str) -> Path:
     if path == "builtin:tiny":
         out = default_tiny_dir()
         if not (out / "config.json").exists():
-            build_tiny_model(out)
+            # several processes may need it at once (parallel runs on a fresh machine): one
+            # builds it, the others wait and use that copy. Two builds would each replace the
+            # folder, changing its fingerprint under a run that had already recorded it.
+            import fcntl
+
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open(out.parent / f".{out.name}.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (out / "config.json").exists():
+                    build_tiny_model(out)
         return out
     p = Path(path).expanduser()
     if not (p / "config.json").exists():

@@ -66,4 +66,5 @@ def test_the_script_runs_every_mode_and_seed(tmp_path):
     assert "Held-out prompts" in report
     # finished runs are not run again
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "(0 stages run)" in again.stdout
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "(0 stages run)" in again.stdout and "nothing ran now" in again.stdout, again.stdout

@@ -263,3 +263,21 @@ def test_token_bounded_micro_batches_give_the_same_update(done_run):
     assert not torch.equal(params[0], torch.cat([p.detach().flatten() for p in
                                                  AutoModelForCausalLM.from_pretrained(snapshot).parameters()]))
     assert torch.allclose(params[0], params[1], atol=1e-5)
+
+
+def test_processes_needing_the_tiny_model_at_once_share_one_build(tmp_path):
+    """Parallel runs on a fresh machine: the first use of builtin:tiny builds it once, and
+    every process sees the same folder (its fingerprint is recorded by the stages)."""
+    import os
+
+    code = ("from herl.tiny import resolve_model_path; from herl.rundir import fingerprint; "
+            "print(fingerprint(resolve_model_path('builtin:tiny')))")
+    env = {**os.environ, "HERL_HOME": str(tmp_path / "home")}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    prints = {out.strip() for out, _ in outs}
+    after = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300).stdout.strip()
+    assert prints == {after}
