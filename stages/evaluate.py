@@ -92,18 +92,22 @@ def self_improve(prompts: list[dict], model: Path, cfg: HerlConfig, rounds: int,
 
 
 def run(prompts_path: Path, model: str, out_dir: Path, rounds: int = 2, limit: int | None = None,
-        cfg: HerlConfig | None = None, temperature: float = 0.0, max_tokens: int | None = None,
+        cfg: HerlConfig | None = None, temperature: float | None = None, max_tokens: int | None = None,
         fmt: str = "auto", drop_unsupported: bool = False) -> dict:
-    """Answer, grade, and revise for `rounds` rounds; returns {round: {metric: value}}."""
+    """Answer, grade, and revise for `rounds` rounds; returns {round: {metric: value}}.
+
+    Sampling follows cfg.evaluation (temperature, default greedy; max_tokens, default
+    rollout.max_tokens) unless `temperature` / `max_tokens` are given."""
     cfg = cfg or load_config(None)
+    temperature = cfg.evaluation.temperature if temperature is None else temperature
+    max_tokens = max_tokens or cfg.evaluation.max_tokens or cfg.rollout.max_tokens
     prompts_path, out_dir = Path(prompts_path), Path(out_dir)
     rows, _ = convert(read_records(prompts_path), prompts_path, fmt, drop_unsupported)
     prompts = [r for r in rows if r is not None][:limit]
     if not prompts:
         raise ValueError(f"{prompts_path}: no prompts to evaluate")
     answer_rows, metric_rows, summary = self_improve(
-        prompts, resolve_model_path(model), cfg, rounds, temperature, max_tokens or cfg.rollout.max_tokens,
-        out_dir / "judge_cache.sqlite")
+        prompts, resolve_model_path(model), cfg, rounds, temperature, max_tokens, out_dir / "judge_cache.sqlite")
     write_table("eval_answers", answer_rows, out_dir / "eval_answers.parquet")
     write_table("eval_metrics", metric_rows, out_dir / "eval_metrics.parquet")
     return summary
