@@ -3,6 +3,8 @@
 Round 0 answers every prompt once; each later round revises the answers that do not yet
 meet every rubric item, with the same hindsight prompt training uses (the draft plus the
 items met / not met), and grades the revisions. A fully met answer is kept as it is.
+Scores mean what they mean in training (herl.scoring): rewards follow grade.reward, and
+the verdicts a revision is shown, and whether an answer is fully met, follow grade.mode.
 
 Reads:  a prompts file in any supported format (herl.importers), a model folder
 Writes: OUT/eval_answers.parquet  one row per (round, prompt)
@@ -19,10 +21,10 @@ import json
 from pathlib import Path
 
 from herl.engines import GenRequest, SamplingParams, derive_seed, load_engine, render_chat
-from herl.grade_file import ifeval_metrics, mean_rewards, row_scores
-from herl.grading import MET, GradeInput, RubricGrader
+from herl.grading import GradeInput, RubricGrader
 from herl.ifeval import IFEVAL_IDS
 from herl.importers import convert, read_records
+from herl.scoring import ifeval_metrics, mean_rewards, score_answers, used_verdicts
 from herl.tiny import resolve_model_path
 from schemas.config import HerlConfig, load_config
 from schemas.tables import write_table
@@ -39,9 +41,11 @@ def self_improve(prompts: list[dict], model: Path, cfg: HerlConfig, rounds: int,
     engine = load_engine(cfg.rollout.engine, model, cfg.model.dtype, cfg.rollout.batch_size, cfg.vllm)
     grader = RubricGrader(cfg.grade, cache_path=cache_path)
     params = SamplingParams(temperature, cfg.rollout.top_p, cfg.rollout.top_k, max_tokens)
+    mode = cfg.grade.mode  # the verdicts revisions are shown and stopping follows, as in training
     ifeval = all(it["kind"] in IFEVAL_IDS for p in prompts for it in p["rubric"])
     answers: dict[str, str] = {}
     graded: dict[str, list] = {}
+    scores: dict[str, dict] = {}
     answer_rows, metric_rows, summary = [], [], {}
     try:
         todo = prompts
@@ -51,33 +55,31 @@ def self_improve(prompts: list[dict], model: Path, cfg: HerlConfig, rounds: int,
                 if rnd == 0:
                     chats.append(p["messages"])
                 else:  # revise with the verdicts the grader gave the current answer
-                    verdicts = [v.verdict for v in graded[p["prompt_id"]]]
                     chats.append([{"role": "user", "content": build_hindsight_prompt(
-                        p["messages"], p["rubric"], verdicts, answers[p["prompt_id"]], cfg.hindsight.show_weights)}])
+                        p["messages"], p["rubric"], used_verdicts(graded[p["prompt_id"]], mode),
+                        answers[p["prompt_id"]], cfg.hindsight.show_weights)}])
             reqs = [GenRequest(p["prompt_id"], render_chat(engine.tokenizer, chat)[1],
                                derive_seed(cfg.seed, seed_tag, rnd, p["prompt_id"]), 1) for p, chat in zip(todo, chats)]
             for p, out in zip(todo, engine.generate(reqs, params)):
                 answers[p["prompt_id"]] = out[0].text
-            for p, verdicts in zip(todo, grader.grade_many([GradeInput(p["rubric"], answers[p["prompt_id"]],
-                                                                       p["messages"]) for p in todo])):
-                graded[p["prompt_id"]] = verdicts
+            verdicts, rows, fallbacks = score_answers(
+                grader, [GradeInput(p["rubric"], answers[p["prompt_id"]], p["messages"]) for p in todo], cfg.grade)
+            for p, vs, row in zip(todo, verdicts, rows):
+                graded[p["prompt_id"]], scores[p["prompt_id"]] = vs, row
             revised = {p["prompt_id"] for p in todo}
-            round_rows, items = [], []
-            for p in prompts:
-                vs = graded[p["prompt_id"]]
-                items += [{"verdict_strict": v.verdict, "verdict_loose": v.loose_verdict} for v in vs]
-                round_rows.append({
-                    "round": rnd, "prompt_id": p["prompt_id"], "answer_text": answers[p["prompt_id"]],
-                    "revised": rnd > 0 and p["prompt_id"] in revised,
-                    **row_scores(vs, [it["weight"] for it in p["rubric"]], "weighted", cfg.grade.unknown_policy),
-                })
+            round_rows = [{"round": rnd, "prompt_id": p["prompt_id"], "answer_text": answers[p["prompt_id"]],
+                           "revised": rnd > 0 and p["prompt_id"] in revised, **scores[p["prompt_id"]]}
+                          for p in prompts]
             m = {**mean_rewards(round_rows), "revised": float(len(revised) if rnd else 0)}
+            if cfg.grade.reward == "implicit":
+                m["implicit_fallbacks"] = float(fallbacks)
             if ifeval:
-                m.update(ifeval_metrics(round_rows, items))
+                m.update(ifeval_metrics(round_rows, [{"verdict_strict": v.verdict, "verdict_loose": v.loose_verdict}
+                                                     for p in prompts for v in graded[p["prompt_id"]]]))
             summary[rnd] = m
             answer_rows += round_rows
             metric_rows += [{"round": rnd, "name": k, "value": float(v)} for k, v in sorted(m.items())]
-            todo = [p for p in prompts if not all(v.verdict == MET for v in graded[p["prompt_id"]])]
+            todo = [p for p in prompts if not scores[p["prompt_id"]][f"all_met_{mode}"]]
             if not todo:  # everything met: later rounds would change nothing, but are still reported
                 for later in range(rnd + 1, rounds + 1):
                     summary[later] = dict(m, revised=0.0)

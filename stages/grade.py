@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from herl.grading import UNKNOWN, GradeInput, RubricGrader, aggregate
+from herl.grading import UNKNOWN, GradeInput, RubricGrader
 from herl.rundir import Run
+from herl.scoring import score_answers, used_verdicts
 from schemas.config import GradeConfig
 from schemas.tables import read_table, write_table
 from stages.common import stage_main, write_metrics
@@ -31,29 +32,22 @@ def grade_samples(run: Run, k: int, prompts: dict[str, dict], samples: list[tupl
     grader = RubricGrader(cfg, cache_path=run.path / "judge_cache.sqlite")
     inputs = [GradeInput(prompts[pid]["rubric"], response, prompts[pid]["messages"]) for _, pid, response in samples]
     try:
-        graded = grader.grade_many(inputs)  # per-item verdicts: hindsight needs them whatever the reward
-        holistic = grader.score_many(inputs) if cfg.reward == "implicit" else [(None, "")] * len(inputs)
+        graded, rows, fallbacks = score_answers(grader, inputs, cfg)
     finally:
         grader.close()
-    fallbacks = 0
     verdict_rows, scores = [], {}
-    for (sample_id, prompt_id, _), verdicts, (score, _reason) in zip(samples, graded, holistic):
+    for (sample_id, prompt_id, _), verdicts, row in zip(samples, graded, rows):
         rubric = prompts[prompt_id]["rubric"]
-        used = [v.loose_verdict if cfg.mode == "loose" else v.verdict for v in verdicts]
-        for j, (item, v, u) in enumerate(zip(rubric, verdicts, used)):
+        for j, (item, v, u) in enumerate(zip(rubric, verdicts, used_verdicts(verdicts, cfg.mode))):
             verdict_rows.append({
                 "run_id": run.run_id, "iteration": k, "sample_id": sample_id, "prompt_id": prompt_id,
                 "item_index": j, "item_id": item["item_id"], "verdict": u, "verdict_strict": v.verdict,
                 "verdict_loose": v.loose_verdict, "weight": item["weight"], "grader": v.grader, "detail": v.detail,
             })
-        mode = "weighted" if cfg.reward == "implicit" else cfg.reward
-        reward, met, total, unknown = aggregate(used, [it["weight"] for it in rubric], mode, cfg.unknown_policy)
-        if cfg.reward == "implicit":
-            if score is None:
-                fallbacks += 1  # no holistic score: the weighted reward of the item verdicts stands in
-            else:
-                reward = score
-        scores[sample_id] = {"reward": reward, "items_met": met, "items_total": total, "items_unknown": unknown}
+        # items_total counts the items the reward is over: unknown ones leave it under unknown_policy = drop
+        dropped = row["items_unknown"] if cfg.unknown_policy == "drop" else 0
+        scores[sample_id] = {"reward": row[f"reward_{cfg.mode}"], "items_met": row[f"items_met_{cfg.mode}"],
+                             "items_total": row["items_total"] - dropped, "items_unknown": row["items_unknown"]}
     stats = grader.stats()
     if cfg.reward == "implicit":
         stats["implicit_fallbacks"] = fallbacks

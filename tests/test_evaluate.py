@@ -60,3 +60,25 @@ def test_herl_eval_command_runs_the_flow(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     sampled = pq.read_table(tmp_path / "t1" / "eval_answers.parquet").column("answer_text").to_pylist()
     assert all(not a.strip() for a in greedy) and any(a.strip() for a in sampled)
+
+
+def test_scores_follow_the_training_reward(tmp_path):
+    """Evaluation rewards mean what training rewards mean: grade.reward = all scores an answer
+    1 only when every item is met, where weighted gives partial credit."""
+    import json
+
+    rubric = [{"item_id": "short", "description": "Be under 10000 characters.", "kind": "char_length",
+               "params": {"max": 10000}},
+              {"item_id": "zq", "description": "Include 'zqzqzq'.", "kind": "include", "params": {"text": "zqzqzq"}}]
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"prompt_id": f"p{i}", "messages": [{"role": "user", "content": f"Say {i}."}],
+                                       "rubric": rubric}) + "\n" for i in range(3)))
+    base = {"rollout.engine": "transformers", "rollout.max_tokens": 8}
+    weighted = run(src, "builtin:tiny", tmp_path / "w", rounds=1, cfg=load_config(None, base), temperature=1.0)
+    every = run(src, "builtin:tiny", tmp_path / "a", rounds=1, cfg=load_config(None, {**base, "grade.reward": "all"}),
+                temperature=1.0)
+    # the length item is always met and 'zqzqzq' never: 1/2 each under weighted, 0 under all
+    assert weighted[0]["mean_reward_strict"] == pytest.approx(0.5) and weighted[1]["revised"] == 3
+    assert every[0]["mean_reward_strict"] == 0.0 and every[1]["mean_reward_strict"] == 0.0
+    rows = pq.read_table(tmp_path / "a" / "eval_answers.parquet").to_pylist()
+    assert all(r["reward_strict"] == 0.0 and r["items_met_strict"] == 1 for r in rows)

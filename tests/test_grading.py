@@ -96,3 +96,37 @@ def test_plugins_register_checks_for_runs_and_herl_grade(tmp_path, monkeypatch, 
         assert describe_item("test_max_lines", {"n": 2}) == "Use at most 2 lines."
     finally:
         CHECKS.pop("test_max_lines", None)
+
+
+# ---- one scoring path for training rewards, `herl grade` and `herl eval` ------------
+
+
+def _grade_with(tmp_path, **grade_overrides):
+    from herl.rundir import open_run
+    from schemas.config import load_config
+    from stages.grade import grade_samples
+
+    cfg = load_config(None, {"runs_dir": str(tmp_path), "run_id": "r",
+                             **{f"grade.{k}": v for k, v in grade_overrides.items()}})
+    rubric = [dict(item("punctuation:no_comma"), item_id="nc"), dict(item("no_digits"), item_id="nd"),
+              dict(item("nope"), item_id="unk")]
+    prompt = {"prompt_id": "p", "messages": [{"role": "user", "content": "q"}], "rubric": rubric}
+    # strict: the comma on the first line fails no_comma; loose drops that line and it is met
+    rows, scores, _ = grade_samples(open_run(cfg), 0, {"p": prompt},
+                                    [("a", "p", "Sure, here:\nno commas here"), ("b", "p", "a, 1")], cfg.grade)
+    return rows, scores
+
+
+def test_grade_stage_follows_mode_reward_and_unknown_policy(tmp_path):
+    rows, scores = _grade_with(tmp_path / "strict")
+    assert [r["verdict"] for r in rows if r["sample_id"] == "a"] == [UNMET, MET, UNKNOWN]
+    assert scores["a"] == {"reward": pytest.approx(1 / 3), "items_met": 1, "items_total": 3, "items_unknown": 1}
+    rows, scores = _grade_with(tmp_path / "loose", mode="loose")
+    assert [r["verdict"] for r in rows if r["sample_id"] == "a"] == [MET, MET, UNKNOWN]
+    assert [r["verdict_strict"] for r in rows if r["sample_id"] == "a"] == [UNMET, MET, UNKNOWN]
+    assert scores["a"]["reward"] == pytest.approx(2 / 3) and scores["a"]["items_met"] == 2
+    # unknown dropped: the reward is over the two graded items, and items_total says so
+    _, scores = _grade_with(tmp_path / "drop", mode="loose", unknown_policy="drop")
+    assert scores["a"] == {"reward": 1.0, "items_met": 2, "items_total": 2, "items_unknown": 1}
+    _, scores = _grade_with(tmp_path / "all", reward="all", unknown_policy="drop")
+    assert scores["a"]["reward"] == 0.0 and scores["b"]["reward"] == 0.0
