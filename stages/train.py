@@ -168,6 +168,22 @@ def truncated_is_weight(old_lp: torch.Tensor, engine_lp: torch.Tensor, has_engin
                     "is_tokens": int(use.sum())}
 
 
+def _chunk_is_weight(chunk: list[dict], old_lp: torch.Tensor, mask: torch.Tensor,
+                     cap: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Truncated IS weights (B, T) of a micro-batch from its rows' stored engine log-probs.
+
+    Rows without usable engine log-probs (missing, or not one per response token) and
+    hindsight rows (policy shaping, no behaviour-policy ratio) get weight 1."""
+    engine = [r["engine_logprobs"] for r in chunk]
+    usable = [e is not None and None not in e and len(e) == len(r["response_token_ids"]) and not r["is_hindsight"]
+              for e, r in zip(engine, chunk)]
+    width = old_lp.size(1)
+    engine_lp = torch.stack([torch.nn.functional.pad(torch.tensor(e if ok else [], dtype=old_lp.dtype),
+                                                     (0, width - (len(e) if ok else 0)))
+                             for e, ok in zip(engine, usable)]).to(old_lp.device)  # (B, T)
+    return truncated_is_weight(old_lp, engine_lp, torch.tensor(usable, device=old_lp.device), mask, cap)
+
+
 def train_on_batch(model, optimizer, accelerator, rows: list[dict], cfg: TrainConfig, seed: int, pad_id: int,
                    ref_model=None) -> dict[str, float]:
     """One iteration's update: old log-probs, then ppo_epochs x mini_batches optimizer steps."""
@@ -180,26 +196,34 @@ def train_on_batch(model, optimizer, accelerator, rows: list[dict], cfg: TrainCo
     # micro-batches of similar lengths: short rollouts and long hindsight sequences would
     # otherwise share a micro-batch padded to the longest one
     rows = sorted(rows, key=_length)
+    totals = dict(loss=0.0, on=0.0, off=0.0, kl=0.0, clipped=0, on_tokens=0, off_tokens=0, ratio=0.0, grad_norm=0.0,
+                  is_ratio_sum=0.0, is_truncated=0, is_tokens=0)
+    weights: list[torch.Tensor | None] = []
     with torch.no_grad():
         for chunk in micro_batches(rows, micro, budget):
             lp, m = sequence_logprobs(model, [r["prompt_token_ids"] for r in chunk],
                                       [r["response_token_ids"] for r in chunk], pad_id)
             old.extend(lp[i, : int(m[i].sum())] for i in range(len(chunk)))
+            if cfg.is_correction == "truncated":  # fixed per token for the whole update: computed once
+                w, is_stats = _chunk_is_weight(chunk, lp, m, cfg.is_cap)
+                weights.extend(w[i, : int(m[i].sum())] for i in range(len(chunk)))
+                for key, value in is_stats.items():
+                    totals[key] += value
+            else:
+                weights.extend([None] * len(chunk))
             if ref_model is not None:
                 rl, _ = sequence_logprobs(ref_model, [r["prompt_token_ids"] for r in chunk],
                                           [r["response_token_ids"] for r in chunk], pad_id)
                 refs.extend(rl[i, : int(m[i].sum())] for i in range(len(chunk)))
             else:
                 refs.extend([None] * len(chunk))
-    for r, o, f in zip(rows, old, refs):
-        r["_old"], r["_ref"] = o, f
+    for r, o, f, w in zip(rows, old, refs, weights, strict=True):
+        r["_old"], r["_ref"], r["_is"] = o, f, w
 
     model.train()
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["prompt_id"], []).append(r)
-    totals = dict(loss=0.0, on=0.0, off=0.0, kl=0.0, clipped=0, on_tokens=0, off_tokens=0, ratio=0.0, grad_norm=0.0,
-                  is_ratio_sum=0.0, is_truncated=0, is_tokens=0)
     steps = 0
     for epoch in range(cfg.ppo_epochs):
         order = sorted(groups)
@@ -216,17 +240,8 @@ def train_on_batch(model, optimizer, accelerator, rows: list[dict], cfg: TrainCo
                 old_lp = torch.stack([pad(r["_old"]) for r in chunk]).to(logp.device)
                 ref_lp = torch.stack([pad(r["_ref"]) for r in chunk]).to(logp.device) if ref_model is not None else None
                 hindsight = torch.tensor([r["is_hindsight"] for r in chunk], device=logp.device)
-                is_weight = None
-                if cfg.is_correction == "truncated":
-                    engine = [r["engine_logprobs"] for r in chunk]
-                    usable = [e is not None and None not in e and len(e) == len(r["response_token_ids"])
-                              for e, r in zip(engine, chunk)]
-                    engine_lp = torch.stack([pad(torch.tensor(e if ok else [], dtype=logp.dtype))
-                                             for e, ok in zip(engine, usable)]).to(logp.device)
-                    has = torch.tensor(usable, device=logp.device) & ~hindsight  # hindsight tokens: policy shaping, no IS
-                    is_weight, is_stats = truncated_is_weight(old_lp, engine_lp, has, mask, cfg.is_cap)
-                    for key, value in is_stats.items():
-                        totals[key] += value
+                is_weight = torch.stack([pad(r["_is"]) for r in chunk]).to(logp.device) \
+                    if cfg.is_correction == "truncated" else None
                 parts = policy_loss(
                     logp, old_lp, torch.tensor([r["advantage"] for r in chunk], device=logp.device),
                     hindsight, mask, cfg, denom, ref_lp, is_weight,
@@ -249,8 +264,8 @@ def train_on_batch(model, optimizer, accelerator, rows: list[dict], cfg: TrainCo
             optimizer.zero_grad(set_to_none=True)
             steps += 1
     for r in rows:
-        r.pop("_old", None)
-        r.pop("_ref", None)
+        for key in ("_old", "_ref", "_is"):
+            r.pop(key, None)
     tokens = totals["on_tokens"] + totals["off_tokens"]
     return {
         "loss": totals["loss"] / steps,

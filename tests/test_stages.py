@@ -281,3 +281,47 @@ def test_processes_needing_the_tiny_model_at_once_share_one_build(tmp_path):
     after = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=300).stdout.strip()
     assert prints == {after}
+
+
+def test_truncated_is_weights_scale_on_policy_tokens_once_per_update():
+    """Engine log-probs 4x less likely than the trainer's: every on-policy token's weight is
+    truncated to is_cap = 2, so the first step's on-policy loss doubles; hindsight rows and
+    rows with unusable engine log-probs are left alone; two PPO epochs count each token once."""
+    import math
+
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from herl.tiny import resolve_model_path
+    from schemas.config import TrainConfig
+    from stages.train import train_on_batch
+
+    path = resolve_model_path("builtin:tiny")
+    tok = load_tokenizer(path)
+    rows = []
+    for j in range(4):
+        rows.append({"prompt_id": "p", "prompt_token_ids": [5, 6, 7 + j], "response_token_ids": [40 + j, 50, 60],
+                     "advantage": [-1.0, -1.0, 1.0, 1.0][j], "is_hindsight": j == 3, "engine_logprobs": None})
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        lp, mask = sequence_logprobs(model, [r["prompt_token_ids"] for r in rows],
+                                     [r["response_token_ids"] for r in rows], tok.pad_token_id)
+    for r, row_lp in zip(rows, lp):
+        r["engine_logprobs"] = [float(x) - math.log(4.0) for x in row_lp[:3]]
+    rows[2]["engine_logprobs"] = rows[2]["engine_logprobs"][:2]  # wrong length: unusable, weight 1
+
+    def update(correction: str, epochs: int = 1) -> dict:
+        m = AutoModelForCausalLM.from_pretrained(path)
+        opt = torch.optim.SGD(m.parameters(), lr=0.0)  # lr 0: the first step's ratios stay exactly 1
+        cfg = TrainConfig(is_correction=correction, is_cap=2.0, mini_batches=1, ppo_epochs=epochs)
+        return train_on_batch(m, opt, Accelerator(cpu=True), [dict(r) for r in rows], cfg, 0, tok.pad_token_id)
+
+    plain, corrected = update("none"), update("truncated")
+    # on-policy rows 0, 1 (A = -1, weight 2) and 2 (A = +1, weight 1): -A * ratio * w per token, / 12 tokens
+    assert plain["loss_on_policy"] == pytest.approx((3 + 3 - 3) / 12, abs=1e-5)
+    assert corrected["loss_on_policy"] == pytest.approx((2 * 3 + 2 * 3 - 3) / 12, abs=1e-5)
+    assert corrected["loss_hindsight"] == pytest.approx(plain["loss_hindsight"], abs=1e-6)
+    assert corrected["is_mean_ratio"] == pytest.approx(4.0, rel=1e-4)
+    assert corrected["is_truncated_fraction"] == 1.0
+    twice = update("truncated", epochs=2)
+    assert (twice["is_mean_ratio"], twice["is_truncated_fraction"]) == pytest.approx((4.0, 1.0), rel=1e-4)
