@@ -309,3 +309,13 @@ def test_modes_on_a_hand_built_group(mode, replaced, shaped):
     assert {r["kind"]: r["is_hindsight"] for rows in batch.values() for r in rows} == (
         {"rollout": False, "hindsight": True, "duplicate": False} if replaced else {"rollout": False})
     assert cfg.bonus_enabled == shaped and cfg.hindsight_enabled == replaced
+    # and the loss itself: the batch's rows through policy_loss, one token each (B = 12, T = 1);
+    # at ratio 1 an on-policy token costs -A and a hindsight token -A * p / (p + gamma) = -A / 2
+    rows = [r for pid in sorted(batch) for r in batch[pid]]
+    adv = torch.tensor([r["advantage"] for r in rows])
+    hind = torch.tensor([r["is_hindsight"] for r in rows])
+    zeros, mask = torch.zeros(len(rows), 1), torch.ones(len(rows), 1, dtype=torch.bool)
+    parts = policy_loss(zeros, zeros, adv, hind, mask, cfg.train, denominator=float(len(rows)))
+    assert (parts.on_tokens, parts.hindsight_tokens) == ((11, 1) if replaced else (12, 0))
+    assert parts.hindsight == pytest.approx(float(-(adv[hind] / 2).sum()) / len(rows))
+    assert parts.on_policy == pytest.approx(float(-adv[~hind].sum()) / len(rows))
