@@ -1,14 +1,17 @@
 """Serving with Prefect as the README says: server, pool, deploy, worker, then
-`prefect deployment run herl/iterate --watch` completes and leaves a full run."""
+`prefect deployment run herl/iterate --watch` completes and leaves a full run, and
+`herl-eval/evaluate` evaluates the policy it trained."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 
 from herl.cli import stage_status
@@ -64,6 +67,21 @@ def test_deployment_run_watch_completes(tmp_path):
                       cwd=tmp_path, timeout=600)
         assert "Completed" in out
         assert [r["status"] for r in stage_status(runs / "served")] == ["done"] * 5
+
+        # the evaluate deployment on the policy that run just trained, with per-round scores
+        prompts = tmp_path / "prompts.jsonl"
+        rubric = [{"item_id": "nd", "description": "Use no digits.", "kind": "no_digits"}]
+        prompts.write_text("".join(json.dumps({"prompt_id": f"p{i}", "messages": [{"role": "user", "content": "Hi."}],
+                                               "rubric": rubric}) + "\n" for i in range(3)))
+        evals = tmp_path / "evals"
+        out = prefect("deployment", "run", "herl-eval/evaluate", "--watch", "--param", f"prompts={prompts}",
+                      "--param", f"model={runs / 'served' / 'snapshots' / 'policy-1'}", "--param", f"out={evals}",
+                      "--param", "rounds=1", "--params", '{"overrides": {"rollout.max_tokens": 8}}',
+                      cwd=tmp_path, timeout=600)
+        assert "Completed" in out
+        metrics = pq.read_table(evals / "eval_metrics.parquet").to_pylist()
+        assert {m["round"] for m in metrics} == {0, 1} and "mean_reward_strict" in {m["name"] for m in metrics}
+        assert "herl-eval-" in prefect("artifact", "ls")
     finally:
         # a worker whose server is gone ignores SIGTERM: stop the worker first
         if worker is not None:
