@@ -286,7 +286,7 @@ def test_processes_needing_the_tiny_model_at_once_share_one_build(tmp_path):
 def test_truncated_is_weights_scale_on_policy_tokens_once_per_update():
     """Engine log-probs 4x less likely than the trainer's: every on-policy token's weight is
     truncated to is_cap = 2, so the first step's on-policy loss doubles; hindsight rows and
-    rows with unusable engine log-probs are left alone; two PPO epochs count each token once."""
+    rows with unusable engine log-probs are left alone; two PPO epochs report the same ratios."""
     import math
 
     from accelerate import Accelerator
