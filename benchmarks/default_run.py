@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from herl.cli import _overrides, _prefect_env, query_run  # noqa: E402
+from herl.cli import _overrides, _prefect_env  # noqa: E402
+from herl.query import query_run  # noqa: E402
 from herl.rundir import STAGES, load_run  # noqa: E402
 
 

@@ -81,7 +81,7 @@ def run_one(job: dict) -> dict:
 
 def collect(result: dict) -> list[dict]:
     """Per-iteration rows of one run, from its rewards and metrics tables."""
-    from herl.cli import query_run
+    from herl.query import query_run
     from herl.rundir import STAGES, load_run
 
     path = result["path"]
@@ -104,7 +104,7 @@ def collect(result: dict) -> list[dict]:
 def collect_heldout(result: dict) -> list[dict]:
     """One row per evaluated policy when the config turns the held-out evaluation on:
     mean reward of the first answers and after the last revision round."""
-    from herl.cli import query_run
+    from herl.query import query_run
 
     out = query_run(result["path"], """
         select iteration,

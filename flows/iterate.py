@@ -19,6 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from herl.rundir import Run, iteration_stages, load_run, open_run
+from herl.task import check_pool_fits
 from schemas.config import load_config
 from schemas.tables import read_table
 from stages import advantages, grade, heldout, hindsight, rollout, train
@@ -63,6 +64,7 @@ def iterate(config: str | None = None, run_id: str | None = None, iterations: in
     config keys, e.g. {"train.learning_rate": 1e-5, "algorithm": "grpo"}.
     """
     cfg = load_config(config, flow_overrides(run_id, iterations, model_path, runs_dir, overrides))
+    check_pool_fits(cfg)  # a bad prompts file or a prompt the model cannot hold fails here, before the run folder exists
     run = open_run(cfg)
     logger = get_run_logger()
     logger.info("run directory: %s", run.path)

@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from herl.query import ReadOnlyQueryError, query_run
 from herl.rundir import STAGES, iteration_stages, load_run
-from schemas.tables import TABLES
 
 
 def _prefect_env() -> None:
@@ -109,67 +109,29 @@ def cmd_status(args) -> int:
     return 0
 
 
-class ReadOnlyQueryError(ValueError):
-    """`herl sql` accepts SELECT statements only."""
-
-
-def connect_run(run_dir: str | Path):
-    """A DuckDB connection with one view per table over all iterations, locked to reading the run."""
-    import duckdb
-
-    run_path = Path(run_dir).resolve()
-    if not (run_path / "config.json").exists():
-        raise FileNotFoundError(f"{run_path} is not a herl run directory (no config.json)")
-    con = duckdb.connect()
-    # File access is limited to this run's folder and the settings are then locked.
-    # SET takes no bound parameters, so the path goes in as an escaped string literal.
-    literal = "'" + (str(run_path) + "/").replace("'", "''") + "'"
-    con.execute(f"SET allowed_directories = [{literal}]")
-    con.execute("SET enable_external_access = false")
-    con.execute("SET lock_configuration = true")
-    for name, spec in TABLES.items():
-        pattern = "metrics-*.parquet" if spec.per_stage else spec.filename()
-        files = sorted(str(p) for p in run_path.glob(f"iter-*/{pattern}"))
-        if files:
-            con.read_parquet(files, union_by_name=True).create_view(name)
-        else:
-            con.from_arrow(spec.schema.empty_table()).create_view(name)
-    return con
-
-
-def query_run(run_dir: str | Path, sql: str):
-    """Run a read-only query over a run; returns the DuckDB relation."""
-    import duckdb
-
-    con = connect_run(run_dir)
-    statements = con.extract_statements(sql)
-    allowed = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
-    bad = [s.type.name for s in statements if s.type not in allowed]
-    if bad or len(statements) != 1:
-        raise ReadOnlyQueryError(f"herl sql runs exactly one SELECT (or EXPLAIN) statement; got {bad or len(statements)}")
-    return con.sql(sql)
-
-
 def cmd_sql(args) -> int:
     import duckdb
+    import pyarrow as pa
 
     try:
         rel = query_run(args.run_dir, args.query)
-    except (ReadOnlyQueryError, duckdb.Error) as exc:
+        # execute here, inside the handler: a relation runs lazily, and its errors are the user's
+        result = rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+    except (ReadOnlyQueryError, FileNotFoundError, duckdb.Error, pa.ArrowException, OSError) as exc:
         print(f"herl sql: {exc}", file=sys.stderr)
         return 2
+    cols = result.column_names
     if args.format == "csv":
         import csv
 
         w = csv.writer(sys.stdout)
-        w.writerow(rel.columns)
-        w.writerows(rel.fetchall())
+        w.writerow(cols)
+        w.writerows(zip(*(c.to_pylist() for c in result.columns)) if cols else [])
     elif args.format == "json":
-        cols = rel.columns
-        for row in rel.fetchall():
-            print(json.dumps(dict(zip(cols, row)), default=str))
+        for row in result.to_pylist():
+            print(json.dumps(row, default=str))
     else:
-        rel.show(max_rows=args.max_rows, max_width=200)
+        duckdb.from_arrow(result).show(max_rows=args.max_rows, max_width=200)
     return 0
 
 
@@ -322,6 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_init_model)
 
     args = ap.parse_args(argv)
+    if args.fn in (cmd_run, cmd_resume, cmd_eval):
+        # these start Prefect's temporary server and engine processes: run them under a
+        # supervisor so that a SIGTERM or an OOM kill leaves no process behind
+        from herl.supervise import run_supervised, stop_on_sigterm, supervised
+
+        if not supervised():
+            return run_supervised(sys.argv[1:] if argv is None else list(argv))
+        stop_on_sigterm()
     return args.fn(args)
 
 

@@ -74,6 +74,43 @@ def render_chat(tokenizer, messages: list[dict]) -> tuple[str, list[int]]:
     return text, list(ids)
 
 
+class PromptTooLongError(ValueError):
+    """A prompt plus its answer budget does not fit the model's context window."""
+
+
+def context_length(path: Path, max_model_len: int | None = None) -> int | None:
+    """The longest prompt + answer the model takes: its config's position limit, lowered
+    to `max_model_len` when one is set; None when the config names no limit."""
+    import json
+
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    cfg = cfg.get("text_config", cfg)
+    limits = [cfg.get(k) for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")]
+    limits = [v for v in limits if isinstance(v, int) and v > 0][:1]
+    if max_model_len:
+        limits.append(max_model_len)
+    return min(limits) if limits else None
+
+
+def check_prompt_lengths(requests: list["GenRequest"], max_tokens: int, limit: int | None, model: Path,
+                         where: str = "") -> None:
+    """Refuse, before any generation, requests whose prompt + max_tokens exceed `limit`
+    (a 15k-token prompt on a 4k model would otherwise exhaust memory, not fail)."""
+    if limit is None:
+        return
+    over = [r for r in requests if len(r.prompt_token_ids) + max_tokens > limit]
+    if over:
+        worst = max(over, key=lambda r: len(r.prompt_token_ids))
+        raise PromptTooLongError(
+            f"{where}{len(over)} prompt(s) do not fit the context of {model} ({limit} tokens) with max_tokens = {max_tokens}: "
+            f"{', '.join(r.request_id for r in over[:5])}{' ...' if len(over) > 5 else ''} "
+            f"(longest: {worst.request_id}, {len(worst.prompt_token_ids)} prompt tokens). "
+            "Shorten or remove those prompts, or lower the max_tokens setting")
+
+
 def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
@@ -97,10 +134,12 @@ class TransformersEngine:
         self.tokenizer = load_tokenizer(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
         self.model.eval()
+        self.path, self.context_length = Path(path), context_length(path)
         self.batch_size = batch_size
         self.eos_ids = set(_eos_ids(self.model, self.tokenizer))
 
     def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[Completion]]:
+        check_prompt_lengths(requests, params.max_tokens, self.context_length, self.path)
         results: list[list[Completion]] = [[] for _ in requests]
         # expand to one entry per sequence, then pack into batches
         seqs = [(i, r) for i, r in enumerate(requests) for _ in range(r.n)]
@@ -213,6 +252,7 @@ class VLLMEngine:
         if not requests:
             return []
         c = self.cfg
+        check_prompt_lengths(requests, params.max_tokens, context_length(self.path, c.max_model_len), self.path)
         engine = {"model": str(self.path), "dtype": self.dtype, "seed": 0,
                   "tensor_parallel_size": c.tensor_parallel_size, "data_parallel_size": c.data_parallel_size,
                   "gpu_memory_utilization": c.gpu_memory_utilization, "enforce_eager": c.enforce_eager,

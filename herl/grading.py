@@ -64,6 +64,20 @@ def is_known_kind(kind: str) -> bool:
     return kind == JUDGE_KIND or kind in CHECKS
 
 
+def check_params(kind: str, params: dict) -> None:
+    """Raise TypeError unless `params` are keyword arguments the check of `kind` accepts
+    (all required ones present, none unknown). Judge items take any params."""
+    import inspect
+
+    check = CHECKS.get(kind)
+    if check is None:
+        return
+    try:
+        inspect.signature(check.fn).bind("", **params, **({"prompt": ""} if check.needs_prompt else {}))
+    except TypeError as exc:
+        raise TypeError(f"{exc} (params given: {sorted(params) or 'none'})") from None
+
+
 def describe_item(kind: str, params: dict) -> str:
     """A readable sentence for an item from its kind and params ("Answer with at least 300 words.")."""
     check = CHECKS.get(kind)

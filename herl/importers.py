@@ -21,12 +21,13 @@ Every error names the file, the line (or row) and the field; nothing is returned
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from herl.grading import CHECKS, JUDGE_KIND, describe_item, is_known_kind
+from herl.grading import CHECKS, JUDGE_KIND, check_params, describe_item, is_known_kind
 
 FORMATS = ("auto", "herl", "ifeval", "rar", "healthbench")
 # RaR's rubric-writing guide names categories; numbers are what its data uses
@@ -98,6 +99,8 @@ def _messages(value, where: str, field: str) -> list[dict]:
 def _number(value, where: str, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         _fail(where, field, f"must be a number, got {value!r}")
+    if not math.isfinite(value):  # a NaN weight would silently zero the reward
+        _fail(where, field, f"must be a finite number, got {value!r}")
     return float(value)
 
 
@@ -116,6 +119,7 @@ def from_ifeval(row: dict, where: str, source: str, drop_unsupported: bool, drop
             continue
         params = {k: v for k, v in (kw or {}).items() if v is not None}
         try:
+            check_params(iid, params)
             description = describe_item(iid, params)
         except TypeError as exc:
             _fail(where, f"kwargs[{j}]", f"do not fit instruction {iid!r}: {exc}")
@@ -193,12 +197,14 @@ def from_herl(row: dict, where: str) -> dict:
                 _fail(where, f"rubric[{j}].params", f"is not valid JSON: {exc}")
         if not isinstance(params, dict):
             _fail(where, f"rubric[{j}].params", "must be an object")
+        try:  # params must fit the check even when the item brings its own description
+            check_params(it["kind"], params)
+        except TypeError as exc:
+            _fail(where, f"rubric[{j}].params", f"do not fit kind {it['kind']!r}: {exc}")
         description = it.get("description")
-        if not description:
-            try:
-                description = describe_item(it["kind"], params)
-            except TypeError as exc:
-                _fail(where, f"rubric[{j}].params", f"do not fit kind {it['kind']!r}: {exc}")
+        if not isinstance(description, (str, type(None))):
+            _fail(where, f"rubric[{j}].description", "must be a string")
+        description = description or describe_item(it["kind"], params)
         items.append(_item(it["item_id"], description, weight, it["kind"], params))
     return {"prompt_id": row["prompt_id"], "messages": messages, "rubric": items, "source": str(row.get("source") or "")}
 

@@ -13,7 +13,9 @@ a resumed stage does not pay twice; failures are not cached. When no verdict can
 had the items are `unknown` with the reason as detail: never a silent 0/1.
 
 The API key is read from the environment variable `api_key_env` or the Prefect Secret
-block `api_key_secret` at call time and is never written anywhere.
+block `api_key_secret` at call time and is never written anywhere: every failure reason
+is passed through `redact` (the key's value, and any Authorization / API-key header a
+server echoes back) before it is stored as a verdict's detail or logged.
 """
 
 from __future__ import annotations
@@ -84,6 +86,24 @@ def conversation_text(messages: list[dict]) -> str:
 
 class ParseError(ValueError):
     pass
+
+
+REDACTED = "[REDACTED]"
+# header-like credentials a server may echo back: "Authorization: Bearer x", "'api-key': 'x'", "X-Api-Key=x"
+_CREDENTIAL = re.compile(
+    r"""(?i)((?:proxy-)?authorization|x-api-key|api[-_]?key|openai-api-key)(["']?\s*[:=]\s*["']?)"""
+    r"""(?:(bearer|basic|token)\s+)?[^\s"',;}\]]+""")
+_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")
+
+
+def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """`text` with the given secrets and any echoed credential header replaced by [REDACTED]."""
+    text = _CREDENTIAL.sub(lambda m: f"{m.group(1)}{m.group(2)}{(m.group(3) + ' ') if m.group(3) else ''}{REDACTED}", text)
+    text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+    for secret in secrets:  # last: the key's value wherever else it appears
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, REDACTED)
+    return text
 
 
 def parse_verdicts(text: str, n: int) -> list[int]:
@@ -179,7 +199,10 @@ class Judge:
 
     def _unknown(self, task: JudgeTask, reason: str) -> list[Verdict]:
         self.stats.add(failures=1)
-        return [Verdict(UNKNOWN, self.name, reason[:500]) for _ in task.criteria]
+        return [Verdict(UNKNOWN, self.name, self._redact(reason)[:500]) for _ in task.criteria]
+
+    def _redact(self, reason: str) -> str:
+        return redact(reason, tuple(getattr(self.backend, "secrets", ())))
 
     def _grade_one(self, task: JudgeTask) -> list[Verdict]:
         n = len(task.criteria)
@@ -204,7 +227,7 @@ class Judge:
         for value, reason, _ in answers:
             if value is None:
                 self.stats.add(failures=1)
-            out.append(((value - 1) / 9 if value is not None else None, reason))
+            out.append(((value - 1) / 9 if value is not None else None, self._redact(reason)))
         return out
 
     def _ask(self, prompt: str, parse) -> tuple[object | None, str, bool]:
@@ -295,8 +318,9 @@ class OpenAIBackend:
 
         self.cfg = cfg
         self._openai = openai
-        self.client = openai.OpenAI(base_url=cfg.base_url, api_key=resolve_api_key(cfg),
-                                    timeout=cfg.timeout_s, max_retries=0)
+        key = resolve_api_key(cfg)
+        self.secrets = (key,)  # what Judge redacts from every failure reason
+        self.client = openai.OpenAI(base_url=cfg.base_url, api_key=key, timeout=cfg.timeout_s, max_retries=0)
 
     def complete_one(self, prompt: str) -> str:
         o = self._openai

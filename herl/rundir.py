@@ -53,27 +53,82 @@ def write_json_atomic(path: Path, data: dict) -> None:
         json.dump(data, fh, indent=2, sort_keys=True)
 
 
+class SnapshotAlteredError(RuntimeError):
+    """A snapshot's files no longer match the digests recorded when it was saved."""
+
+
+# sha256 of files already hashed by this process, keyed by what changes when a file is
+# rewritten (inode, size, mtime, ctime; ctime cannot be set back by a user): a new
+# process (a resume) hashes every snapshot it uses once, a running one does not re-hash.
+_digests: dict[tuple[int, int, int, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _digests:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        _digests[key] = h.hexdigest()
+    return _digests[key]
+
+
+def snapshot_files(folder: Path) -> dict[str, dict]:
+    """{relative path: {bytes, sha256}} of every file of a snapshot but its metadata."""
+    return {str(f.relative_to(folder)): {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+            for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != SNAPSHOT_META)}
+
+
+def seal_snapshot(folder: Path, meta: dict) -> None:
+    """Write the snapshot's metadata with the size and digest of each of its files."""
+    write_json_atomic(folder / SNAPSHOT_META, {**meta, "files": snapshot_files(folder)})
+
+
+def snapshot_problems(folder: Path) -> list[str]:
+    """What differs between a snapshot's files and the digests recorded at its save ([] when none)."""
+    recorded = json.loads((folder / SNAPSHOT_META).read_text()).get("files")
+    if recorded is None:
+        return ["no file digests recorded (a snapshot from an older herl)"]
+    actual = snapshot_files(folder)
+    problems = [f"{name} is missing" for name in recorded if name not in actual]
+    problems += [f"{name} was not part of the saved snapshot" for name in actual if name not in recorded]
+    for name, want in recorded.items():
+        got = actual.get(name)
+        if got is None:
+            continue
+        if got["bytes"] != want["bytes"]:
+            problems.append(f"{name} has {got['bytes']} bytes, {want['bytes']} when saved (truncated or replaced)")
+        elif got["sha256"] != want["sha256"]:
+            problems.append(f"{name} changed since it was saved (sha256 differs)")
+    return problems
+
+
 def fingerprint(path: Path) -> str:
     """Content fingerprint of a table file or a model folder.
 
-    Snapshots written by herl carry their id in herl_snapshot.json; other model folders
+    Snapshots written by herl carry their id and the digest of every file in
+    herl_snapshot.json; their fingerprint is that id once the files are checked against
+    the digests (once per process), else "snapshot-altered:...", which matches no
+    manifest, so the train stage that wrote the snapshot is redone. Other model folders
     are fingerprinted by file names, sizes and modification times (hashing many GB of
-    weights at every stage would cost more than the stage).
+    weights that herl did not write, at every stage, would cost more than the stage).
     """
     if path.is_dir():
         meta = path / SNAPSHOT_META
         if meta.exists():
-            return "snapshot:" + json.loads(meta.read_text())["snapshot_id"]
+            snapshot_id = json.loads(meta.read_text())["snapshot_id"]
+            problems = snapshot_problems(path)
+            if problems:
+                return "snapshot-altered:" + hashlib.sha256("\n".join(problems).encode()).hexdigest()[:16]
+            return "snapshot:" + snapshot_id
         h = hashlib.sha256()
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
             st = f.stat()
             h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
         return "dir:" + h.hexdigest()[:24]
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()[:24]
+    return "sha256:" + file_sha256(path)[:24]
 
 
 _held: dict[Path, int] = {}
@@ -185,6 +240,11 @@ class Run:
         """
         with self.lock():
             fps = {name: fingerprint(p) for name, p in inputs.items()}
+            for name, fp in fps.items():
+                if fp.startswith("snapshot-altered:"):  # never train or sample from weights nobody saved
+                    raise SnapshotAlteredError(
+                        f"{inputs[name]} does not match what herl saved: {'; '.join(snapshot_problems(inputs[name]))}. "
+                        "Resume the run (herl resume): the train stage that wrote it is redone first")
             if self.stage_is_current(k, stage, fps):
                 m = self.read_manifest(k, stage)
                 return {**m, "skipped": True}

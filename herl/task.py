@@ -81,12 +81,15 @@ def sample_for_iteration(pool: list[dict], k: int, per_iteration: int, seed: int
     """Epoch-wise sampling without replacement: iteration k takes the next slice of a
     per-epoch shuffle of the pool, so every prompt is seen once per epoch."""
     out = []
+    orders: dict[int, list[int]] = {}  # one shuffle per epoch touched (at most two or so)
     start = k * per_iteration
     for pos in range(start, start + per_iteration):
         epoch, idx = divmod(pos, len(pool))
-        order = list(range(len(pool)))
-        random.Random(f"epoch:{seed}:{epoch}").shuffle(order)
-        out.append(pool[order[idx]])
+        if epoch not in orders:
+            order = list(range(len(pool)))
+            random.Random(f"epoch:{seed}:{epoch}").shuffle(order)
+            orders[epoch] = order
+        out.append(pool[orders[epoch][idx]])
     # a pool smaller than a batch would repeat a prompt inside one iteration: keep one copy
     seen, unique = set(), []
     for row in out:
@@ -94,3 +97,24 @@ def sample_for_iteration(pool: list[dict], k: int, per_iteration: int, seed: int
             seen.add(row["prompt_id"])
             unique.append(row)
     return unique
+
+
+def check_pool_fits(cfg) -> int:
+    """Load the run's prompt pool and refuse it, before anything starts, when a prompt
+    plus the longest answer the run asks for does not fit the initial model's context
+    (PromptTooLongError naming the prompts). Returns the pool's size."""
+    from herl.engines import GenRequest, check_prompt_lengths, context_length, load_tokenizer, render_chat
+    from herl.tiny import resolve_model_path
+
+    pool = load_pool(cfg.task.source, cfg.task.num_prompts, cfg.seed, cfg.task.format, cfg.task.drop_unsupported)
+    split_pool(pool, cfg.task.holdout, cfg.seed, cfg.task.source)
+    model = resolve_model_path(cfg.model.path)
+    limit = context_length(model, cfg.vllm.max_model_len)
+    if limit is None:
+        return len(pool)
+    tokenizer = load_tokenizer(model)
+    budget = max(cfg.rollout.max_tokens, cfg.hindsight.max_tokens or 0, cfg.evaluation.max_tokens or 0)
+    requests = [GenRequest(p["prompt_id"], render_chat(tokenizer, p["messages"])[1], 0, 1) for p in pool]
+    check_prompt_lengths(requests, budget, limit, model, where=f"task.source {cfg.task.source}: ")
+    return len(pool)
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 PRESETS = Path(__file__).parent / "presets"
+# a run id is one folder name inside runs_dir: no separators, no "..", no absolute path
+RUN_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+MAX_PROMPTS = 1_000_000
 DEFAULT_CONFIG = PRESETS / "tiny.toml"
 
 
@@ -241,10 +245,16 @@ class HerlConfig(_Section):
                 raise ValueError(msg)
 
         r, h, a, t = self.rollout, self.hindsight, self.advantages, self.train
+        need(self.run_id is None or (RUN_ID.fullmatch(self.run_id) is not None and self.run_id not in (".", "..")),
+             f"run_id {self.run_id!r} must be a plain folder name (letters, digits, '.', '_', '-'; at most 128, "
+             "not starting with '.' or '-'): a run lives inside runs_dir and cannot name a path")
         need(self.iterations >= 1, "iterations must be >= 1")
         need(self.stage_retries >= 0, "stage_retries must be >= 0")
         need(self.task.prompts_per_iteration >= 1, "task.prompts_per_iteration must be >= 1")
-        need(self.task.num_prompts >= 1, "task.num_prompts must be >= 1")
+        need(1 <= self.task.num_prompts <= MAX_PROMPTS,
+             f"task.num_prompts must be in [1, {MAX_PROMPTS}] (the built-in pool is generated in memory)")
+        need(self.task.prompts_per_iteration <= MAX_PROMPTS,
+             f"task.prompts_per_iteration must be <= {MAX_PROMPTS}")
         e = self.evaluation
         need(self.task.holdout >= 0, "task.holdout must be >= 0 (0 trains on the whole pool)")
         need(self.task.source != "builtin:toy" or self.task.holdout < self.task.num_prompts,

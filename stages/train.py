@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from herl.engines import _quiet_transformers, load_tokenizer
-from herl.rundir import SNAPSHOT_META, Run, write_json_atomic
+from herl.rundir import Run, seal_snapshot
 from schemas.config import TrainConfig, stage_config_hash
 from schemas.tables import read_table
 from stages.common import stage_main, write_metrics
@@ -330,8 +330,8 @@ def run(run: Run, k: int) -> dict:
             snapshot_id = hashlib.sha256(json.dumps(
                 [run.run_id, k, stage_config_hash(cfg, STAGE), {n: p.name for n, p in inputs.items()},
                  metrics["loss"]], sort_keys=True).encode()).hexdigest()[:16]
-            write_json_atomic(tmp / SNAPSHOT_META, {"snapshot_id": f"{run.run_id}/policy-{k + 1}/{snapshot_id}",
-                                                    "parent": str(inputs["snapshot"]), "iteration": k})
+            seal_snapshot(tmp, {"snapshot_id": f"{run.run_id}/policy-{k + 1}/{snapshot_id}",
+                                "parent": str(inputs["snapshot"]), "iteration": k})
             if out_dir.exists():  # a killed earlier attempt finished the rename but not the manifest
                 shutil.rmtree(out_dir)
             os.replace(tmp, out_dir)

@@ -64,6 +64,8 @@ class ScriptedJudge:
             return 200, json.dumps([2] * n_items)
         if case == "http400":
             return 400, None
+        if case in ("echo_auth400", "echo_auth500"):  # a server that echoes the request's headers in its error
+            return int(case[-3:]), None
         raise AssertionError(f"unknown case {case}")
 
     def _handler(self):
@@ -91,7 +93,11 @@ class ScriptedJudge:
                 finally:
                     with judge._lock:
                         judge.in_flight -= 1
-                if status != 200:
+                if status != 200 and case.startswith("echo_auth"):
+                    payload = {"error": {"message": f"bad request; you sent Authorization: "
+                                                    f"{self.headers.get('Authorization')} and {dict(self.headers)}",
+                                         "type": "invalid_request_error"}}
+                elif status != 200:
                     payload = {"error": {"message": f"scripted {status}", "type": "server_error"}}
                 else:
                     payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from herl.cli import query_run, stage_status
+from herl.cli import stage_status
+from herl.query import query_run
 from herl.rundir import iteration_stages, load_run, open_run
 from herl.task import builtin_toy, split_pool
 from schemas.config import ConfigError, load_config

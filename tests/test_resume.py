@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from herl.cli import query_run, stage_status
+from herl.cli import stage_status
+from herl.query import query_run
 from herl.rundir import STAGES
 from schemas.tables import TABLES
 from tests.conftest import ROOT, small_overrides

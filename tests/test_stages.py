@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from herl.cli import ReadOnlyQueryError, query_run, stage_status
+from herl.cli import stage_status
+from herl.query import ReadOnlyQueryError, query_run
 from herl.engines import load_engine, load_tokenizer
 from herl.rundir import STAGES, RunLockedError, load_run, open_run
 from schemas.config import load_config

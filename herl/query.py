@@ -1,0 +1,100 @@
+"""Read-only SQL over a run's tables (`herl sql`, the tests, the benchmarks).
+
+    rel = query_run("runs/R", "SELECT iteration, avg(reward) FROM rewards GROUP BY 1")
+
+Two locks, either of which alone stops a write:
+1. The query is parsed by DuckDB and accepted only when it is one plain SELECT whose
+   syntax tree holds nothing but query nodes (no EXPLAIN ANALYZE, no COPY inside a CTE,
+   no PRAGMA, SET, ATTACH, INSERT...).
+2. The connection cannot touch the file system at all: each table is handed to DuckDB
+   as a pyarrow dataset (pyarrow opens the Parquet files, read only), external access
+   is off with no allowed directory, spilling to a temporary folder is off, and the
+   configuration is locked so the query cannot turn any of this back on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from schemas.tables import TABLES
+
+
+class ReadOnlyQueryError(ValueError):
+    """`herl sql` accepts one plain SELECT statement only."""
+
+
+# Query-node types a read-only SELECT is made of (DuckDB's json_serialize_sql names).
+# Anything else ending in _NODE (COPY_QUERY_NODE, INSERT/UPDATE/DELETE nodes of newer
+# DuckDB versions) is a statement hidden inside the query and is refused.
+_QUERY_NODES = {"SELECT_NODE", "SET_OPERATION_NODE", "RECURSIVE_CTE_NODE", "CTE_NODE"}
+
+
+def _node_types(tree) -> set[str]:
+    found: set[str] = set()
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            t = node.get("type")
+            if isinstance(t, str) and t.endswith("_NODE"):
+                found.add(t)
+            if "info_type" in node:  # a statement's info block (COPY_INFO, ...) never belongs in a SELECT
+                found.add(str(node["info_type"]))
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
+
+
+def check_select(sql: str) -> None:
+    """Raise ReadOnlyQueryError unless `sql` is exactly one plain SELECT."""
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        try:
+            statements = con.extract_statements(sql)
+        except duckdb.Error as exc:
+            raise ReadOnlyQueryError(str(exc)) from None
+        if len(statements) != 1:
+            raise ReadOnlyQueryError(f"one SELECT statement at a time; got {len(statements)} statements")
+        kind = statements[0].type
+        if kind != duckdb.StatementType.SELECT:
+            raise ReadOnlyQueryError(f"only plain SELECT statements are allowed; got {kind.name}")
+        tree = json.loads(con.execute("SELECT json_serialize_sql($q::VARCHAR)", {"q": sql}).fetchone()[0])
+    finally:
+        con.close()
+    if tree.get("error"):
+        raise ReadOnlyQueryError(f"only plain SELECT statements are allowed: {tree.get('error_message', '')}")
+    bad = _node_types(tree["statements"]) - _QUERY_NODES
+    if bad:
+        raise ReadOnlyQueryError(f"only plain SELECT statements are allowed; the query holds {', '.join(sorted(bad))}")
+
+
+def connect_run(run_dir: str | Path):
+    """A DuckDB connection with one view per table over all iterations, with no file access."""
+    import duckdb
+    import pyarrow.dataset as ds
+
+    run_path = Path(run_dir).resolve()
+    if not (run_path / "config.json").is_file():
+        raise FileNotFoundError(f"{run_path} is not a herl run directory (no config.json)")
+    con = duckdb.connect(":memory:")
+    # no spill folder ($PWD/.tmp by default), no file system, and nothing can be switched back
+    con.execute("SET temp_directory = ''")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    for name, spec in TABLES.items():
+        pattern = "metrics-*.parquet" if spec.per_stage else spec.filename()
+        files = sorted(str(p) for p in run_path.glob(f"iter-*/{pattern}") if p.resolve().is_relative_to(run_path))
+        # the table's own schema: files of older herl versions missing a column read it as null
+        con.register(name, ds.dataset(files, schema=spec.schema, format="parquet") if files
+                     else spec.schema.empty_table())
+    return con
+
+
+def query_run(run_dir: str | Path, sql: str):
+    """Run a read-only query over a run; returns the DuckDB relation (executed when fetched)."""
+    check_select(sql)
+    return connect_run(run_dir).sql(sql)

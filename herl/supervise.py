@@ -1,0 +1,125 @@
+"""Run a command that starts Prefect's temporary server so that nothing outlives it.
+
+`herl run`, `herl resume` and `herl eval` start Prefect's temporary API server as a child
+process, plus engine and training processes. If herl is killed (SIGTERM from a
+scheduler, SIGKILL from the kernel's OOM killer) those children would be left running.
+So the command runs in a worker process under a small supervisor:
+
+    herl (supervisor, a child subreaper)  ->  herl worker  ->  Prefect server, engines, ...
+
+- The supervisor is a Linux child subreaper: whatever the worker started is re-parented
+  to it, not to init, when the worker dies. When the worker exits, for any reason
+  (including SIGKILL), the supervisor terminates every process left under it.
+- SIGTERM / SIGHUP to the supervisor are passed to the worker, which stops cleanly (its
+  stage is marked failed, Prefect stops its server); leftovers are then terminated as
+  above. Ctrl-C reaches the worker directly (one process group), and a worker that has
+  not stopped 60 s after any of these is killed.
+- The worker dies with the supervisor (PR_SET_PDEATHSIG), so a SIGKILL of the
+  supervisor itself ends the worker, whose exit handlers stop the server.
+
+Elsewhere than Linux the command runs in-process, as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+
+SUPERVISED_ENV = "HERL_SUPERVISED"
+_PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36
+STOP_GRACE_S = 60.0  # how long a worker asked to stop may take before it is killed
+
+
+def _prctl(option: int, value: int) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(option, value, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def supervised() -> bool:
+    """Whether this process is a supervised worker (or supervision is unavailable here)."""
+    return os.environ.get(SUPERVISED_ENV) == "1" or not sys.platform.startswith("linux")
+
+
+def _die_with_parent() -> None:  # runs in the worker between fork and exec
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def stop_on_sigterm() -> None:
+    """In the worker: SIGTERM raises SystemExit, so the stage is marked failed, locks are
+    released and Prefect's exit handler stops its server (Python's default dies at once)."""
+    def handler(signum, _frame):
+        signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process outright
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _descendants() -> list:
+    import psutil
+
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _reap_all(grace_s: float = 10.0) -> None:
+    """Terminate every process left under the supervisor, then kill what remains."""
+    import psutil
+
+    procs = _descendants()
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+def run_supervised(argv: list[str]) -> int:
+    """Run `herl <argv>` as a supervised worker; returns its exit status (128 + signal when killed)."""
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    env = {**os.environ, SUPERVISED_ENV: "1"}
+    # same process group: a terminal's Ctrl-C (SIGINT to the whole group) reaches the worker
+    # directly, so the supervisor does not pass SIGINT on a second time
+    worker = subprocess.Popen([sys.executable, "-m", "herl.cli", *argv], env=env, preexec_fn=_die_with_parent)
+    deadline: list[float] = []
+
+    def forward(signum, _frame):
+        if not deadline:
+            deadline.append(time.monotonic() + STOP_GRACE_S)
+        if signum == signal.SIGINT:
+            return
+        try:
+            worker.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        while True:
+            try:
+                rc = worker.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                if deadline and time.monotonic() > deadline[0]:  # asked to stop and still running
+                    worker.kill()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        # the worker is gone: whatever it started (Prefect's server, an engine) goes too
+        _reap_all()
+    return 128 - rc if rc < 0 else rc
