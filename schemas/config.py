@@ -184,7 +184,9 @@ class TrainConfig(_Section):
     dual_clip_c: float = 3.0
     """Dual clip bound for negative advantages; must be > 1 [reference: 3]."""
     gamma: float = 1.0
-    """Policy-shaping constant for hindsight tokens, loss = -A * p / (p + gamma) [reference: 1.0; 0.1 medical]."""
+    """Policy-shaping constant for hindsight tokens, loss = -A * x / (x + gamma); <= 0 means no shaping (loss = -A * x) [reference: 1.0 instruction following; 0.1 medical]."""
+    hindsight_weight: Literal["ratio", "prob"] = "ratio"
+    """x in the hindsight-token loss: ratio = pi_theta / pi_old (the reference's code, `use_he_logprob`); prob = pi_theta (LUFFY's policy shaping, the form the paper's text cites)."""
     is_correction: Literal["none", "truncated"] = "none"
     """Importance-sampling correction for the engine/trainer log-prob gap on on-policy tokens: truncated = weight min(pi_old/pi_engine, is_cap) (TIS, as TRL and verl offer)."""
     is_cap: float = 2.0
@@ -288,7 +290,6 @@ class HerlConfig(_Section):
              "train.mini_batches must be <= task.prompts_per_iteration: a mini-batch holds whole groups")
         need(0 < t.clip_eps_low < 1 and t.clip_eps_high > 0, "train.clip_eps_low must be in (0, 1) and clip_eps_high > 0")
         need(t.dual_clip_c > 1, "train.dual_clip_c must be > 1 (3 in the reference)")
-        need(t.gamma > 0, "train.gamma must be > 0 (1.0 in the reference; 0.1 for the medical setup)")
         need(t.kl_coef >= 0, "train.kl_coef must be >= 0")
         need(t.is_cap >= 1, "train.is_cap must be >= 1: it truncates importance weights from above")
         v = self.vllm

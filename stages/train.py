@@ -4,7 +4,8 @@ HERL.md step 9. Old log-probs are recomputed with the snapshot at the start of t
 step; the batch is split into `mini_batches` mini-batches of whole groups (one optimizer
 step each, gradients accumulated over micro-batches). Per token:
   on-policy (rollouts, duplicates): PPO clip with dual clip for negative advantages;
-  hindsight revisions: -A * p / (p + gamma), p = pi_theta(token) (LUFFY policy shaping);
+  hindsight revisions: -A * w, w = r / (r + gamma) with r = pi_theta / pi_old (the
+      reference's code; train.hindsight_weight = prob uses p = pi_theta, LUFFY's form);
 aggregated as a token mean over all response tokens of the mini-batch, plus an optional
 k3 KL penalty to the initial policy. AdamW state is saved with each snapshot, so the
 next iteration continues the same optimizer.
@@ -51,6 +52,17 @@ class LossParts:
     ratio_sum: float
 
 
+def hindsight_weight(logp: torch.Tensor, old_logp: torch.Tensor, form: str, gamma: float) -> torch.Tensor:
+    """The per-token weight w of a hindsight (revision) token, loss = -A * w; (B, T).
+
+    ratio (the reference's code): x = r = pi_theta / pi_old (log-ratio clamped to [-20, 20]);
+    prob (LUFFY's policy shaping, the form the paper's text cites): x = p = pi_theta.
+    w = x / (x + gamma), no clip; gamma <= 0 means no shaping (w = x), as in the reference.
+    The gradient flows through logp only."""
+    x = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0)) if form == "ratio" else torch.exp(logp)
+    return x / (x + gamma) if gamma > 0 else x
+
+
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                 is_hindsight: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig, denominator: float,
                 ref_logp: torch.Tensor | None = None, is_weight: torch.Tensor | None = None) -> LossParts:
@@ -65,7 +77,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     adv = advantages[:, None].to(logp.dtype).expand_as(logp)  # (B, T)
     off = is_hindsight[:, None].expand_as(logp)  # (B, T)
 
-    ratio = torch.exp(logp - old_logp)
+    # the reference clamps log-ratios to [-20, 20] so exp() cannot overflow
+    ratio = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))
     pg1 = -adv * ratio
     pg2 = -adv * torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high)
     clipped = torch.maximum(pg1, pg2)
@@ -74,8 +87,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     if is_weight is not None:
         on_loss = on_loss * is_weight.detach()
 
-    p = torch.exp(logp)
-    off_loss = -adv * p / (p + cfg.gamma)
+    off_loss = -adv * hindsight_weight(logp, old_logp, cfg.hindsight_weight, cfg.gamma)
 
     per_token = torch.where(off, off_loss, on_loss)
     kl_val = torch.zeros((), dtype=logp.dtype)

@@ -187,27 +187,51 @@ def test_loss_on_policy_clip_dual_clip_and_hindsight_shaping():
     mask = torch.tensor([[1, 1], [1, 0], [1, 0]], dtype=torch.bool)
     parts = policy_loss(logp, old, adv, hind, mask, _cfg(), denominator=4.0)
     on = -1.2 + -1.0 + 3.0
-    off = 1.0 * 0.5 / (0.5 + 1.0)
+    off = 1.0 * 5.0 / (5.0 + 1.0)  # default (the reference): r = 0.5 / 0.1 = 5, weight r / (r + 1)
     assert parts.loss.item() == pytest.approx((on + off) / 4)
     assert parts.on_policy == pytest.approx(on / 4)
     assert parts.hindsight == pytest.approx(off / 4)
     assert (parts.on_tokens, parts.hindsight_tokens) == (3, 1)
     assert parts.clipped_tokens == 1  # only row 0's first token (row 2's ratio 5 is unclipped then dual-clipped)
 
-    # gamma changes only the hindsight part
-    parts_g = policy_loss(logp, old, adv, hind, mask, _cfg(gamma=0.1), denominator=4.0)
-    assert parts_g.hindsight == pytest.approx(0.5 / 0.6 / 4)
-    assert parts_g.on_policy == pytest.approx(parts.on_policy)
+    # gamma and the form change only the hindsight part
+    for kw, weight in [({"gamma": 0.1}, 5.0 / 5.1), ({"hindsight_weight": "prob"}, 0.5 / 1.5),
+                       ({"hindsight_weight": "prob", "gamma": 0.1}, 0.5 / 0.6),
+                       ({"gamma": 0.0}, 5.0), ({"gamma": -1.0, "hindsight_weight": "prob"}, 0.5)]:
+        parts_g = policy_loss(logp, old, adv, hind, mask, _cfg(**kw), denominator=4.0)
+        assert parts_g.hindsight == pytest.approx(weight / 4), kw
+        assert parts_g.on_policy == pytest.approx(parts.on_policy)
 
 
-def test_loss_gradients_follow_the_two_forms():
-    # hindsight token: d/dlogp [-A p/(p+g)] = -A g p / (p+g)^2; no ratio to the old policy
+def test_log_ratios_are_clamped_to_20():
+    """A token whose log-prob moved by 30 nats: the ratio is exp(20), not exp(30), as in the reference."""
+    logp, old = torch.tensor([[0.0]]), torch.tensor([[-30.0]])
+    hind = policy_loss(logp, old, torch.tensor([-1.0]), torch.tensor([True]), torch.tensor([[True]]),
+                       _cfg(gamma=0.0), denominator=1.0)
+    assert hind.hindsight == pytest.approx(math.exp(20.0), rel=1e-5)
+    on = policy_loss(logp, old, torch.tensor([1.0]), torch.tensor([False]), torch.tensor([[True]]),
+                     _cfg(), denominator=1.0)
+    assert on.ratio_sum == pytest.approx(math.exp(20.0), rel=1e-5)
+
+
+@pytest.mark.parametrize("form, gamma, grad", [
+    # ratio (default): r = 0.5 / 0.9; d/dlogp [-A r/(r+g)] = -A g r / (r+g)^2
+    ("ratio", 1.0, -1.0 * (5 / 9) / (14 / 9) ** 2),
+    ("ratio", 0.1, -0.1 * (5 / 9) / (5 / 9 + 0.1) ** 2),
+    ("ratio", 0.0, -(5 / 9)),  # no shaping: d/dlogp [-A r] = -A r
+    # prob: p = 0.5, no ratio to the old policy; d/dlogp [-A p/(p+g)] = -A g p / (p+g)^2
+    ("prob", 1.0, -1.0 * 0.5 / 1.5 ** 2),
+    ("prob", 0.1, -0.1 * 0.5 / 0.6 ** 2),
+])
+def test_hindsight_gradient_of_each_form(form, gamma, grad):
     logp = torch.tensor([[math.log(0.5)]], requires_grad=True)
     parts = policy_loss(logp, torch.tensor([[math.log(0.9)]]), torch.tensor([1.0]), torch.tensor([True]),
-                        torch.tensor([[True]]), _cfg(gamma=1.0), denominator=1.0)
+                        torch.tensor([[True]]), _cfg(gamma=gamma, hindsight_weight=form), denominator=1.0)
     parts.loss.backward()
-    assert logp.grad.item() == pytest.approx(-1.0 * 1.0 * 0.5 / 1.5**2)
+    assert logp.grad.item() == pytest.approx(grad)
 
+
+def test_loss_gradients_of_on_policy_tokens():
     # on-policy token inside the clip range: d/dlogp [-A ratio] = -A ratio
     logp2 = torch.tensor([[math.log(0.5)]], requires_grad=True)
     parts2 = policy_loss(logp2, torch.tensor([[math.log(0.5)]]), torch.tensor([2.0]), torch.tensor([False]),
@@ -310,7 +334,7 @@ def test_modes_on_a_hand_built_group(mode, replaced, shaped):
         {"rollout": False, "hindsight": True, "duplicate": False} if replaced else {"rollout": False})
     assert cfg.bonus_enabled == shaped and cfg.hindsight_enabled == replaced
     # and the loss itself: the batch's rows through policy_loss, one token each (B = 12, T = 1);
-    # at ratio 1 an on-policy token costs -A and a hindsight token -A * p / (p + gamma) = -A / 2
+    # at ratio 1 an on-policy token costs -A and a hindsight token -A * r / (r + gamma) = -A / 2
     rows = [r for pid in sorted(batch) for r in batch[pid]]
     adv = torch.tensor([r["advantage"] for r in rows])
     hind = torch.tensor([r["is_hindsight"] for r in rows])

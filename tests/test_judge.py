@@ -108,20 +108,27 @@ def test_cache_means_a_resumed_stage_does_not_pay_twice(tmp_path):
     assert [v.verdict for v in out[0]] == [MET] * 3 and out[0][0].detail == "cached"
 
 
-def test_grade_file_with_judge_never_writes_the_key(tmp_path, capsys):
+def _herl_grade(tmp_path, rows: list[dict], out) -> tuple[int, set[str]]:
+    """`herl grade` on HealthBench-format rows against the scripted judge: (exit status, auth headers seen)."""
     from herl.cli import main
+
+    src = tmp_path / "hb.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with ScriptedJudge() as server:
+        rc = main(["grade", "--input", str(src), "--output", str(out), "--judge-cache", str(tmp_path / "c.sqlite"),
+                   "--set", f"grade.judge.base_url={server.base_url}", "--set", "grade.judge.model=scripted",
+                   "--set", "grade.judge.api_key_env=HERL_TEST_JUDGE_KEY", "--set", "grade.judge.backoff_s=0.01"])
+    return rc, server.auth
+
+
+def test_grade_file_with_judge_never_writes_the_key(tmp_path, capsys):
 
     rows = [{"prompt_id": f"p{i}", "prompt": [{"role": "user", "content": "My chest hurts."}],
              "rubrics": [{"criterion": "Advises urgent care if red flags.", "points": 5, "tags": []},
                          {"criterion": "Gives a dangerous dose.", "points": -8, "tags": []}],
              "response": f"CASE:{case} See a doctor."} for i, case in enumerate(["ok", "zeros", "always500"])]
-    src = tmp_path / "hb.jsonl"
-    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "graded.parquet"
-    with ScriptedJudge() as server:
-        rc = main(["grade", "--input", str(src), "--output", str(out), "--judge-cache", str(tmp_path / "c.sqlite"),
-                   "--set", f"grade.judge.base_url={server.base_url}", "--set", "grade.judge.model=scripted",
-                   "--set", "grade.judge.api_key_env=HERL_TEST_JUDGE_KEY", "--set", "grade.judge.backoff_s=0.01"])
+    rc, _ = _herl_grade(tmp_path, rows, out)
     assert rc == 0
     printed = capsys.readouterr().out
     assert "healthbench format" in printed and "judge_failures             1" in printed
@@ -232,3 +239,33 @@ def test_herl_grade_file_with_implicit_reward(tmp_path):
     assert graded[0]["reward_strict"] == pytest.approx(6 / 9) and graded[0]["reward_loose"] == pytest.approx(6 / 9)
     assert graded[1]["reward_strict"] == 0.0  # the judge failed: the comma fails the only item
     assert summary["metrics"]["implicit_fallbacks"] == 1
+
+
+def test_an_echoed_authorization_header_never_reaches_a_table(tmp_path, capsys):
+    """A server that echoes the request's headers in its error body (HTTP 400, permanent;
+    HTTP 500, retried): the stored reason is redacted, in verdicts and in every file."""
+    rows = [{"prompt_id": f"p{i}", "prompt": [{"role": "user", "content": "Hi."}],
+             "rubrics": [{"criterion": "Is polite.", "points": 3, "tags": []}],
+             "response": f"CASE:{case}"} for i, case in enumerate(["echo_auth400", "echo_auth500"])]
+    out = tmp_path / "graded.parquet"
+    rc, auth = _herl_grade(tmp_path, rows, out)
+    assert SECRET in " ".join(auth)  # the key was really sent, and really echoed back
+    assert rc == 0
+    details = [r["detail"] for r in pq.read_table(out).to_pylist()]
+    assert all("HTTP" in d or "Error code" in d for d in details), details
+    assert all("[REDACTED]" in d and SECRET not in d and "Bearer sk-" not in d for d in details), details
+    for f in tmp_path.iterdir():
+        assert SECRET.encode() not in f.read_bytes(), f
+    captured = capsys.readouterr()
+    assert SECRET not in captured.out + captured.err
+
+
+def test_redact():
+    from herl.judge import redact
+
+    text = ("401 {'authorization': 'Bearer sk-abc12345678', \"X-Api-Key\": \"k-99999999\"} "
+            "api_key=plainkey123 Authorization: Basic dXNlcjpwYXNzd29yZA== key sk-abc12345678 again")
+    out = redact(text, ("sk-abc12345678",))
+    for secret in ("sk-abc12345678", "k-99999999", "plainkey123", "dXNlcjpwYXNzd29yZA=="):
+        assert secret not in out
+    assert out.count("[REDACTED]") == 5 and "401" in out
