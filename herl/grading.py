@@ -208,13 +208,15 @@ class RubricGrader:
 
 
 def aggregate(verdicts: Iterable[str], weights: Iterable[float], mode: str = "weighted",
-              unknown_policy: str = "unmet") -> tuple[float, int, int, int]:
-    """Reward in [0, 1] from verdicts (HERL.md step 2). Returns (reward, met, total, unknown).
+              unknown_policy: str = "unmet", pitfalls: str = "subtract") -> tuple[float, int, int, int]:
+    """Reward in [0, 1] from verdicts (docs/algorithm.md, step 2). Returns (reward, met, total, unknown).
 
-    weighted: sum(w * met) / sum(w for w > 0), clipped to [0, 1] (negative weights are
-    pitfalls that cost points when met); fraction: met / total; all: 1 if every item met.
-    unknown_policy: `unmet` counts unknown as unmet; `drop` removes it from the sums.
+    weighted: sum(w * met) / sum(w for w > 0), clipped to [0, 1]; negative weights are
+    pitfalls that cost points when met (`pitfalls = subtract`, HealthBench's scoring) or
+    count for nothing (`ignore`, the reference's code); fraction: met / total; all: 1 if
+    every item met. unknown_policy: `unmet` counts unknown as unmet; `drop` removes it.
     """
+    weights = [max(0.0, w) for w in weights] if pitfalls == "ignore" else list(weights)
     pairs = list(zip(verdicts, weights, strict=True))
     n_unknown = sum(v == UNKNOWN for v, _ in pairs)
     n_met = sum(v == MET for v, _ in pairs)

@@ -19,15 +19,16 @@ def used_verdicts(verdicts: list[Verdict], mode: str) -> list[str]:
     return [v.loose_verdict if mode == "loose" else v.verdict for v in verdicts]
 
 
-def row_scores(verdicts: list[Verdict], weights: list[float], reward: str, unknown_policy: str) -> dict:
+def row_scores(verdicts: list[Verdict], weights: list[float], reward: str, unknown_policy: str,
+               pitfalls: str = "subtract") -> dict:
     """One answer's scores from its verdicts: strict and loose rewards, items met, all met.
 
     `reward` is an item aggregation (weighted, fraction, all); an implicit reward is put in
     by score_answers."""
     strict = used_verdicts(verdicts, "strict")
     loose = used_verdicts(verdicts, "loose")
-    r_strict, met_strict, _, _ = aggregate(strict, weights, reward, unknown_policy)
-    r_loose, met_loose, _, _ = aggregate(loose, weights, reward, unknown_policy)
+    r_strict, met_strict, _, _ = aggregate(strict, weights, reward, unknown_policy, pitfalls)
+    r_loose, met_loose, _, _ = aggregate(loose, weights, reward, unknown_policy, pitfalls)
     return {"items_total": len(verdicts), "items_met_strict": met_strict, "items_met_loose": met_loose,
             "items_unknown": sum(v == UNKNOWN for v in strict), "reward_strict": r_strict, "reward_loose": r_loose,
             "all_met_strict": all(v == MET for v in strict), "all_met_loose": all(v == MET for v in loose)}
@@ -46,7 +47,7 @@ def score_answers(grader: RubricGrader, inputs: list[GradeInput],
     rows, fallbacks = [], 0
     for inp, verdicts, (score, _reason) in zip(inputs, graded, holistic, strict=True):
         scores = row_scores(verdicts, [it["weight"] for it in inp.rubric], "weighted" if implicit else cfg.reward,
-                            cfg.unknown_policy)
+                            cfg.unknown_policy, cfg.pitfalls)
         if implicit:
             if score is None:
                 fallbacks += 1

@@ -127,7 +127,9 @@ class GradeConfig(_Section):
     reward: Literal["weighted", "fraction", "all", "implicit"] = "weighted"
     """Aggregation: weighted = sum(w*met)/sum(positive w) clipped to [0,1]; fraction = items met / items; all = 1 if every item met; implicit = the judge's holistic 1-10 score as (s-1)/9 (RaR), falling back to weighted when no score can be had."""
     unknown_policy: Literal["unmet", "drop"] = "unmet"
-    """What an `unknown` verdict counts as: unmet, or dropped from the denominator."""
+    """What an `unknown` verdict counts as: unmet, or dropped from the denominator. (Where grading fails outright the reference gives the whole answer reward 0; herl marks only the affected items unknown.)"""
+    pitfalls: Literal["subtract", "ignore"] = "subtract"
+    """Negative-weight items (pitfalls) in the weighted reward: subtract = a met pitfall costs its weight (HealthBench's scoring); ignore = weight 0, as the reference's code does."""
 
 
 class HindsightConfig(_Section):

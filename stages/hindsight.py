@@ -32,16 +32,21 @@ def build_hindsight_prompt(messages: list[dict], rubric: list[dict], verdicts: l
                            show_weights: bool = True, naive: bool = False) -> str:
     """The text of the hindsight prompt for one draft (HERL.md step 4); `naive` lists the
     rubric without the verdicts (the NaiveHE ablation)."""
-    groups: dict[str, list[dict]] = {MET: [], UNMET: [], "unknown": []}
+    # a pitfall (negative weight) that is met is a mistake the draft made: it goes with what
+    # to fix, never with what to keep; an avoided pitfall is something to keep avoiding
+    groups: dict[str, list[dict]] = {MET: [], UNMET: [], "unknown": [], "committed": [], "avoided": []}
     for item, v in zip(rubric, verdicts, strict=True):
+        if item["weight"] < 0 and v != "unknown":
+            v = "committed" if v == MET else "avoided"
         groups[v].append({"description": item["description"], "weight": item["weight"]})
     instruction = "\n\n".join(m["content"] for m in messages if m["role"] != "assistant")
     weighted = show_weights and any(it["weight"] != 1.0 for it in rubric)
     if naive:  # rubric order, no status
         groups = {MET: [{"description": it["description"], "weight": it["weight"]} for it in rubric],
-                  UNMET: [], "unknown": []}
+                  UNMET: [], "unknown": [], "committed": [], "avoided": []}
     return template("hindsight.j2").render(instruction=instruction, met=groups[MET], unmet=groups[UNMET],
-                                           unknown=groups["unknown"], show_weights=weighted, draft=draft,
+                                           unknown=groups["unknown"], committed=groups["committed"],
+                                           avoided=groups["avoided"], show_weights=weighted, draft=draft,
                                            naive=naive).strip()
 
 

@@ -302,8 +302,43 @@ def test_hindsight_prompt_text_full_and_naive():
     assert naive == HEAD + "## Rubric\n- Use no commas.\n- End with a period.\n- Be short.\n\n" + TAIL
     weighted = build_hindsight_prompt(msgs, [dict(r, weight=w) for r, w in zip(RUBRIC, [5.0, -2.0, 1.5])],
                                       ["met", "unmet", "met"], "d")
-    assert "Satisfied:\n- Use no commas. (weight 5)\n- Be short. (weight 1.5)\n\nNot satisfied:\n" \
-           "- End with a period. (weight -2)\n\n## Draft" in weighted
+    assert "Satisfied:\n- Use no commas. (weight 5)\n- Be short. (weight 1.5)\n\nNot satisfied:\n- none\n\n" \
+           "Mistakes the draft avoids (keep avoiding them):\n- End with a period. (weight -2)\n\n## Draft" in weighted
+
+
+def test_hindsight_prompt_puts_committed_pitfalls_with_what_to_fix():
+    """A met pitfall is a mistake the draft made: never listed as satisfied (HealthBench-style rubric)."""
+    from stages.hindsight import build_hindsight_prompt
+
+    rubric = [{"description": "Advises urgent care if red flags.", "weight": 5.0},
+              {"description": "Recommends antibiotics for a viral infection.", "weight": -8.0},
+              {"description": "Mentions hydration.", "weight": 2.0},
+              {"description": "Gives a dangerous dose.", "weight": -10.0},
+              {"description": "Asks about allergies.", "weight": -1.0}]
+    text = build_hindsight_prompt([{"role": "user", "content": "I have a cold."}], rubric,
+                                  ["met", "met", "unmet", "unmet", "unknown"], "Take antibiotics and see a doctor.")
+    assert text == (
+        "Here is an instruction, a draft answer to it, and a check of the draft against a rubric.\n\n"
+        "## Instruction\nI have a cold.\n\n"
+        "## Rubric status\n"
+        "Satisfied:\n- Advises urgent care if red flags. (weight 5)\n\n"
+        "Not satisfied:\n- Mentions hydration. (weight 2)\n\n"
+        "Mistakes the draft makes (remove them):\n- Recommends antibiotics for a viral infection. (weight -8)\n\n"
+        "Mistakes the draft avoids (keep avoiding them):\n- Gives a dangerous dose. (weight -10)\n\n"
+        "Unclear:\n- Asks about allergies. (weight -1)\n\n"
+        "## Draft\nTake antibiotics and see a doctor.\n\n"
+        "## Task\nRevise the draft. Keep everything that satisfies the rubric, fix every item that is not\n"
+        "satisfied, do not add new facts, and reply with the revised answer only.")
+
+
+def test_pitfalls_subtract_or_ignore():
+    from herl.grading import aggregate
+
+    verdicts, weights = ["met", "met", "unmet"], [5.0, -2.0, 3.0]
+    assert aggregate(verdicts, weights)[0] == pytest.approx((5 - 2) / 8)  # HealthBench: the pitfall costs 2
+    assert aggregate(verdicts, weights, pitfalls="ignore")[0] == pytest.approx(5 / 8)  # the reference: weight 0
+    assert aggregate(["unmet", "met"], [1.0, -3.0])[0] == 0.0  # clipped at 0
+    assert aggregate(["unmet", "met"], [1.0, -3.0], pitfalls="ignore")[0] == 0.0
 
 
 @pytest.mark.parametrize("mode,replaced,shaped", [
