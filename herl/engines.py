@@ -52,6 +52,11 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+def sampling_temperature(temperature: float) -> float:
+    """The temperature log-probs are taken at: the sampling one, and 1 for greedy (T = 0)."""
+    return temperature if temperature > 0 else 1.0
+
+
 def derive_seed(*parts: object) -> int:
     """A stable 63-bit seed from (run seed, iteration, prompt id, ...)."""
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
@@ -172,6 +177,9 @@ class TransformersEngine:
             out = self.model.generate(input_ids=input_ids, attention_mask=attn, **gen_kwargs)
         new = out.sequences[:, width:]  # (B, S)
         logits = torch.stack(out.logits, dim=1).float()  # (B, S, V) raw, before temperature
+        # log-probs of the distribution sampled from: logits / T, as the trainer and vLLM's
+        # processed_logprobs compute them (greedy counts as T = 1)
+        logits = logits / sampling_temperature(params.temperature)
         logp = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)  # (B, S)
         comps = []
         for b in range(len(reqs)):
@@ -256,7 +264,9 @@ class VLLMEngine:
         engine = {"model": str(self.path), "dtype": self.dtype, "seed": 0,
                   "tensor_parallel_size": c.tensor_parallel_size, "data_parallel_size": c.data_parallel_size,
                   "gpu_memory_utilization": c.gpu_memory_utilization, "enforce_eager": c.enforce_eager,
-                  "logprobs_mode": "raw_logprobs"}  # log-probs before temperature / top-p, as the trainer computes
+                  # log-probs after temperature scaling, as the trainer computes them (top-k / top-p
+                  # masking would also show here: leave them off where the log-probs matter)
+                  "logprobs_mode": "processed_logprobs"}
         if c.max_model_len:
             engine["max_model_len"] = c.max_model_len
         if c.enable_chunked_prefill is not None:

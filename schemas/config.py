@@ -325,7 +325,7 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     "rollout": ("seed", "model", "task", "rollout", "vllm"),
     "grade": ("grade",),
     "hindsight": ("seed", "algorithm", "rollout", "grade", "hindsight", "vllm"),
-    "advantages": ("seed", "algorithm", "hindsight", "advantages"),
+    "advantages": ("seed", "algorithm", "rollout", "hindsight", "advantages"),
     "train": ("seed", "model", "train"),
     "heldout": ("seed", "model", "task", "rollout", "grade", "hindsight", "evaluation", "vllm"),
 }

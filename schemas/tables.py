@@ -140,6 +140,7 @@ TABLES: dict[str, Table] = {
                        ("is_hindsight", pa.bool_()), ("replaced_rollout_id", pa.string()),
                        ("prompt_token_ids", _tokens), ("response_token_ids", _tokens),
                        ("engine_logprobs", pa.list_(pa.float32())),
+                       ("temperature", pa.float64()),  # sampled at; log-probs are taken at it
                        ("reward", pa.float64()), ("shaped_reward", pa.float64()),
                        ("group_mean", pa.float64()), ("group_std", pa.float64()),
                        ("group_size", pa.int32()), ("advantage", pa.float64())]),

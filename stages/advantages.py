@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from herl.engines import sampling_temperature
 from herl.rundir import Run
 from herl.sql import run_sql_file
 from schemas.tables import read_table, write_table
@@ -32,6 +33,8 @@ def sql_params(cfg, k: int) -> dict:
         "replace_top_n": a.replace_top_n, "fallback": a.duplicate_best_fallback,
         "std_normalize": a.std_normalize, "eps": a.eps, "seed": f"{cfg.seed}:{k}",
         "hindsight_prompt": cfg.hindsight.train_prompt == "hindsight",
+        "rollout_temperature": sampling_temperature(cfg.rollout.temperature),
+        "hindsight_temperature": sampling_temperature(cfg.hindsight.temperature),
     }
 
 

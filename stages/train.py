@@ -113,8 +113,11 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     )
 
 
-def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
-    """Per-token log-probs of each response given its prompt.
+def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                      temperatures: list[float] | None = None):
+    """Per-token log-probs of each response given its prompt, under logits / T with T the
+    temperature each response was sampled at (as verl and TRL do; None: T = 1), so ratios
+    refer to the policy that sampled.
 
     Returns logp (B, R) and mask (B, R), R the longest response; right-padded.
     """
@@ -137,8 +140,15 @@ def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]
             mask[b, : len(r)] = True
     logits = model(input_ids=input_ids, attention_mask=attn).logits  # (B, L, V)
     picked = logits.gather(1, index[..., None].expand(-1, -1, logits.size(-1))).float()  # (B, R, V)
+    if temperatures is not None:
+        picked = picked / torch.tensor(temperatures, dtype=picked.dtype, device=device)[:, None, None]
     logp = torch.log_softmax(picked, dim=-1).gather(-1, targets[..., None]).squeeze(-1)  # (B, R)
     return logp * mask, mask
+
+
+def _temperatures(chunk: list[dict]) -> list[float]:
+    # rows without a temperature (hand-built batches) count as sampled at T = 1
+    return [r.get("temperature") or 1.0 for r in chunk]
 
 
 def _length(row: dict) -> int:
@@ -214,7 +224,7 @@ def train_on_batch(model, optimizer, accelerator, rows: list[dict], cfg: TrainCo
     with torch.no_grad():
         for chunk in micro_batches(rows, micro, budget):
             lp, m = sequence_logprobs(model, [r["prompt_token_ids"] for r in chunk],
-                                      [r["response_token_ids"] for r in chunk], pad_id)
+                                      [r["response_token_ids"] for r in chunk], pad_id, _temperatures(chunk))
             old.extend(lp[i, : int(m[i].sum())] for i in range(len(chunk)))
             if cfg.is_correction == "truncated":  # fixed per token for the whole update: computed once
                 w, is_stats = _chunk_is_weight(chunk, lp, m, cfg.is_cap)
@@ -225,7 +235,7 @@ def train_on_batch(model, optimizer, accelerator, rows: list[dict], cfg: TrainCo
                 weights.extend([None] * len(chunk))
             if ref_model is not None:
                 rl, _ = sequence_logprobs(ref_model, [r["prompt_token_ids"] for r in chunk],
-                                          [r["response_token_ids"] for r in chunk], pad_id)
+                                          [r["response_token_ids"] for r in chunk], pad_id, _temperatures(chunk))
                 refs.extend(rl[i, : int(m[i].sum())] for i in range(len(chunk)))
             else:
                 refs.extend([None] * len(chunk))
@@ -246,7 +256,7 @@ def train_on_batch(model, optimizer, accelerator, rows: list[dict], cfg: TrainCo
             denom = float(sum(len(r["response_token_ids"]) for r in mb)) or 1.0
             for chunk in micro_batches(mb, micro, budget):
                 logp, mask = sequence_logprobs(model, [r["prompt_token_ids"] for r in chunk],
-                                               [r["response_token_ids"] for r in chunk], pad_id)
+                                               [r["response_token_ids"] for r in chunk], pad_id, _temperatures(chunk))
                 width = logp.size(1)
                 pad = lambda t: torch.nn.functional.pad(t, (0, width - t.numel()))  # noqa: E731
                 old_lp = torch.stack([pad(r["_old"]) for r in chunk]).to(logp.device)

@@ -36,19 +36,19 @@ def _rollouts(groups: dict[str, list[tuple[float, int]]]):
             pa.Table.from_pylist(rw, schema=TABLES["rewards"].schema))
 
 
-def _revisions(revs: list[tuple[str, str, float]]):
-    """revs: [(candidate rollout id, prompt id, reward)] -> hindsight table."""
+def _revisions(revs: list[tuple]):
+    """revs: [(candidate rollout id, prompt id, reward[, text])] -> hindsight table."""
     rows = [{"run_id": "r", "iteration": 0, "revision_id": f"{cand}:rev-0", "candidate_rollout_id": cand,
              "prompt_id": pid, "revision_index": 0, "hindsight_prompt_text": "H", "prompt_token_ids": [7, 7, 7],
-             "response_text": "rev", "response_token_ids": [99], "finish_reason": "stop", "num_tokens": 1,
-             "seed": 0, "snapshot_id": "s", "logprobs": None, "reward": reward, "items_met": 0, "items_total": 4,
-             "items_unknown": 0} for cand, pid, reward in revs]
+             "response_text": text[0] if text else "rev", "response_token_ids": [99], "finish_reason": "stop",
+             "num_tokens": 1, "seed": 0, "snapshot_id": "s", "logprobs": None, "reward": reward, "items_met": 0,
+             "items_total": 4, "items_unknown": 0} for cand, pid, reward, *text in revs]
     return pa.Table.from_pylist(rows, schema=TABLES["hindsight"].schema)
 
 
 def _params(**kw):
     base = dict(threshold=1.0, bonus=True, alpha=0.05, replace_top_n=1, fallback=True, std_normalize=True,
-                eps=1e-6, seed=SEED, hindsight_prompt=True)
+                eps=1e-6, seed=SEED, hindsight_prompt=True, rollout_temperature=1.0, hindsight_temperature=0.3)
     return {**base, **kw}
 
 
@@ -378,3 +378,41 @@ def test_modes_on_a_hand_built_group(mode, replaced, shaped):
     assert (parts.on_tokens, parts.hindsight_tokens) == ((11, 1) if replaced else (12, 0))
     assert parts.hindsight == pytest.approx(float(-(adv[hind] / 2).sum()) / len(rows))
     assert parts.on_policy == pytest.approx(float(-adv[~hind].sum()) / len(rows))
+
+
+def test_ties_among_qualifying_revisions_go_to_the_higher_ranked_candidate():
+    """Group p: candidates 0:p:0 (2 items met, rank 1) and 0:p:2 (1 item met, rank 2) both
+    get a revision scoring 1.0; the reference keeps the higher-ranked candidate's, whatever
+    the seed (herl picked at random before)."""
+    ro, rw = _rollouts({"p": GROUPS["p"]})
+    hs = _revisions([("0:p:2", "p", 1.0), ("0:p:0", "p", 1.0)])
+    for seed in ("0:0", "1:0", "2:5", "x"):
+        batch = _by_prompt(compute_batch(ro, rw, hs, _params(seed=seed)))
+        kept = [r["source_id"] for r in batch["p"] if r["kind"] == "hindsight"]
+        assert kept == ["0:p:0:rev-0"], seed
+    # a higher tier still wins over rank: the lower-ranked candidate's revision beats the group
+    hs = _revisions([("0:p:2", "p", 1.0), ("0:p:0", "p", 0.5)])
+    batch = _by_prompt(compute_batch(ro, rw, hs, _params()))
+    assert [r["source_id"] for r in batch["p"] if r["kind"] == "hindsight"] == ["0:p:2:rev-0"]
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t "])
+def test_empty_revisions_are_dropped(text):
+    """An empty revision neither joins its group nor earns its candidate a bonus: the slot
+    falls back (a copy of the best original) like any revision that does not qualify."""
+    ro, rw = _rollouts({"p": GROUPS["p"]})
+    hs = _revisions([("0:p:0", "p", 1.0, text)])  # graded 1.0 (say, by an "exclude" check) but empty
+    batch = _by_prompt(compute_batch(ro, rw, hs, _params()))
+    kinds = sorted(r["kind"] for r in batch["p"])
+    assert kinds == ["duplicate", "rollout", "rollout", "rollout"]
+    assert {r["shaped_reward"] for r in batch["p"] if r["source_id"] == "0:p:0"} == {0.5}  # no bonus
+    kept = _by_prompt(compute_batch(ro, rw, _revisions([("0:p:0", "p", 1.0, "fine")]), _params()))
+    assert sorted(r["kind"] for r in kept["p"]) == ["hindsight", "rollout", "rollout", "rollout"]
+
+
+def test_batch_rows_carry_their_sampling_temperature():
+    ro, rw = _rollouts({"p": GROUPS["p"], "r": GROUPS["r"]})
+    hs = _revisions([("0:p:0", "p", 1.0), ("0:r:2", "r", 0.0)])
+    rows = compute_batch(ro, rw, hs, _params(rollout_temperature=0.7, hindsight_temperature=0.3)).to_pylist()
+    assert {(r["kind"], r["temperature"]) for r in rows} == {("rollout", 0.7), ("hindsight", 0.3),
+                                                             ("duplicate", 0.7)}

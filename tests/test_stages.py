@@ -182,6 +182,33 @@ def test_rollouts_reproduce_and_engine_logprobs_match_trainer(tmp_path, done_run
         assert int(mask[i].sum()) == n
 
 
+def test_logprobs_follow_the_sampling_temperature(tmp_path):
+    """Rollouts at T = 0.7: the engine stores log-probs of logits / 0.7, the trainer takes
+    them the same way, so the IS ratio pi_old / pi_engine is 1 in the first mini-batch; at
+    T = 1 in the trainer (herl before) they would disagree."""
+    cfg = load_config(None, small_overrides(tmp_path, iterations=1, **{
+        "rollout.temperature": 0.7, "train.is_correction": "truncated", "train.is_cap": 100.0}))
+    run = open_run(cfg)
+    for mod in MODULES:
+        mod.run(run, 0)
+    batch = read_table("batch", run.table(0, "batch")).to_pylist()
+    assert {r["temperature"] for r in batch if not r["is_hindsight"]} == {0.7}
+    assert {r["temperature"] for r in batch if r["is_hindsight"]} <= {cfg.hindsight.temperature}
+    m = {r["name"]: r["value"] for r in read_table("metrics", run.table(0, "metrics", "train")).to_pylist()}
+    assert m["is_mean_ratio"] == pytest.approx(1.0, abs=1e-3) and m["is_truncated_fraction"] == 0.0
+
+    rows = [r for r in batch if not r["is_hindsight"]]
+    model = load_engine("transformers", run.snapshot(0)).model
+    args = ([r["prompt_token_ids"] for r in rows], [r["response_token_ids"] for r in rows],
+            load_tokenizer(run.snapshot(0)).pad_token_id)
+    with torch.no_grad():
+        at_t, mask = sequence_logprobs(model, *args, [0.7] * len(rows))
+        at_1, _ = sequence_logprobs(model, *args)
+    engine = torch.nn.utils.rnn.pad_sequence([torch.tensor(r["engine_logprobs"]) for r in rows], batch_first=True)
+    assert float(((at_t - engine).abs() * mask).max()) < 1e-4
+    assert float(((at_1 - engine).abs() * mask).max()) > 0.1
+
+
 def test_bad_prompts_file_fails_the_stage_cleanly(tmp_path, capsys):
     from herl.cli import main
     from herl.importers import PromptFileError

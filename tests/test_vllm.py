@@ -71,7 +71,7 @@ def test_seeded_sampling_with_split_prompts_on_cpu(tmp_path):
 def test_one_whole_iteration_with_vllm(tmp_path):
     cfg = load_config(None, small_overrides(tmp_path, iterations=1, **{
         "rollout.engine": "vllm", "vllm.enforce_eager": True, "vllm.cpu_kvcache_gib": 1,
-        "train.is_correction": "truncated"}))
+        "train.is_correction": "truncated", "rollout.temperature": 0.7}))
     run = open_run(cfg)
     for mod in (rollout, grade, hindsight, advantages, train):
         assert mod.run(run, 0)["status"] == "done"
@@ -80,7 +80,7 @@ def test_one_whole_iteration_with_vllm(tmp_path):
     m = {r["name"]: r["value"] for r in read_table("metrics", run.table(0, "metrics", "rollout")).to_pylist()}
     assert m["engine_vllm"] == 1.0 and m["engine_startup_seconds"] > 0
     t = {r["name"]: r["value"] for r in read_table("metrics", run.table(0, "metrics", "train")).to_pylist()}
-    # vLLM's stored log-probs agree with the trainer's: importance ratios ~1
+    # vLLM's stored log-probs (processed: logits / T) agree with the trainer's at T = 0.7: ratios ~1
     assert t["is_mean_ratio"] == pytest.approx(1.0, abs=1e-2) and t["is_truncated_fraction"] == 0.0
     assert all(run.read_manifest(0, s)["status"] == "done" for s in STAGES)
     assert (run.snapshot(1) / "model.safetensors").exists()

@@ -11,6 +11,8 @@
 --   $eps              added to the std
 --   $seed             seeds which members are replaced ("a random member")
 --   $hindsight_prompt train revisions after the hindsight prompt (else the original one)
+--   $rollout_temperature, $hindsight_temperature
+--                     the temperature each sequence was sampled at (log-probs are taken at it)
 with
 
 groups as (
@@ -25,9 +27,14 @@ failed_groups as (
 
 -- step 6: the bonus. r_rev is the best reward among a candidate's revisions; the
 -- reference applies it whatever the sign of (r_rev - r).
+usable_revisions as (
+    -- the reference drops empty revisions (nothing left after stripping whitespace)
+    select * from hindsight where regexp_matches(response_text, '\S')
+),
+
 best_revision as (
     select candidate_rollout_id as rollout_id, max(reward) as best_revision_reward
-    from hindsight
+    from usable_revisions
     group by candidate_rollout_id
 ),
 
@@ -55,18 +62,24 @@ qualifying as (
         h.response_token_ids,
         h.logprobs,
         h.reward,
+        h.revision_index,
+        c.items_met as candidate_items_met,
+        c.sample_index as candidate_sample_index,
         case when h.reward > f.best_reward then 1 else 2 end as tier
-    from hindsight as h
+    from usable_revisions as h
     join failed_groups as f using (prompt_id)
+    join originals as c on c.rollout_id = h.candidate_rollout_id
     where h.reward >= f.best_reward
 ),
 
+-- within a tier the higher-ranked candidate wins, as in the reference (candidates.sql's
+-- rank: more items met, then sample order); a candidate's own revisions by reward
 kept_revisions as (
     select
         *,
         row_number() over (
             partition by prompt_id
-            order by tier, reward desc, md5(concat($seed, ':', revision_id))
+            order by tier, candidate_items_met desc, candidate_sample_index, reward desc, revision_index
         ) as slot
     from qualifying
     qualify slot <= $replace_top_n
@@ -106,6 +119,7 @@ fills as (
             else b.prompt_token_ids end as prompt_token_ids,
         coalesce(k.response_token_ids, b.response_token_ids) as response_token_ids,
         case when k.revision_id is not null then k.logprobs else b.logprobs end as engine_logprobs,
+        case when k.revision_id is not null then $hindsight_temperature else $rollout_temperature end as temperature,
         coalesce(k.reward, b.reward) as reward,
         coalesce(k.reward, b.shaped_reward) as shaped_reward
     from slots as s
@@ -151,6 +165,7 @@ mixed as (
         s.prompt_token_ids,
         s.response_token_ids,
         s.logprobs as engine_logprobs,
+        $rollout_temperature as temperature,
         s.reward,
         s.shaped_reward
     from shaped as s
@@ -166,6 +181,7 @@ mixed as (
         prompt_token_ids,
         response_token_ids,
         engine_logprobs,
+        temperature,
         reward,
         shaped_reward
     from replaced
@@ -193,6 +209,7 @@ final as (
         m.prompt_token_ids,
         m.response_token_ids,
         m.engine_logprobs,
+        m.temperature,
         m.reward,
         m.shaped_reward,
         g.group_mean,
