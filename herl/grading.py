@@ -176,7 +176,8 @@ class RubricGrader:
             idx = [j for j, it in enumerate(inp.rubric) if it["kind"] == JUDGE_KIND]
             if idx:
                 tasks.append(JudgeTask(conversation_text(inp.messages), inp.response,
-                                       tuple(inp.rubric[j]["description"] for j in idx)))
+                                       tuple(inp.rubric[j]["description"] for j in idx),
+                                       tuple(float(inp.rubric[j]["weight"]) for j in idx)))
                 slots.append((i, idx))
         if tasks:
             if self.judge is None:
@@ -193,7 +194,8 @@ class RubricGrader:
         if self.judge is None:
             self.judge = make_judge(self.cfg.judge, self.cache_path)
         return self.judge.score_many([JudgeTask(conversation_text(inp.messages), inp.response,
-                                                tuple(it["description"] for it in inp.rubric)) for inp in inputs])
+                                                tuple(it["description"] for it in inp.rubric),
+                                                tuple(float(it["weight"]) for it in inp.rubric)) for inp in inputs])
 
     def stats(self) -> dict[str, float]:
         if self.judge is None:

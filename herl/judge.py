@@ -41,6 +41,7 @@ class JudgeTask:
     conversation: str
     response: str
     criteria: tuple[str, ...]
+    weights: tuple[float, ...] = ()  # shown beside the items when any differs from 1 (the reference shows them)
 
 
 @dataclass
@@ -60,8 +61,10 @@ class JudgeStats:
 def _render_fenced(name: str, task: JudgeTask) -> str:
     # the fence id is a hash of the response: the response cannot contain its own marker
     fence = hashlib.sha256(task.response.encode()).hexdigest()[:16]
+    show = any(w != 1.0 for w in task.weights)
+    items = [f"{c} (weight {w:g})" if show else c for c, w in zip(task.criteria, task.weights or [1.0] * len(task.criteria))]
     return template(name).render(conversation=task.conversation, response=task.response, fence=fence,
-                                 items=list(task.criteria)).strip()
+                                 items=items).strip()
 
 
 def build_judge_prompt(task: JudgeTask) -> str:

@@ -6,7 +6,8 @@ step each, gradients accumulated over micro-batches). Per token:
   on-policy (rollouts, duplicates): PPO clip with dual clip for negative advantages;
   hindsight revisions: -A * w, w = r / (r + gamma) with r = pi_theta / pi_old (the
       reference's code; train.hindsight_weight = prob uses p = pi_theta, LUFFY's form);
-aggregated as a token mean over all response tokens of the mini-batch, plus an optional
+aggregated as train.loss_aggregation says (default: the token mean over all response
+tokens of the mini-batch; see loss_denominators), plus an optional
 k3 KL penalty to the initial policy. AdamW state is saved with each snapshot, so the
 next iteration continues the same optimizer.
 
@@ -64,15 +65,18 @@ def hindsight_weight(logp: torch.Tensor, old_logp: torch.Tensor, form: str, gamm
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                is_hindsight: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig, denominator: float,
+                is_hindsight: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig, denominator: float | torch.Tensor,
                 ref_logp: torch.Tensor | None = None, is_weight: torch.Tensor | None = None) -> LossParts:
     """HeRL's mixed-policy loss, summed over tokens and divided by `denominator`.
 
     logp, old_logp, mask, ref_logp, is_weight: (B, T); advantages: (B,); is_hindsight: (B,)
-    bool. `denominator` is the mini-batch's response-token count, so summing the returned
-    losses over its micro-batches gives the token mean. `is_weight` (truncated importance
-    weights pi_old / pi_engine, no gradient) scales the on-policy tokens' loss.
+    bool. `denominator` is a number (token_mean: the mini-batch's response-token count, so
+    summing the returned losses over its micro-batches gives the token mean) or one per
+    sequence, (B,) (see loss_denominators). `is_weight` (truncated importance weights
+    pi_old / pi_engine, no gradient) scales the on-policy tokens' loss.
     """
+    if isinstance(denominator, torch.Tensor):
+        denominator = denominator.to(logp.dtype)[:, None]  # (B, 1)
     mask = mask.to(logp.dtype)
     adv = advantages[:, None].to(logp.dtype).expand_as(logp)  # (B, T)
     off = is_hindsight[:, None].expand_as(logp)  # (B, T)
@@ -111,6 +115,25 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         hindsight_tokens=int(off_mask.sum()),
         ratio_sum=float((ratio * on_mask).sum()),
     )
+
+
+def loss_denominators(lengths: list[int], mode: str, norm_length: int) -> float | list[float]:
+    """What each sequence's token-loss sum is divided by, for one mini-batch of responses
+    with these token counts; the parts of all its micro-batches then add up to:
+
+    token_mean               sum of token losses / tokens in the mini-batch (one number)
+    seq_mean_token_mean      mean over sequences of each one's token mean: n_i * N each
+    seq_mean_token_sum_norm  Dr. GRPO: mean over sequences of token sums / a constant
+                             length (norm_length, the answer budget): norm_length * N each
+    """
+    n = len(lengths)
+    if mode == "token_mean":
+        return float(sum(lengths)) or 1.0
+    if mode == "seq_mean_token_mean":
+        return [float(max(1, m) * n) for m in lengths]
+    if mode == "seq_mean_token_sum_norm":
+        return [float(norm_length * n)] * n
+    raise ValueError(f"unknown train.loss_aggregation {mode!r}")
 
 
 def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
@@ -207,8 +230,11 @@ def _chunk_is_weight(chunk: list[dict], old_lp: torch.Tensor, mask: torch.Tensor
 
 
 def train_on_batch(model, optimizer, accelerator, rows: list[dict], cfg: TrainConfig, seed: int, pad_id: int,
-                   ref_model=None) -> dict[str, float]:
-    """One iteration's update: old log-probs, then ppo_epochs x mini_batches optimizer steps."""
+                   ref_model=None, norm_length: int | None = None) -> dict[str, float]:
+    """One iteration's update: old log-probs, then ppo_epochs x mini_batches optimizer steps.
+
+    norm_length: the constant of loss_aggregation = seq_mean_token_sum_norm (the answer
+    budget, rollout.max_tokens); None takes the batch's longest response."""
     micro, budget = cfg.micro_batch_size, cfg.micro_batch_tokens
 
     # old log-probs from the snapshot as loaded (the behaviour policy of the rollouts)
@@ -253,7 +279,11 @@ def train_on_batch(model, optimizer, accelerator, rows: list[dict], cfg: TrainCo
         n_mb = min(cfg.mini_batches, len(order))
         for mb_index in range(n_mb):
             mb = sorted((r for pid in order[mb_index::n_mb] for r in groups[pid]), key=_length)
-            denom = float(sum(len(r["response_token_ids"]) for r in mb)) or 1.0
+            denom = loss_denominators([len(r["response_token_ids"]) for r in mb], cfg.loss_aggregation,
+                                      norm_length or max(len(r["response_token_ids"]) for r in rows))
+            if isinstance(denom, list):
+                for r, d in zip(mb, denom):
+                    r["_denom"] = d
             for chunk in micro_batches(mb, micro, budget):
                 logp, mask = sequence_logprobs(model, [r["prompt_token_ids"] for r in chunk],
                                                [r["response_token_ids"] for r in chunk], pad_id, _temperatures(chunk))
@@ -264,9 +294,11 @@ def train_on_batch(model, optimizer, accelerator, rows: list[dict], cfg: TrainCo
                 hindsight = torch.tensor([r["is_hindsight"] for r in chunk], device=logp.device)
                 is_weight = torch.stack([pad(r["_is"]) for r in chunk]).to(logp.device) \
                     if cfg.is_correction == "truncated" else None
+                chunk_denom = denom if not isinstance(denom, list) else \
+                    torch.tensor([r["_denom"] for r in chunk], device=logp.device)
                 parts = policy_loss(
                     logp, old_lp, torch.tensor([r["advantage"] for r in chunk], device=logp.device),
-                    hindsight, mask, cfg, denom, ref_lp, is_weight,
+                    hindsight, mask, cfg, chunk_denom, ref_lp, is_weight,
                 )
                 accelerator.backward(parts.loss)
                 totals["loss"] += float(parts.loss.detach())
@@ -286,7 +318,7 @@ def train_on_batch(model, optimizer, accelerator, rows: list[dict], cfg: TrainCo
             optimizer.zero_grad(set_to_none=True)
             steps += 1
     for r in rows:
-        for key in ("_old", "_ref", "_is"):
+        for key in ("_old", "_ref", "_is", "_denom"):
             r.pop(key, None)
     tokens = totals["on_tokens"] + totals["off_tokens"]
     return {
@@ -339,7 +371,8 @@ def run(run: Run, k: int) -> dict:
         rows = read_table("batch", inputs["batch"]).to_pylist()
         if not rows:
             raise ValueError(f"{inputs['batch']}: the batch is empty; nothing to train on")
-        metrics = train_on_batch(model, optimizer, accelerator, rows, cfg.train, seed, tokenizer.pad_token_id, ref_model)
+        metrics = train_on_batch(model, optimizer, accelerator, rows, cfg.train, seed, tokenizer.pad_token_id, ref_model,
+                                 norm_length=max(cfg.rollout.max_tokens, cfg.hindsight.max_tokens or 0))
 
         # write the next snapshot beside its final place, then rename it into place
         out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -416,3 +416,30 @@ def test_batch_rows_carry_their_sampling_temperature():
     rows = compute_batch(ro, rw, hs, _params(rollout_temperature=0.7, hindsight_temperature=0.3)).to_pylist()
     assert {(r["kind"], r["temperature"]) for r in rows} == {("rollout", 0.7), ("hindsight", 0.3),
                                                              ("duplicate", 0.7)}
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("token_mean", (2.0 + 1.0 * 3) / 4),  # all tokens alike: 5 / 4
+    ("seq_mean_token_mean", (2.0 / 1 + 3.0 / 3) / 2),  # each sequence's mean, then their mean
+    ("seq_mean_token_sum_norm", (2.0 / 8 + 3.0 / 8) / 2),  # Dr. GRPO: sums over a constant 8, mean over sequences
+])
+def test_loss_aggregation_modes(mode, expected):
+    """Two on-policy sequences at ratio 1: A = -2 over 1 token, A = -1 over 3 tokens, split
+    over two micro-batches as the trainer does; the parts add up to each mode's formula."""
+    from stages.train import loss_denominators
+
+    lengths = [1, 3]
+    denom = loss_denominators(lengths, mode, norm_length=8)
+    total, grads = 0.0, []
+    for b, (adv, n) in enumerate([(-2.0, 1), (-1.0, 3)]):
+        logp = torch.zeros(1, n, requires_grad=True)
+        d = denom if not isinstance(denom, list) else torch.tensor([denom[b]])
+        parts = policy_loss(logp, torch.zeros(1, n), torch.tensor([adv]), torch.tensor([False]),
+                            torch.ones(1, n, dtype=torch.bool), _cfg(loss_aggregation=mode), denominator=d)
+        parts.loss.backward()
+        total += parts.loss.item()
+        grads.append(logp.grad[0, 0].item())
+    assert total == pytest.approx(expected)
+    # per-token gradient: -A / (what the token's sequence is divided by)
+    per_seq = denom if isinstance(denom, list) else [denom, denom]
+    assert grads == pytest.approx([2.0 / per_seq[0], 1.0 / per_seq[1]])

@@ -128,3 +128,16 @@ def test_flow_parameters_merge_over_overrides():
     assert flow_overrides(None, None, None, None, {"iterations": 16})["iterations"] == 16
     assert flow_overrides("r", 3, "m", None, {"iterations": 16, "seed": 2}) == {
         "iterations": 3, "seed": 2, "run_id": "r", "model.path": "m"}
+
+
+@pytest.mark.parametrize("preset", ["medical", "instruction_following", "tiny"])
+def test_shipped_presets_are_valid(preset):
+    from schemas.config import PRESETS
+
+    cfg = load_config(PRESETS / f"{preset}.toml")
+    if preset == "medical":  # the reference's medical script
+        assert (cfg.train.gamma, cfg.train.kl_coef, cfg.train.mini_batches, cfg.rollout.max_tokens) == (0.1, 0.001, 4, 4096)
+        assert (cfg.grade.judge.model, cfg.grade.judge.temperature, cfg.grade.judge.max_tokens) == ("gpt-4o-mini", 0.1, 4096)
+    if preset == "instruction_following":
+        assert (cfg.train.gamma, cfg.train.kl_coef, cfg.train.mini_batches, cfg.rollout.max_tokens) == (1.0, 0.0, 2, 2048)
+    assert cfg.train.weight_decay == 0.01 and cfg.train.hindsight_weight == "ratio"

@@ -269,3 +269,12 @@ def test_redact():
     for secret in ("sk-abc12345678", "k-99999999", "plainkey123", "dXNlcjpwYXNzd29yZA=="):
         assert secret not in out
     assert out.count("[REDACTED]") == 5 and "401" in out
+
+
+def test_judge_prompt_shows_weights_when_they_differ():
+    from herl.judge import JudgeTask, build_judge_prompt
+
+    weighted = build_judge_prompt(JudgeTask("[user]\nQ", "A", ("Is polite.", "Gives a dangerous dose."), (5.0, -8.0)))
+    assert "1. Is polite. (weight 5)\n2. Gives a dangerous dose. (weight -8)\n" in weighted
+    plain = build_judge_prompt(JudgeTask("[user]\nQ", "A", ("Is polite.", "Is short."), (1.0, 1.0)))
+    assert "1. Is polite.\n2. Is short.\n" in plain and "weight" not in plain
