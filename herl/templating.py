@@ -1,4 +1,4 @@
-"""The Jinja templates of stages/templates/, loaded once each."""
+"""Jinja templates: those of stages/templates/ (loaded once each) and users' own files."""
 
 from __future__ import annotations
 
@@ -13,5 +13,13 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "stages" / "templates"
 @lru_cache(maxsize=None)
 def template(name: str) -> jinja2.Template:
     """stages/templates/<name>, with block trimming and errors on undefined variables."""
+    return template_file(TEMPLATES / name)
+
+
+def template_file(path: Path) -> jinja2.Template:
+    """A Jinja template file, with block trimming and errors on undefined variables."""
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-    return env.from_string((TEMPLATES / name).read_text())
+    try:
+        return env.from_string(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot read template {path}: {exc}") from None

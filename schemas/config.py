@@ -147,6 +147,10 @@ class HindsightConfig(_Section):
     """Maximum tokens per revision; None uses rollout.max_tokens."""
     show_weights: bool = True
     """Show rubric weights in the hindsight prompt when items carry weights other than 1."""
+    template: str = "herl"
+    """Wording of the hindsight prompt: herl (sections with weights; pitfalls as mistakes), reference (the authors' constraint template, quoted in docs/algorithm.md), or a path to a Jinja template of your own (variables as in stages/templates/hindsight.j2)."""
+    chat_template: bool = True
+    """Render the hindsight prompt as a user turn under the model's chat template; false gives raw text, as the reference does (its use_chat_template defaults to false)."""
     train_prompt: Literal["hindsight", "original"] = "hindsight"
     """Prompt a kept revision is trained under: the hindsight prompt (reference `train_use_rewrite_prompt=True`) or the original one."""
 
@@ -281,6 +285,8 @@ class HerlConfig(_Section):
         need(h.revisions_per_candidate >= 1, "hindsight.revisions_per_candidate must be >= 1")
         need(h.temperature >= 0, "hindsight.temperature must be >= 0")
         need(h.max_tokens is None or h.max_tokens >= 1, "hindsight.max_tokens must be >= 1 or unset")
+        need(h.template in ("herl", "reference") or Path(h.template).is_file(),
+             f"hindsight.template must be herl, reference or the path of a Jinja template file; {h.template!r} is neither")
         need(0 <= a.alpha <= 1, "advantages.alpha must be in [0, 1] (0.05 in the reference)")
         need(1 <= a.replace_top_n <= r.n,
              f"advantages.replace_top_n must be in [1, rollout.n={r.n}]: a revision replaces a group member")

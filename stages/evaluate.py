@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 from herl.engines import GenRequest, SamplingParams, derive_seed, load_engine, render_chat
+from herl.hindsight_prompt import build_hindsight_prompt, encode_prompt
 from herl.grading import GradeInput, RubricGrader
 from herl.ifeval import IFEVAL_IDS
 from herl.importers import convert, read_records
@@ -28,7 +29,6 @@ from herl.scoring import ifeval_metrics, mean_rewards, score_answers, used_verdi
 from herl.tiny import resolve_model_path
 from schemas.config import HerlConfig, load_config
 from schemas.tables import write_table
-from stages.hindsight import build_hindsight_prompt
 
 
 def self_improve(prompts: list[dict], model: Path, cfg: HerlConfig, rounds: int, temperature: float,
@@ -50,16 +50,17 @@ def self_improve(prompts: list[dict], model: Path, cfg: HerlConfig, rounds: int,
     try:
         todo = prompts
         for rnd in range(rounds + 1):
-            chats = []
+            prompt_ids = []  # (n,) token ids of each prompt this round
             for p in todo:
                 if rnd == 0:
-                    chats.append(p["messages"])
+                    prompt_ids.append(render_chat(engine.tokenizer, p["messages"])[1])
                 else:  # revise with the verdicts the grader gave the current answer
-                    chats.append([{"role": "user", "content": build_hindsight_prompt(
+                    prompt_ids.append(encode_prompt(engine.tokenizer, build_hindsight_prompt(
                         p["messages"], p["rubric"], used_verdicts(graded[p["prompt_id"]], mode),
-                        answers[p["prompt_id"]], cfg.hindsight.show_weights)}])
-            reqs = [GenRequest(p["prompt_id"], render_chat(engine.tokenizer, chat)[1],
-                               derive_seed(cfg.seed, seed_tag, rnd, p["prompt_id"]), 1) for p, chat in zip(todo, chats)]
+                        answers[p["prompt_id"]], cfg.hindsight.show_weights, wording=cfg.hindsight.template),
+                        cfg.hindsight.chat_template)[1])
+            reqs = [GenRequest(p["prompt_id"], ids, derive_seed(cfg.seed, seed_tag, rnd, p["prompt_id"]), 1)
+                    for p, ids in zip(todo, prompt_ids)]
             for p, out in zip(todo, engine.generate(reqs, params)):
                 answers[p["prompt_id"]] = out[0].text
             verdicts, rows, fallbacks = score_answers(

@@ -1,8 +1,8 @@
 """Hindsight stage: revise the best answers of failed groups, guided by their verdicts.
 
-HERL.md steps 3-5: pick candidates (stages/sql/candidates.sql), build each one's
-hindsight prompt (stages/templates/hindsight.j2: instruction, items met / not met /
-unclear, the draft), regenerate with the same policy at a lower temperature, and grade
+docs/algorithm.md steps 3-5: pick candidates (stages/sql/candidates.sql), build each
+one's hindsight prompt (herl/hindsight_prompt.py: instruction, items met / not met /
+mistakes / unclear, the draft), regenerate with the same policy at a lower temperature, and grade
 the revisions with the same grader. With `algorithm = "grpo"` it writes empty tables.
 
 Reads:  iter-k/prompts, rollouts, verdicts, rewards; snapshot k
@@ -16,38 +16,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from herl.engines import GenRequest, SamplingParams, derive_seed, load_engine, render_chat
-from herl.grading import MET, UNMET
+from herl.engines import GenRequest, SamplingParams, derive_seed, load_engine
+from herl.hindsight_prompt import build_hindsight_prompt, encode_prompt
 from herl.rundir import Run
 from herl.sql import run_sql_file
-from herl.templating import template
 from schemas.tables import empty, read_table, write_table
 from stages.common import stage_main, write_metrics
 from stages.grade import grade_samples
 
 STAGE = "hindsight"
-
-
-def build_hindsight_prompt(messages: list[dict], rubric: list[dict], verdicts: list[str], draft: str,
-                           show_weights: bool = True, naive: bool = False) -> str:
-    """The text of the hindsight prompt for one draft (HERL.md step 4); `naive` lists the
-    rubric without the verdicts (the NaiveHE ablation)."""
-    # a pitfall (negative weight) that is met is a mistake the draft made: it goes with what
-    # to fix, never with what to keep; an avoided pitfall is something to keep avoiding
-    groups: dict[str, list[dict]] = {MET: [], UNMET: [], "unknown": [], "committed": [], "avoided": []}
-    for item, v in zip(rubric, verdicts, strict=True):
-        if item["weight"] < 0 and v != "unknown":
-            v = "committed" if v == MET else "avoided"
-        groups[v].append({"description": item["description"], "weight": item["weight"]})
-    instruction = "\n\n".join(m["content"] for m in messages if m["role"] != "assistant")
-    weighted = show_weights and any(it["weight"] != 1.0 for it in rubric)
-    if naive:  # rubric order, no status
-        groups = {MET: [{"description": it["description"], "weight": it["weight"]} for it in rubric],
-                  UNMET: [], "unknown": [], "committed": [], "avoided": []}
-    return template("hindsight.j2").render(instruction=instruction, met=groups[MET], unmet=groups[UNMET],
-                                           unknown=groups["unknown"], committed=groups["committed"],
-                                           avoided=groups["avoided"], show_weights=weighted, draft=draft,
-                                           naive=naive).strip()
 
 
 def run(run: Run, k: int) -> dict:
@@ -85,6 +62,8 @@ def run(run: Run, k: int) -> dict:
             "groups_failed": groups_failed,
             "candidates": len(candidates) if cfg.hindsight_enabled else 0,
             "revisions": len(rows),
+            # empty after stripping whitespace: never mixed in, no bonus (stages/sql/advantages.sql)
+            "empty_revisions": sum(not r["response_text"].strip() for r in rows),
             "mean_candidate_reward": sum(cand_reward.values()) / len(cand_reward) if cand_reward else 0.0,
             "mean_revision_reward": sum(r["reward"] for r in rows) / len(rows) if rows else 0.0,
             "revisions_beat_candidate": sum(best_rev[c] > cand_reward[c] for c in best_rev),
@@ -115,8 +94,8 @@ def _revise(run: Run, k: int, candidates: list[dict], rollouts, inputs) -> tuple
             p = prompts[c["prompt_id"]]
             text = build_hindsight_prompt(p["messages"], p["rubric"], verdicts[c["rollout_id"]],
                                           by_id[c["rollout_id"]]["response_text"], cfg.hindsight.show_weights,
-                                          naive=cfg.algorithm == "naive_he")
-            rendered, ids = render_chat(engine.tokenizer, [{"role": "user", "content": text}])
+                                          naive=cfg.algorithm == "naive_he", wording=cfg.hindsight.template)
+            rendered, ids = encode_prompt(engine.tokenizer, text, cfg.hindsight.chat_template)
             texts.append(rendered)
             requests.append(GenRequest(c["rollout_id"], ids, derive_seed(cfg.seed, k, "hindsight", c["rollout_id"]),
                                        cfg.hindsight.revisions_per_candidate))

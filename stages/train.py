@@ -1,6 +1,6 @@
 """Train stage: one policy update on the iteration's batch; saves the next snapshot.
 
-HERL.md step 9. Old log-probs are recomputed with the snapshot at the start of the
+docs/algorithm.md step 9. Old log-probs are recomputed with the snapshot at the start of the
 step; the batch is split into `mini_batches` mini-batches of whole groups (one optimizer
 step each, gradients accumulated over micro-batches). Per token:
   on-policy (rollouts, duplicates): PPO clip with dual clip for negative advantages;

@@ -22,3 +22,29 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     cmd = "pip install torch==2.13.0 && pip install -e '.[test]' && python -m pytest -q"
     assert cmd in README and cmd in ci
+
+
+def test_algorithm_page_names_only_real_switches():
+    """docs/algorithm.md names config fields as `section.field`: each must exist, and every
+    switch of the loss and the hindsight prompt must be described there."""
+    import re
+
+    from schemas.config import HerlConfig
+
+    page = (ROOT / "docs" / "algorithm.md").read_text()
+    fields = set()
+
+    def walk(model, prefix):
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann, f"{prefix}{name}.")
+            else:
+                fields.add(prefix + name)
+
+    walk(HerlConfig, "")
+    named = {m for m in re.findall(r"`([a-z_]+\.[a-z_.]+)[` ]", page) if m.split(".")[0] in HerlConfig.model_fields}
+    assert named and named <= fields, named - fields
+    for key in ("train.hindsight_weight", "train.gamma", "train.loss_aggregation", "grade.pitfalls",
+                "hindsight.template", "hindsight.chat_template", "hindsight.temperature", "train.weight_decay"):
+        assert f"`{key}`" in page or f"`{key} =" in page, key

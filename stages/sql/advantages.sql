@@ -1,4 +1,4 @@
--- Bonus-augmented, hindsight-mixed group advantages (HERL.md steps 6-8).
+-- Bonus-augmented, hindsight-mixed group advantages (docs/algorithm.md steps 6-8).
 -- Grain: one row per training sequence; each prompt's mixed group keeps the group size G.
 -- Inputs: originals (originals.sql), hindsight (this iteration; may be empty).
 -- Parameters:

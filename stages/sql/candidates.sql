@@ -1,4 +1,4 @@
--- Hindsight candidates (HERL.md step 3).
+-- Hindsight candidates (docs/algorithm.md step 3).
 -- Grain: one row per candidate rollout (a best-reward answer of a failed group).
 -- A group fails when its best reward is below $threshold; from it we take the answers
 -- whose reward equals the group's best, preferring more items met, at most

@@ -1,0 +1,55 @@
+"""The hindsight prompt: the instruction, the draft, and what the grader said of it.
+
+Shared by the hindsight stage (training) and the self-improvement evaluation. Two
+wordings ship (hindsight.template): `herl` (stages/templates/hindsight.j2: sections for
+items satisfied / not satisfied / mistakes made / mistakes avoided / unclear, with
+weights) and `reference` (hindsight_reference.j2: the authors' constraint template,
+"Satisfied: 1. ..., 2. ..." and "Unmet: ..." on one line each). Any other value is a
+path to a user's Jinja template, which receives the variables documented in hindsight.j2.
+
+A pitfall (negative weight) that is met is a mistake the draft made: it is listed with
+what to fix (herl: "Mistakes the draft makes"; reference: "Unmet"), never with what to
+keep; an avoided pitfall is something to keep avoiding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from herl.grading import MET, UNKNOWN
+from herl.templating import template, template_file
+
+SHIPPED = {"herl": "hindsight.j2", "reference": "hindsight_reference.j2"}
+
+
+def item_status(weight: float, verdict: str) -> str:
+    """met / unmet / unknown for ordinary items; committed / avoided for pitfalls."""
+    if weight < 0 and verdict != UNKNOWN:
+        return "committed" if verdict == MET else "avoided"
+    return verdict
+
+
+def build_hindsight_prompt(messages: list[dict], rubric: list[dict], verdicts: list[str], draft: str,
+                           show_weights: bool = True, naive: bool = False, wording: str = "herl") -> str:
+    """The text of the hindsight prompt for one draft; `naive` lists the rubric without
+    the verdicts (the NaiveHE ablation); `wording` is hindsight.template."""
+    items = [{"index": i + 1, "description": it["description"], "weight": it["weight"],
+              "status": item_status(it["weight"], v)} for i, (it, v) in enumerate(zip(rubric, verdicts, strict=True))]
+    groups = {s: [it for it in items if it["status"] == s] for s in ("met", "unmet", "unknown", "committed", "avoided")}
+    if naive:  # rubric order, no status
+        groups = {"met": items, "unmet": [], "unknown": [], "committed": [], "avoided": []}
+    instruction = "\n\n".join(m["content"] for m in messages if m["role"] != "assistant")
+    weighted = show_weights and any(it["weight"] != 1.0 for it in rubric)
+    tmpl = template(SHIPPED[wording]) if wording in SHIPPED else template_file(Path(wording))
+    return tmpl.render(instruction=instruction, items=items, show_weights=weighted, draft=draft, naive=naive,
+                       **groups).strip()
+
+
+def encode_prompt(tokenizer, text: str, chat_template: bool = True) -> tuple[str, list[int]]:
+    """(text the model sees, its token ids): as a user turn under the chat template, or
+    raw, as the reference renders its rewrite prompts (hindsight.chat_template = false)."""
+    if chat_template:
+        from herl.engines import render_chat
+
+        return render_chat(tokenizer, [{"role": "user", "content": text}])
+    return text, list(tokenizer(text, add_special_tokens=False)["input_ids"])
