@@ -209,10 +209,27 @@ def cmd_install_vllm(args) -> int:
 
 
 def cmd_init_model(args) -> int:
+    from herl.model_store import NAMED_MODELS, convert_gguf, fetch_named
     from herl.tiny import build_tiny_model
 
-    out = build_tiny_model(Path(args.dir), seed=args.seed)
-    print(f"tiny model written to {out}")
+    if args.from_gguf:
+        if not args.target:
+            print("herl init-model: --from-gguf FILE needs an output folder: herl init-model --from-gguf FILE DIR",
+                  file=sys.stderr)
+            return 2
+        out = convert_gguf(Path(args.from_gguf), Path(args.target))
+        print(f"converted {args.from_gguf} to {out}")
+    elif args.target in NAMED_MODELS:
+        out = fetch_named(args.target, Path(args.out) if args.out else None)
+        print(f"{NAMED_MODELS[args.target].about}\nready at {out}"
+              + ("" if args.out else f"; use it as model.path = \"builtin:{args.target}\""))
+    elif args.target:
+        out = build_tiny_model(Path(args.target), seed=args.seed)
+        print(f"tiny model written to {out}")
+    else:
+        print("herl init-model: name a model (" + ", ".join(NAMED_MODELS) + "), a folder for the tiny model, "
+              "or --from-gguf FILE DIR", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -278,9 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spec", default="vllm", help="pip requirement for --gpu (default: vllm)")
     p.set_defaults(fn=cmd_install_vllm)
 
-    p = sub.add_parser("init-model", help="build the tiny random model (builtin:tiny) into DIR")
-    p.add_argument("dir")
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("init-model", help="install a named model (smollm2-135m-instruct), convert a GGUF file, "
+                                          "or build the tiny random model into DIR")
+    p.add_argument("target", nargs="?", default=None,
+                   help="a named model (fetched once into herl's cache), or a folder: the tiny model, "
+                        "or with --from-gguf the converted model")
+    p.add_argument("--from-gguf", default=None, metavar="FILE", help="convert this GGUF file into TARGET")
+    p.add_argument("--out", default=None, help="for a named model: a folder instead of herl's cache")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tiny model")
     p.set_defaults(fn=cmd_init_model)
 
     args = ap.parse_args(argv)

@@ -60,6 +60,10 @@ def load_pool(source: str, num_prompts: int, seed: int, fmt: str = "auto",
               drop_unsupported: bool = False) -> list[dict]:
     if source == "builtin:toy":
         return builtin_toy(num_prompts, seed)
+    if source == "builtin:ifgen":
+        from herl.ifgen import builtin_ifgen
+
+        return builtin_ifgen(num_prompts, seed)
     return load_prompts(Path(source), fmt, drop_unsupported)
 
 
@@ -99,6 +103,23 @@ def sample_for_iteration(pool: list[dict], k: int, per_iteration: int, seed: int
     return unique
 
 
+def evaluation_prompts(cfg) -> list[dict]:
+    """The prompts of the held-out evaluation: evaluation.source's (any supported format),
+    else the pool's held-out ones; at most evaluation.limit, a seeded choice in file order."""
+    ev = cfg.evaluation
+    if ev.source is not None:
+        prompts = load_prompts(Path(ev.source))
+    else:
+        pool = load_pool(cfg.task.source, cfg.task.num_prompts, cfg.seed, cfg.task.format, cfg.task.drop_unsupported)
+        _, prompts = split_pool(pool, cfg.task.holdout, cfg.seed, cfg.task.source)
+    if ev.limit is not None and len(prompts) > ev.limit:
+        keep = set(sorted(range(len(prompts)),
+                          key=lambda i: hashlib.sha256(f"eval:{cfg.seed}:{prompts[i]['prompt_id']}".encode()).hexdigest())
+                   [:ev.limit])
+        prompts = [p for i, p in enumerate(prompts) if i in keep]
+    return prompts
+
+
 def check_pool_fits(cfg) -> int:
     """Load the run's prompt pool and refuse it, before anything starts, when a prompt
     plus the longest answer the run asks for does not fit the initial model's context
@@ -116,5 +137,10 @@ def check_pool_fits(cfg) -> int:
     budget = max(cfg.rollout.max_tokens, cfg.hindsight.max_tokens or 0, cfg.evaluation.max_tokens or 0)
     requests = [GenRequest(p["prompt_id"], render_chat(tokenizer, p["messages"])[1], 0, 1) for p in pool]
     check_prompt_lengths(requests, budget, limit, model, where=f"task.source {cfg.task.source}: ")
+    if cfg.evaluation.every > 0 and cfg.evaluation.source is not None:
+        held = [GenRequest(p["prompt_id"], render_chat(tokenizer, p["messages"])[1], 0, 1)
+                for p in evaluation_prompts(cfg)]
+        check_prompt_lengths(held, cfg.evaluation.max_tokens or cfg.rollout.max_tokens, limit, model,
+                             where=f"evaluation.source {cfg.evaluation.source}: ")
     return len(pool)
 

@@ -93,6 +93,14 @@ def resolve_model_path(path: str) -> Path:
                 if not (out / "config.json").exists():
                     build_tiny_model(out)
         return out
+    if path.startswith("builtin:"):
+        from herl.model_store import NAMED_MODELS, resolve_named
+
+        name = path.removeprefix("builtin:")
+        if name not in NAMED_MODELS:
+            raise FileNotFoundError(f"model.path {path!r}: unknown built-in model; use builtin:tiny or one of "
+                                    + ", ".join(f"builtin:{n}" for n in NAMED_MODELS))
+        return resolve_named(name)
     p = Path(path).expanduser()
     if not (p / "config.json").exists():
         raise FileNotFoundError(

@@ -37,13 +37,13 @@ class ModelConfig(_Section):
 
 class TaskConfig(_Section):
     source: str = "builtin:toy"
-    """Prompt pool: `builtin:toy` (generated from `seed`) or a prompts file (.jsonl or .parquet, prompts schema)."""
+    """Prompt pool: `builtin:toy` (short lines with 3-5 character-level checks, generated from `seed`), `builtin:ifgen` (natural requests with 1-3 IFEval constraints, generated from `seed`; disjoint from IFEval) or a prompts file (.jsonl or .parquet; IFEval/IFBench, RaR, HealthBench or herl format)."""
     format: Literal["auto", "herl", "ifeval", "rar", "healthbench"] = "auto"
     """Format of a prompts file: IFEval/IFBench, RaR, HealthBench or the herl prompts schema; auto detects it."""
     drop_unsupported: bool = False
     """Drop IFEval/IFBench instructions that have no registered check (else the import fails, naming them)."""
     num_prompts: int = 64
-    """Size of the `builtin:toy` pool; ignored for files."""
+    """Size of a generated pool (`builtin:toy`, `builtin:ifgen`); ignored for files."""
     prompts_per_iteration: int = 64
     """B, prompts sampled per iteration (epoch-wise without replacement) [reference: 64]."""
     holdout: int = 0
@@ -212,6 +212,10 @@ class EvaluationConfig(_Section):
     """Sampling temperature of evaluation answers and revisions; 0 means greedy."""
     max_tokens: int | None = None
     """Maximum tokens per evaluation answer; None uses rollout.max_tokens."""
+    source: str | None = None
+    """A prompts file evaluated instead of the pool's held-out prompts (e.g. IFEval's input_data.jsonl, never trained on); None uses task.holdout."""
+    limit: int | None = None
+    """Evaluate a seeded subset of this many prompts (fits a CPU budget); None evaluates all."""
 
 
 class HerlConfig(_Section):
@@ -261,20 +265,24 @@ class HerlConfig(_Section):
         need(self.iterations >= 1, "iterations must be >= 1")
         need(self.stage_retries >= 0, "stage_retries must be >= 0")
         need(self.task.prompts_per_iteration >= 1, "task.prompts_per_iteration must be >= 1")
+        need(not self.task.source.startswith("builtin:") or self.task.source in ("builtin:toy", "builtin:ifgen"),
+             f"task.source {self.task.source!r}: the built-in pools are builtin:toy and builtin:ifgen")
         need(1 <= self.task.num_prompts <= MAX_PROMPTS,
              f"task.num_prompts must be in [1, {MAX_PROMPTS}] (the built-in pool is generated in memory)")
         need(self.task.prompts_per_iteration <= MAX_PROMPTS,
              f"task.prompts_per_iteration must be <= {MAX_PROMPTS}")
         e = self.evaluation
         need(self.task.holdout >= 0, "task.holdout must be >= 0 (0 trains on the whole pool)")
-        need(self.task.source != "builtin:toy" or self.task.holdout < self.task.num_prompts,
+        need(not self.task.source.startswith("builtin:") or self.task.holdout < self.task.num_prompts,
              f"task.holdout ({self.task.holdout}) must be smaller than task.num_prompts ({self.task.num_prompts}): "
              "some prompts must remain for training")
         need(e.every >= 0 and e.rounds >= 0 and e.temperature >= 0,
              "evaluation.every, evaluation.rounds and evaluation.temperature must be >= 0")
         need(e.max_tokens is None or e.max_tokens >= 1, "evaluation.max_tokens must be >= 1 or unset")
-        need(e.every == 0 or self.task.holdout >= 1,
-             "evaluation.every needs held-out prompts: set task.holdout (e.g. 16), or evaluation.every = 0")
+        need(e.every == 0 or self.task.holdout >= 1 or e.source is not None,
+             "evaluation.every needs prompts to evaluate: set task.holdout (e.g. 16) or evaluation.source "
+             "(a prompts file), or evaluation.every = 0")
+        need(e.limit is None or e.limit >= 1, "evaluation.limit must be >= 1 or unset")
         need(r.n >= 2, "rollout.n must be >= 2: group advantages need at least two answers per prompt")
         need(r.temperature >= 0, "rollout.temperature must be >= 0 (0 = greedy)")
         need(0 < r.top_p <= 1 and 0 < h.top_p <= 1, "top_p must be in (0, 1]")

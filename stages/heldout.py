@@ -1,12 +1,13 @@
 """Held-out stage: test-time self-improvement of policy k on prompts it never trains on.
 
-The pool's held-out prompts (task.holdout, a seeded choice the rollout stage leaves out)
-are answered by snapshot k, graded, and revised for evaluation.rounds rounds from the
+The pool's held-out prompts (task.holdout, a seeded choice the rollout stage leaves out),
+or the prompts of evaluation.source (say IFEval's, never trained on), at most
+evaluation.limit of them (a seeded subset), are answered by snapshot k, graded, and revised for evaluation.rounds rounds from the
 grader's verdicts, exactly as `herl eval` does (stages.evaluate.self_improve). The flow
 runs it where `evaluation_due(k)`: policies 0, every, 2*every, ... and the final policy
 (k = iterations, whose iter-k folder holds only this stage).
 
-Reads:  the prompt pool (task.source), snapshot k
+Reads:  the prompt pool (task.source) or evaluation.source, snapshot k
 Writes: iter-k/heldout_answers.parquet  one row per (round, held-out prompt)
         iter-k/heldout_metrics.parquet  one row per (round, metric)
         iter-k/metrics-heldout.parquet  first and last round's scores, for the run's metrics
@@ -18,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from herl.rundir import Run
-from herl.task import load_pool, split_pool
+from herl.task import evaluation_prompts
 from schemas.tables import write_table
 from stages.common import stage_main, write_metrics
 from stages.evaluate import self_improve
@@ -30,14 +31,15 @@ def run(run: Run, k: int) -> dict:
     cfg = run.cfg
     ev = cfg.evaluation
     inputs = {"snapshot": run.snapshot(k)}
-    if not cfg.task.source.startswith("builtin:"):
+    if ev.source is not None:
+        inputs["evaluation"] = Path(ev.source)
+    elif not cfg.task.source.startswith("builtin:"):
         inputs["task"] = Path(cfg.task.source)
 
     def body():
-        pool = load_pool(cfg.task.source, cfg.task.num_prompts, cfg.seed, cfg.task.format, cfg.task.drop_unsupported)
-        _, held = split_pool(pool, cfg.task.holdout, cfg.seed, cfg.task.source)
+        held = evaluation_prompts(cfg)
         if not held:
-            raise ValueError("the held-out evaluation needs held-out prompts: set task.holdout >= 1")
+            raise ValueError("the held-out evaluation needs prompts: set task.holdout >= 1 or evaluation.source")
         answers, metrics, summary = self_improve(
             held, inputs["snapshot"], cfg, ev.rounds, ev.temperature, ev.max_tokens or cfg.rollout.max_tokens,
             run.path / "judge_cache.sqlite", seed_tag=f"heldout:{k}")
