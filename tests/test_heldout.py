@@ -47,7 +47,7 @@ def test_schedule_and_config_errors(tmp_path):
     assert iteration_stages(cfg, 5) == ["heldout"]
     off = load_config(None, small_overrides(tmp_path, iterations=5))
     assert not any(off.evaluation_due(k) for k in range(7))
-    with pytest.raises(ConfigError, match="evaluation.every needs held-out prompts: set task.holdout"):
+    with pytest.raises(ConfigError, match="evaluation.every needs prompts to evaluate: set task.holdout"):
         load_config(None, small_overrides(tmp_path, **{"evaluation.every": 1}))
     with pytest.raises(ConfigError, match=r"task.holdout \(8\) must be smaller than task.num_prompts \(8\)"):
         load_config(None, small_overrides(tmp_path, **{"task.holdout": 8}))
