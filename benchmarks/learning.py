@@ -109,10 +109,19 @@ def collect_heldout(result: dict) -> list[dict]:
     out = query_run(result["path"], """
         select iteration,
                max(value) filter (name = 'round0_mean_reward_strict'),
-               max(value) filter (name = 'final_mean_reward_strict')
+               max(value) filter (name = 'final_mean_reward_strict'),
+               max(value) filter (name = 'round0_prompt_level_strict'),
+               max(value) filter (name = 'final_prompt_level_strict'),
+               max(value) filter (name = 'round0_instruction_level_strict'),
+               max(value) filter (name = 'final_instruction_level_strict'),
+               max(value) filter (name = 'round0_prompt_level_loose'),
+               max(value) filter (name = 'round0_instruction_level_loose')
         from metrics where stage = 'heldout' group by iteration order by iteration""").fetchall()
-    return [{"mode": result["mode"], "seed": result["seed"], "policy": k, "round0": r0, "final": fin}
-            for k, r0, fin in out]
+    # the IFEval accuracies exist where every evaluated item is an IFEval instruction
+    return [{"mode": result["mode"], "seed": result["seed"], "policy": k, "round0": r0, "final": fin,
+             "prompt_strict": ps0, "prompt_strict_final": ps1, "instruction_strict": is0,
+             "instruction_strict_final": is1, "prompt_loose": pl0, "instruction_loose": il0}
+            for k, r0, fin, ps0, ps1, is0, is1, pl0, il0 in out]
 
 
 def heldout_table(rows: list[dict], modes: list[str]) -> str:
@@ -131,6 +140,22 @@ def heldout_table(rows: list[dict], modes: list[str]) -> str:
             r0, fin = _mean_std([r["round0"] for r in got]), _mean_std([r["final"] for r in got])
             cells.append(f"{r0[0]:.3f} ± {r0[1]:.3f} -> {fin[0]:.3f} ± {fin[1]:.3f}")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    if any(r.get("prompt_strict") is not None for r in rows):
+        lines += ["", "IFEval accuracies of policy k's first answers (prompt-level strict / loose, "
+                      "instruction-level strict / loose), and prompt-level strict after the last revision "
+                      "round; mean over seeds.", "",
+                  "| policy | mode | prompt strict | prompt loose | instruction strict | instruction loose | "
+                  "prompt strict after revision |", "|---:|---|---:|---:|---:|---:|---:|"]
+        for k in policies:
+            for mode in modes:
+                got = [r for r in rows if r["mode"] == mode and r["policy"] == k and r.get("prompt_strict") is not None]
+                if got:
+                    m = {c: _mean_std([r[c] for r in got])[0] for c in (
+                        "prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose",
+                        "prompt_strict_final")}
+                    lines.append(f"| {k} | {mode} | {m['prompt_strict']:.3f} | {m['prompt_loose']:.3f} | "
+                                 f"{m['instruction_strict']:.3f} | {m['instruction_loose']:.3f} | "
+                                 f"{m['prompt_strict_final']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
