@@ -41,7 +41,10 @@ def cmd_run(args) -> int:
     _prefect_env()
     from flows.iterate import iterate
 
-    path = iterate(config=args.config, run_id=args.run_id, iterations=args.iterations, model_path=args.model_path,
+    if args.config and args.config_opt:
+        print("herl run: give the config once (positional or --config)", file=sys.stderr)
+        return 2
+    path = iterate(config=args.config or args.config_opt, run_id=args.run_id, iterations=args.iterations, model_path=args.model_path,
                    runs_dir=args.runs_dir, overrides=_overrides(args.set))
     print(f"run directory: {path}")
     print(f"inspect it:    herl status {path}")
@@ -238,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("run", help="run the herl flow in-process (Prefect's ephemeral API)")
-    p.add_argument("config", nargs="?", default=None, help="TOML config (default: the embedded tiny preset)")
+    p.add_argument("config", nargs="?", default=None,
+                   help="TOML config, or a shipped preset by name (tiny, smollm2, instruction_following, medical); "
+                        "default: tiny")
+    p.add_argument("--config", dest="config_opt", default=None, help="the same as the positional CONFIG")
     p.add_argument("--run-id", default=None, help="run name; an existing run id resumes that run")
     p.add_argument("--iterations", type=int, default=None)
     p.add_argument("--model-path", default=None, help="local HF model folder or builtin:tiny")

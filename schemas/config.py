@@ -368,8 +368,11 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> HerlConfig:
-    """Load a TOML/JSON config (default: the embedded tiny preset) and apply dotted overrides."""
+    """Load a TOML/JSON config (default: the embedded tiny preset; a bare name is a shipped
+    preset of schemas/presets/) and apply dotted overrides."""
     path = Path(path) if path else DEFAULT_CONFIG
+    if not path.exists() and path.suffix == "" and (PRESETS / f"{path}.toml").is_file():
+        path = PRESETS / f"{path}.toml"  # a shipped preset by name: smollm2, medical, instruction_following, tiny
     try:
         text = path.read_text()
     except OSError as exc:

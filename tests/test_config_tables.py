@@ -141,3 +141,12 @@ def test_shipped_presets_are_valid(preset):
     if preset == "instruction_following":
         assert (cfg.train.gamma, cfg.train.kl_coef, cfg.train.mini_batches, cfg.rollout.max_tokens) == (1.0, 0.0, 2, 2048)
     assert cfg.train.weight_decay == 0.01 and cfg.train.hindsight_weight == "ratio"
+
+
+def test_a_preset_by_name():
+    from schemas.config import PRESETS
+
+    assert load_config("smollm2") == load_config(PRESETS / "smollm2.toml")
+    assert load_config("smollm2").model.path == "builtin:smollm2-135m-instruct"
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config("no_such_preset")
