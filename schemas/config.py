@@ -32,7 +32,7 @@ class ModelConfig(_Section):
     path: str = "builtin:tiny"
     """Initial policy: a local Hugging Face model folder, or `builtin:tiny` (a small random model built locally on first use)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights dtype for generation and training. Use float32 on CPUs."""
+    """Weights dtype for generation (and the saved snapshots' reference copy for the engines). Training keeps float32 master weights unless train.pure_bf16. Use float32 on CPUs."""
 
 
 class TaskConfig(_Section):
@@ -199,6 +199,12 @@ class TrainConfig(_Section):
     """Importance-sampling correction for the engine/trainer log-prob gap on on-policy tokens: truncated = weight min(pi_old/pi_engine, is_cap) (TIS, as TRL and verl offer)."""
     is_cap: float = 2.0
     """Truncation bound of the importance weight."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Compute precision through accelerate: the weights and AdamW state stay float32 (master weights) whatever model.dtype is, and forward/backward run in bf16/fp16 autocast (GPUs). "no" computes in float32."""
+    pure_bf16: bool = False
+    """Keep the trained weights and AdamW state themselves in bfloat16 (half the memory). Updates smaller than the weights' precision (about 1/256 of a weight) are lost: with learning rates near 1e-6 most of them. Only when asked for by name."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of storing them: less memory, about a third more compute."""
     kl_coef: float = 0.0
     """Coefficient of the k3 KL penalty to the initial policy; 0 skips loading a reference [reference: 0 instruction following; 0.001 medical]."""
 

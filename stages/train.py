@@ -27,6 +27,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,12 +162,44 @@ def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]
             index[b, : len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r), device=device)
             targets[b, : len(r)] = torch.tensor(r, dtype=torch.long, device=device)
             mask[b, : len(r)] = True
-    logits = model(input_ids=input_ids, attention_mask=attn).logits  # (B, L, V)
-    picked = logits.gather(1, index[..., None].expand(-1, -1, logits.size(-1))).float()  # (B, R, V)
-    if temperatures is not None:
-        picked = picked / torch.tensor(temperatures, dtype=picked.dtype, device=device)[:, None, None]
-    logp = torch.log_softmax(picked, dim=-1).gather(-1, targets[..., None]).squeeze(-1)  # (B, R)
+    temp = torch.tensor(temperatures or [1.0] * len(prompts), dtype=torch.float32, device=device)[:, None, None]
+    parts = _decoder_and_head(model)
+    if parts is None:  # a model whose head we cannot apply ourselves: full logits
+        logits = model(input_ids=input_ids, attention_mask=attn).logits  # (B, L, V)
+        picked = logits.gather(1, index[..., None].expand(-1, -1, logits.size(-1))).float()  # (B, R, V)
+        logp = torch.log_softmax(picked / temp, dim=-1).gather(-1, targets[..., None]).squeeze(-1)  # (B, R)
+        return logp * mask, mask
+    # memory-lean: the head only at response positions, LOGIT_CHUNK of them at a time, so
+    # no (B, L, V) float32 logits exist (several GB per micro-batch at a 150k vocabulary)
+    decoder, head = parts
+    hidden = decoder(input_ids=input_ids, attention_mask=attn).last_hidden_state  # (B, L, H)
+    hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.size(-1)))  # (B, R, H)
+    pieces = []
+    for start in range(0, rmax, LOGIT_CHUNK):
+        logits = head(hidden[:, start:start + LOGIT_CHUNK]).float() / temp  # (B, c, V)
+        pieces.append(torch.log_softmax(logits, dim=-1).gather(
+            -1, targets[:, start:start + LOGIT_CHUNK, None]).squeeze(-1))  # (B, c)
+    logp = torch.cat(pieces, dim=1)  # (B, R)
     return logp * mask, mask
+
+
+LOGIT_CHUNK = 64  # response positions whose logits exist at once in sequence_logprobs
+
+
+def _decoder_and_head(model):
+    """(decoder returning last_hidden_state, lm_head) of a causal LM whose logits are just
+    head(hidden); None for models that scale or cap their logits, or hide their parts."""
+    model = getattr(model, "module", model)  # DDP / accelerate wrappers
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return None
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or head is None or decoder is model:
+        return None
+    return decoder, head
 
 
 def _temperatures(chunk: list[dict]) -> list[float]:
@@ -353,9 +386,23 @@ def run(run: Run, k: int) -> dict:
         t0 = time.perf_counter()
         seed = int(hashlib.sha256(f"{cfg.seed}:{k}:train".encode()).hexdigest()[:8], 16)
         torch.manual_seed(seed)
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        dtype = getattr(torch, cfg.model.dtype)
+        t = cfg.train
+        # accelerate keeps one state per process; the stage runs inside the flow process, and
+        # two runs (or a resume with another train.mixed_precision) may want different ones
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=t.mixed_precision)
+        # master weights and AdamW state in float32 (an lr-1e-6 update is below bfloat16's
+        # precision and would be lost); pure bfloat16 only when asked for by name
+        dtype = torch.bfloat16 if t.pure_bf16 else torch.float32
+        if t.pure_bf16 and t.learning_rate < 1e-4:
+            warnings.warn(f"train.pure_bf16 with learning rate {t.learning_rate:g}: most updates are smaller than "
+                          "bfloat16's precision and are lost; prefer train.mixed_precision = 'bf16'", stacklevel=1)
         model = AutoModelForCausalLM.from_pretrained(inputs["snapshot"], dtype=dtype)
+        if t.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
         tokenizer = load_tokenizer(inputs["snapshot"])
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate,
                                       weight_decay=cfg.train.weight_decay)
