@@ -96,6 +96,22 @@ def stage_status(run_dir: str | Path) -> list[dict]:
     return rows
 
 
+def disk_line(run_dir: Path) -> str:
+    """What the run holds on disk: snapshots (whole / weights only / pruned) and tables."""
+    def size(paths) -> int:
+        return sum(p.stat().st_size for p in paths if p.is_file())
+
+    snaps = sorted((run_dir / "snapshots").glob("policy-*"))
+    pruned = sum(not (s / "model.safetensors").exists() for s in snaps)
+    with_opt = sum((s / "optimizer.pt").exists() for s in snaps)
+    snap_bytes = size(p for s in snaps for p in s.rglob("*"))
+    table_bytes = size(run_dir.glob("iter-*/*.parquet"))
+    gb = lambda n: f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"  # noqa: E731
+    return (f"disk: {gb(snap_bytes + table_bytes)} ({gb(snap_bytes)} in {len(snaps)} snapshots: "
+            f"{len(snaps) - pruned} with weights, {with_opt} with optimizer state, {pruned} pruned; "
+            f"{gb(table_bytes)} of tables)")
+
+
 def cmd_status(args) -> int:
     rows = stage_status(args.run_dir)
     header = f"{'iter':>4}  {'stage':<11} {'status':<12} {'rows':>7} {'seconds':>8} {'attempts':>8}"
@@ -106,6 +122,7 @@ def cmd_status(args) -> int:
               f"{'' if r['seconds'] is None else format(r['seconds'], '.1f'):>8} {r['attempts'] or '':>8}")
     done = sum(r["status"] == "done" for r in rows)
     print(f"\n{done}/{len(rows)} stages done")
+    print(disk_line(Path(args.run_dir)))
     for r in rows:
         if r["error"]:
             print(f"iteration {r['iteration']} {r['stage']} failed: {r['error']}")

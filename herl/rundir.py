@@ -86,9 +86,44 @@ def seal_snapshot(folder: Path, meta: dict) -> None:
     write_json_atomic(folder / SNAPSHOT_META, {**meta, "files": snapshot_files(folder)})
 
 
+class SnapshotPrunedError(RuntimeError):
+    """A stage must be redone but the snapshot it starts from was pruned (train.keep_snapshots)."""
+
+
+def prune_snapshot(folder: Path, optimizer_only: bool) -> int:
+    """Free a snapshot's disk; returns the bytes freed. optimizer_only drops optimizer.pt
+    (only the newest snapshot needs it to continue AdamW); otherwise every file goes and
+    herl_snapshot.json stays as a tombstone with the snapshot's id, so the manifests that
+    name it still verify. The metadata is rewritten first: a kill midway leaves a folder
+    whose leftovers the next pruning removes."""
+    meta = json.loads((folder / SNAPSHOT_META).read_text())
+    victims = ["optimizer.pt"] if optimizer_only else [n for n in meta.get("files", {})]
+    if optimizer_only:
+        meta["files"] = {n: f for n, f in meta.get("files", {}).items() if n != "optimizer.pt"}
+        meta["optimizer_pruned"] = True
+    else:
+        meta.update(files={}, pruned=True)
+    write_json_atomic(folder / SNAPSHOT_META, meta)
+    freed = 0
+    for p in ([folder / v for v in victims] if optimizer_only else
+              [p for p in folder.rglob("*") if p.is_file() and p.name != SNAPSHOT_META]):
+        if p.exists():
+            freed += p.stat().st_size
+            p.unlink()
+    return freed
+
+
+def snapshot_meta(folder: Path) -> dict:
+    p = folder / SNAPSHOT_META
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
 def snapshot_problems(folder: Path) -> list[str]:
     """What differs between a snapshot's files and the digests recorded at its save ([] when none)."""
-    recorded = json.loads((folder / SNAPSHOT_META).read_text()).get("files")
+    meta = json.loads((folder / SNAPSHOT_META).read_text())
+    if meta.get("pruned"):
+        return []
+    recorded = meta.get("files")
     if recorded is None:
         return ["no file digests recorded (a snapshot from an older herl)"]
     actual = snapshot_files(folder)
@@ -118,7 +153,7 @@ def fingerprint(path: Path) -> str:
     if path.is_dir():
         meta = path / SNAPSHOT_META
         if meta.exists():
-            snapshot_id = json.loads(meta.read_text())["snapshot_id"]
+            snapshot_id = json.loads(meta.read_text())["snapshot_id"]  # a pruned snapshot keeps its id
             problems = snapshot_problems(path)
             if problems:
                 return "snapshot-altered:" + hashlib.sha256("\n".join(problems).encode()).hexdigest()[:16]
@@ -248,6 +283,11 @@ class Run:
             if self.stage_is_current(k, stage, fps):
                 m = self.read_manifest(k, stage)
                 return {**m, "skipped": True}
+            for name, p in inputs.items():
+                if p.is_dir() and snapshot_meta(p).get("pruned"):
+                    raise SnapshotPrunedError(
+                        f"iteration {k} {stage} must be redone, but it starts from {p}, which train.keep_snapshots "
+                        "pruned; restore that snapshot, or start a new run from a kept one (model.path)")
             base = {
                 "run_id": self.run_id, "iteration": k, "stage": stage, "inputs": fps,
                 "config_hash": stage_config_hash(self.cfg, stage), "pid": os.getpid(),
@@ -275,6 +315,32 @@ class Run:
             write_json_atomic(mpath, manifest)
             return {**manifest, "skipped": False}
 
+
+    def prune_snapshots(self, k: int) -> int:
+        """Apply train.keep_snapshots / keep_every after train k wrote snapshot k + 1;
+        returns the bytes freed.
+
+        Kept: the newest `keep_snapshots` counting back from k + 1, every `keep_every`-th,
+        and the final one. Only optimizer.pt goes from kept snapshots older than k + 1 (the
+        next train stage needs only k + 1's). Only snapshots up to k are touched, each once
+        every stage of its own iteration is done: when a resume redoes train j < k, the
+        stale later snapshots are left alone until their own train stages are redone."""
+        t = self.cfg.train
+        newest, freed = k + 1, 0
+        snaps = sorted(int(p.name.split("-")[1]) for p in (self.path / "snapshots").glob("policy-*")
+                       if p.name.split("-")[1].isdigit() and (p / SNAPSHOT_META).exists())
+        for j in [j for j in snaps if j <= k]:
+            if not all((self.read_manifest(j, s) or {}).get("status") == "done" for s in iteration_stages(self.cfg, j)):
+                continue
+            folder = self.snapshot(j)
+            meta = snapshot_meta(folder)
+            keep = (t.keep_snapshots is None or j > newest - t.keep_snapshots
+                    or (t.keep_every > 0 and j % t.keep_every == 0) or j == self.cfg.iterations)
+            if not keep and not meta.get("pruned"):
+                freed += prune_snapshot(folder, optimizer_only=False)
+            elif keep and not meta.get("pruned") and (folder / "optimizer.pt").exists():
+                freed += prune_snapshot(folder, optimizer_only=True)
+        return freed
 
     def _remove_partial_files(self, k: int) -> None:
         """Delete what a killed attempt left half-written (temporary files and folders).

@@ -199,6 +199,10 @@ class TrainConfig(_Section):
     """Importance-sampling correction for the engine/trainer log-prob gap on on-policy tokens: truncated = weight min(pi_old/pi_engine, is_cap) (TIS, as TRL and verl offer)."""
     is_cap: float = 2.0
     """Truncation bound of the importance weight."""
+    keep_snapshots: int | None = 2
+    """Policy snapshots kept on disk: the newest this many, plus every keep_every-th and the final one; older ones are pruned once their iteration is done (their id stays, so resume still verifies). Only the newest keeps its optimizer state. None keeps every snapshot whole."""
+    keep_every: int = 10
+    """Also keep every this-many-th snapshot (policy-10, policy-20, ...); 0 keeps none extra."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Compute precision through accelerate: the weights and AdamW state stay float32 (master weights) whatever model.dtype is, and forward/backward run in bf16/fp16 autocast (GPUs). "no" computes in float32."""
     pure_bf16: bool = False
@@ -315,6 +319,9 @@ class HerlConfig(_Section):
         need(0 < t.clip_eps_low < 1 and t.clip_eps_high > 0, "train.clip_eps_low must be in (0, 1) and clip_eps_high > 0")
         need(t.dual_clip_c > 1, "train.dual_clip_c must be > 1 (3 in the reference)")
         need(t.kl_coef >= 0, "train.kl_coef must be >= 0")
+        need(t.keep_snapshots is None or t.keep_snapshots >= 1,
+             "train.keep_snapshots must be >= 1 (the newest snapshot is where the next iteration starts), or unset")
+        need(t.keep_every >= 0, "train.keep_every must be >= 0 (0: no extra snapshots kept)")
         need(t.is_cap >= 1, "train.is_cap must be >= 1: it truncates importance weights from above")
         v = self.vllm
         need(v.tensor_parallel_size >= 1 and v.data_parallel_size >= 1,

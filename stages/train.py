@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from herl.engines import _quiet_transformers, load_tokenizer
-from herl.rundir import Run, seal_snapshot
+from herl.rundir import Run, SnapshotPrunedError, seal_snapshot, snapshot_meta
 from schemas.config import TrainConfig, stage_config_hash
 from schemas.tables import read_table
 from stages.common import stage_main, write_metrics
@@ -409,6 +409,11 @@ def run(run: Run, k: int) -> dict:
         opt_state = inputs["snapshot"] / "optimizer.pt"
         if opt_state.exists():
             optimizer.load_state_dict(torch.load(opt_state, map_location="cpu"))
+        elif snapshot_meta(inputs["snapshot"]).get("optimizer_pruned"):
+            # redoing this step without the AdamW moments would silently train another policy
+            raise SnapshotPrunedError(
+                f"iteration {k} train must be redone, but {opt_state} was pruned (only the newest snapshot keeps "
+                "its optimizer state); restore it, or continue from a later snapshot")
         ref_model = None
         if cfg.train.kl_coef > 0:
             ref_model = AutoModelForCausalLM.from_pretrained(inputs["reference"], dtype=dtype).eval()
@@ -444,7 +449,10 @@ def run(run: Run, k: int) -> dict:
         metrics["learning_rate"] = cfg.train.learning_rate
         return {"snapshot": (out_dir, metrics["sequences"]), "metrics": write_metrics(run, k, STAGE, metrics)}
 
-    return run.run_stage(k, STAGE, inputs, body)
+    manifest = run.run_stage(k, STAGE, inputs, body)
+    with run.lock():  # after the manifest: a kill before this leaves more on disk, never less
+        freed = run.prune_snapshots(k)
+    return {**manifest, "pruned_bytes": freed}
 
 
 if __name__ == "__main__":

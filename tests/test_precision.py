@@ -4,6 +4,8 @@ without (B, L, V) logits."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -84,3 +86,39 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     (lp2 * mask).sum().backward()
     for a, b in zip(plain, (p.grad for p in model.parameters())):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_snapshots_are_pruned_and_the_run_still_verifies(tmp_path):
+    from herl.rundir import SnapshotPrunedError, fingerprint, load_run, snapshot_meta
+
+    cfg = load_config(None, small_overrides(tmp_path, iterations=4, **{
+        "train.keep_snapshots": 2, "train.keep_every": 0, "task.num_prompts": 8}))
+    run = open_run(cfg)
+    ids = {}
+    for k in range(4):
+        for mod in (rollout, grade, hindsight, advantages, train):
+            mod.run(run, k)
+        ids[k + 1] = fingerprint(run.snapshot(k + 1))
+    snaps = {j: run.snapshot(j) for j in range(1, 5)}
+    # policies 1 and 2: tombstones (metadata only); 3: kept, without optimizer state; 4: whole
+    for j in (1, 2):
+        assert snapshot_meta(snaps[j])["pruned"] and sorted(p.name for p in snaps[j].iterdir()) == ["herl_snapshot.json"]
+    assert (snaps[3] / "model.safetensors").exists() and not (snaps[3] / "optimizer.pt").exists()
+    assert (snaps[4] / "optimizer.pt").exists()
+    assert {j: fingerprint(snaps[j]) for j in snaps} == ids  # ids survive pruning: manifests still verify
+    # a resume finds every stage current
+    again = load_run(run.path)
+    assert all(mod.run(again, k)["skipped"] for k in range(4) for mod in (rollout, grade, hindsight, advantages, train))
+    # a stage that must be redone from a pruned snapshot says so instead of training something else
+    def fail(k):  # as a killed attempt leaves it
+        m = again.read_manifest(k, "train")
+        again.manifest_path(k, "train").write_text(json.dumps({**m, "status": "failed"}))
+
+    fail(1)
+    with pytest.raises(SnapshotPrunedError, match="policy-1.*keep_snapshots"):
+        train.run(again, 1)
+    fail(3)  # policy-3 kept its weights (one of the newest two) but not its AdamW state
+    with pytest.raises(SnapshotPrunedError, match="optimizer"):
+        train.run(again, 3)
+    # nothing was deleted by the refusals
+    assert (snaps[3] / "model.safetensors").exists() and (snaps[4] / "optimizer.pt").exists()
