@@ -66,6 +66,15 @@ def test_sigkill_during_a_stage_then_resume(tmp_path):
         proc.wait(timeout=60)
         log.close()
     assert proc.returncode == -signal.SIGKILL
+    # `herl run` is a supervisor and its worker: wait until every process of the job is gone
+    # (the worker, which holds the run lock, may exit a moment after the supervisor)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
 
     status = {(r["iteration"], r["stage"]): r["status"] for r in stage_status(run_dir)}
     assert status[victim] == "interrupted"
