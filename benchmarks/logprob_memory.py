@@ -33,7 +33,7 @@ def measure(model: str, batch: int, prompt: int, response: int, lean: bool, chec
     m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     vocab = m.config.vocab_size
     if checkpointing:
-        m.gradient_checkpointing_enable()
+        (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)()
         m.config.use_cache = False
         m.train()
     if not lean:

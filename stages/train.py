@@ -400,8 +400,9 @@ def run(run: Run, k: int) -> dict:
             warnings.warn(f"train.pure_bf16 with learning rate {t.learning_rate:g}: most updates are smaller than "
                           "bfloat16's precision and are lost; prefer train.mixed_precision = 'bf16'", stacklevel=1)
         model = AutoModelForCausalLM.from_pretrained(inputs["snapshot"], dtype=dtype)
-        if t.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+        if t.gradient_checkpointing:  # transformers 5 renamed it; older versions have only the old name
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
             model.config.use_cache = False
         tokenizer = load_tokenizer(inputs["snapshot"])
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate,

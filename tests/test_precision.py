@@ -80,7 +80,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     (lp * mask).sum().backward()
     plain = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    model.gradient_checkpointing_enable()
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.config.use_cache = False
     lp2, _ = sequence_logprobs(model, prompts, responses, pad)
     (lp2 * mask).sum().backward()
@@ -122,3 +122,12 @@ def test_snapshots_are_pruned_and_the_run_still_verifies(tmp_path):
         train.run(again, 3)
     # nothing was deleted by the refusals
     assert (snaps[3] / "model.safetensors").exists() and (snaps[4] / "optimizer.pt").exists()
+
+
+def test_the_train_stage_with_gradient_checkpointing(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the current transformers API, not the deprecated one
+        frac, _ = _train_once(tmp_path, **{"train.gradient_checkpointing": True, "train.learning_rate": 1e-4})
+    assert frac > 0.5
