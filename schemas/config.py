@@ -352,17 +352,35 @@ class HerlConfig(_Section):
 # stage on resume; a change elsewhere (say iterations) does not.
 STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     "rollout": ("seed", "model", "task", "rollout", "vllm"),
-    "grade": ("grade",),
-    "hindsight": ("seed", "algorithm", "rollout", "grade", "hindsight", "vllm"),
+    "grade": ("grade", "plugins"),
+    "hindsight": ("seed", "algorithm", "rollout", "grade", "hindsight", "vllm", "plugins"),
     "advantages": ("seed", "algorithm", "rollout", "hindsight", "advantages"),
     "train": ("seed", "model", "train", "rollout", "hindsight"),
-    "heldout": ("seed", "model", "task", "rollout", "grade", "hindsight", "evaluation", "vllm"),
+    "heldout": ("seed", "model", "task", "rollout", "grade", "hindsight", "evaluation", "vllm", "plugins"),
 }
+
+
+def plugin_sources(modules: list[str]) -> list[list[str | None]]:
+    """[module, sha256 of its source file] per plugin: a changed check redoes the stages that grade."""
+    import importlib.util
+
+    out = []
+    for name in modules:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        origin = spec.origin if spec is not None else None
+        digest = hashlib.sha256(Path(origin).read_bytes()).hexdigest()[:16] if origin and Path(origin).is_file() else None
+        out.append([name, digest])
+    return out
 
 
 def stage_config_hash(cfg: HerlConfig, stage: str) -> str:
     dumped = cfg.model_dump(mode="json")
     part = {k: dumped[k] for k in STAGE_CONFIG[stage]}
+    if "plugins" in part:
+        part["plugins"] = plugin_sources(cfg.plugins)
     return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
 

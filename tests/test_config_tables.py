@@ -150,3 +150,18 @@ def test_a_preset_by_name():
     assert load_config("smollm2").model.path == "builtin:smollm2-135m-instruct"
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config("no_such_preset")
+
+
+def test_a_changed_plugin_check_redoes_grading(tmp_path, monkeypatch):
+    """The grade stage's hash covers the plugin modules' source: editing a check regrades."""
+    mod = tmp_path / "herl_test_plugin_mod.py"
+    mod.write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    none = load_config(None)
+    cfg = load_config(None, {"plugins": ["herl_test_plugin_mod"]})
+    first = {s: stage_config_hash(cfg, s) for s in ("grade", "hindsight", "heldout", "rollout")}
+    assert first["grade"] != stage_config_hash(none, "grade")  # adding a plugin counts
+    mod.write_text("X = 2  # the check changed\n")
+    second = {s: stage_config_hash(cfg, s) for s in first}
+    assert all(first[s] != second[s] for s in ("grade", "hindsight", "heldout"))
+    assert first["rollout"] == second["rollout"]  # sampling does not depend on checks
