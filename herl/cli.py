@@ -10,6 +10,7 @@ from pathlib import Path
 
 from herl.query import ReadOnlyQueryError, query_run
 from herl.rundir import STAGES, iteration_stages, load_run
+from herl.sql import to_arrow
 
 
 def _prefect_env() -> None:
@@ -136,7 +137,7 @@ def cmd_sql(args) -> int:
     try:
         rel = query_run(args.run_dir, args.query)
         # execute here, inside the handler: a relation runs lazily, and its errors are the user's
-        result = rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+        result = to_arrow(rel)
     except (ReadOnlyQueryError, FileNotFoundError, duckdb.Error, pa.ArrowException, OSError) as exc:
         print(f"herl sql: {exc}", file=sys.stderr)
         return 2

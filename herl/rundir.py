@@ -96,17 +96,17 @@ def prune_snapshot(folder: Path, optimizer_only: bool) -> int:
     herl_snapshot.json stays as a tombstone with the snapshot's id, so the manifests that
     name it still verify. The metadata is rewritten first: a kill midway leaves a folder
     whose leftovers the next pruning removes."""
-    meta = json.loads((folder / SNAPSHOT_META).read_text())
-    victims = ["optimizer.pt"] if optimizer_only else [n for n in meta.get("files", {})]
+    meta = snapshot_meta(folder)
     if optimizer_only:
         meta["files"] = {n: f for n, f in meta.get("files", {}).items() if n != "optimizer.pt"}
         meta["optimizer_pruned"] = True
+        victims = [folder / "optimizer.pt"]
     else:
         meta.update(files={}, pruned=True)
+        victims = [p for p in folder.rglob("*") if p.is_file() and p.name != SNAPSHOT_META]
     write_json_atomic(folder / SNAPSHOT_META, meta)
     freed = 0
-    for p in ([folder / v for v in victims] if optimizer_only else
-              [p for p in folder.rglob("*") if p.is_file() and p.name != SNAPSHOT_META]):
+    for p in victims:
         if p.exists():
             freed += p.stat().st_size
             p.unlink()
@@ -118,9 +118,9 @@ def snapshot_meta(folder: Path) -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-def snapshot_problems(folder: Path) -> list[str]:
+def snapshot_problems(folder: Path, meta: dict | None = None) -> list[str]:
     """What differs between a snapshot's files and the digests recorded at its save ([] when none)."""
-    meta = json.loads((folder / SNAPSHOT_META).read_text())
+    meta = snapshot_meta(folder) if meta is None else meta
     if meta.get("pruned"):
         return []
     recorded = meta.get("files")
@@ -151,13 +151,12 @@ def fingerprint(path: Path) -> str:
     weights that herl did not write, at every stage, would cost more than the stage).
     """
     if path.is_dir():
-        meta = path / SNAPSHOT_META
-        if meta.exists():
-            snapshot_id = json.loads(meta.read_text())["snapshot_id"]  # a pruned snapshot keeps its id
-            problems = snapshot_problems(path)
+        meta = snapshot_meta(path)
+        if meta:
+            problems = snapshot_problems(path, meta)
             if problems:
                 return "snapshot-altered:" + hashlib.sha256("\n".join(problems).encode()).hexdigest()[:16]
-            return "snapshot:" + snapshot_id
+            return "snapshot:" + meta["snapshot_id"]  # a pruned snapshot keeps its id
         h = hashlib.sha256()
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
             st = f.stat()

@@ -26,7 +26,11 @@ def run_sql_file(name: str, tables: dict[str, pa.Table], params: dict) -> pa.Tab
         for view in VIEWS.get(name, []):
             # the view name is one of ours, never user input; its SQL takes no parameters
             con.execute(f"CREATE VIEW {view} AS " + (SQL_DIR / f"{view}.sql").read_text())
-        rel = con.sql(query, params=params)
-        return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+        return to_arrow(con.sql(query, params=params))
     finally:
         con.close()
+
+
+def to_arrow(rel) -> pa.Table:
+    """Execute a DuckDB relation into an Arrow table (the method's name differs across DuckDB versions)."""
+    return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()

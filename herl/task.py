@@ -134,13 +134,15 @@ def check_pool_fits(cfg) -> int:
     if limit is None:
         return len(pool)
     tokenizer = load_tokenizer(model)
-    budget = max(cfg.rollout.max_tokens, cfg.hindsight.max_tokens or 0, cfg.evaluation.max_tokens or 0)
-    requests = [GenRequest(p["prompt_id"], render_chat(tokenizer, p["messages"])[1], 0, 1) for p in pool]
-    check_prompt_lengths(requests, budget, limit, model, where=f"task.source {cfg.task.source}: ")
+
+    def check(prompts: list[dict], budget: int, where: str) -> None:
+        requests = [GenRequest(p["prompt_id"], render_chat(tokenizer, p["messages"])[1], 0, 1) for p in prompts]
+        check_prompt_lengths(requests, budget, limit, model, where=where)
+
+    check(pool, max(cfg.rollout.max_tokens, cfg.hindsight.max_tokens or 0, cfg.evaluation.max_tokens or 0),
+          f"task.source {cfg.task.source}: ")
     if cfg.evaluation.every > 0 and cfg.evaluation.source is not None:
-        held = [GenRequest(p["prompt_id"], render_chat(tokenizer, p["messages"])[1], 0, 1)
-                for p in evaluation_prompts(cfg)]
-        check_prompt_lengths(held, cfg.evaluation.max_tokens or cfg.rollout.max_tokens, limit, model,
-                             where=f"evaluation.source {cfg.evaluation.source}: ")
+        check(evaluation_prompts(cfg), cfg.evaluation.max_tokens or cfg.rollout.max_tokens,
+              f"evaluation.source {cfg.evaluation.source}: ")
     return len(pool)
 

@@ -118,22 +118,23 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     )
 
 
-def loss_denominators(lengths: list[int], mode: str, norm_length: int) -> float | list[float]:
-    """What each sequence's token-loss sum is divided by, for one mini-batch of responses
-    with these token counts; the parts of all its micro-batches then add up to:
+def loss_denominators(lengths: list[int], mb_lengths: list[int], mode: str, norm_length: int) -> float | list[float]:
+    """What the token-loss sums of a micro-batch's responses (token counts `lengths`) are
+    divided by, in a mini-batch of responses with token counts `mb_lengths`; the parts of
+    all its micro-batches then add up to:
 
     token_mean               sum of token losses / tokens in the mini-batch (one number)
     seq_mean_token_mean      mean over sequences of each one's token mean: n_i * N each
     seq_mean_token_sum_norm  Dr. GRPO: mean over sequences of token sums / a constant
                              length (norm_length, the answer budget): norm_length * N each
     """
-    n = len(lengths)
+    n = len(mb_lengths)
     if mode == "token_mean":
-        return float(sum(lengths)) or 1.0
+        return float(sum(mb_lengths)) or 1.0
     if mode == "seq_mean_token_mean":
         return [float(max(1, m) * n) for m in lengths]
     if mode == "seq_mean_token_sum_norm":
-        return [float(norm_length * n)] * n
+        return [float(norm_length * n)] * len(lengths)
     raise ValueError(f"unknown train.loss_aggregation {mode!r}")
 
 
@@ -269,6 +270,7 @@ def train_on_batch(model, optimizer, accelerator, rows: list[dict], cfg: TrainCo
     norm_length: the constant of loss_aggregation = seq_mean_token_sum_norm (the answer
     budget, rollout.max_tokens); None takes the batch's longest response."""
     micro, budget = cfg.micro_batch_size, cfg.micro_batch_tokens
+    norm_length = norm_length or max(len(r["response_token_ids"]) for r in rows)
 
     # old log-probs from the snapshot as loaded (the behaviour policy of the rollouts)
     model.eval()
@@ -312,11 +314,7 @@ def train_on_batch(model, optimizer, accelerator, rows: list[dict], cfg: TrainCo
         n_mb = min(cfg.mini_batches, len(order))
         for mb_index in range(n_mb):
             mb = sorted((r for pid in order[mb_index::n_mb] for r in groups[pid]), key=_length)
-            denom = loss_denominators([len(r["response_token_ids"]) for r in mb], cfg.loss_aggregation,
-                                      norm_length or max(len(r["response_token_ids"]) for r in rows))
-            if isinstance(denom, list):
-                for r, d in zip(mb, denom):
-                    r["_denom"] = d
+            mb_lengths = [len(r["response_token_ids"]) for r in mb]
             for chunk in micro_batches(mb, micro, budget):
                 logp, mask = sequence_logprobs(model, [r["prompt_token_ids"] for r in chunk],
                                                [r["response_token_ids"] for r in chunk], pad_id, _temperatures(chunk))
@@ -327,8 +325,9 @@ def train_on_batch(model, optimizer, accelerator, rows: list[dict], cfg: TrainCo
                 hindsight = torch.tensor([r["is_hindsight"] for r in chunk], device=logp.device)
                 is_weight = torch.stack([pad(r["_is"]) for r in chunk]).to(logp.device) \
                     if cfg.is_correction == "truncated" else None
-                chunk_denom = denom if not isinstance(denom, list) else \
-                    torch.tensor([r["_denom"] for r in chunk], device=logp.device)
+                denom = loss_denominators([len(r["response_token_ids"]) for r in chunk], mb_lengths,
+                                          cfg.loss_aggregation, norm_length)
+                chunk_denom = torch.tensor(denom, device=logp.device) if isinstance(denom, list) else denom
                 parts = policy_loss(
                     logp, old_lp, torch.tensor([r["advantage"] for r in chunk], device=logp.device),
                     hindsight, mask, cfg, chunk_denom, ref_lp, is_weight,
@@ -351,7 +350,7 @@ def train_on_batch(model, optimizer, accelerator, rows: list[dict], cfg: TrainCo
             optimizer.zero_grad(set_to_none=True)
             steps += 1
     for r in rows:
-        for key in ("_old", "_ref", "_is", "_denom"):
+        for key in ("_old", "_ref", "_is"):
             r.pop(key, None)
     tokens = totals["on_tokens"] + totals["off_tokens"]
     return {

@@ -429,7 +429,8 @@ def test_loss_aggregation_modes(mode, expected):
     from stages.train import loss_denominators
 
     lengths = [1, 3]
-    denom = loss_denominators(lengths, mode, norm_length=8)
+    per_chunk = [loss_denominators([n], lengths, mode, norm_length=8) for n in lengths]
+    denom = per_chunk[0] if mode == "token_mean" else [d[0] for d in per_chunk]
     total, grads = 0.0, []
     for b, (adv, n) in enumerate([(-2.0, 1), (-1.0, 3)]):
         logp = torch.zeros(1, n, requires_grad=True)
