@@ -1,5 +1,5 @@
 """Peak memory of the train stage's log-probs: the full (B, L, V) logits vs the head at
-response positions only, in chunks (stages/train.py `sequence_logprobs`), and the latter
+response positions only, in chunks (herl/batching.py `sequence_logprobs`), and the latter
 with gradient checkpointing (train.gradient_checkpointing).
 
     python benchmarks/logprob_memory.py [--model builtin:smollm2-135m-instruct] [--batch 8]
@@ -26,7 +26,7 @@ def measure(model: str, batch: int, prompt: int, response: int, lean: bool, chec
     import torch
     from transformers import AutoModelForCausalLM
 
-    import stages.train as train_mod
+    import herl.batching as train_mod
     from herl.tiny import resolve_model_path
 
     path = resolve_model_path(model)

@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from herl.engines import release_engines
 from herl.rundir import Run, iteration_stages, load_run, open_run
 from herl.task import check_pool_fits
 from schemas.config import load_config
@@ -68,15 +69,20 @@ def iterate(config: str | None = None, run_id: str | None = None, iterations: in
     run = open_run(cfg)
     logger = get_run_logger()
     logger.info("run directory: %s", run.path)
-    with run.lock():  # held for the whole flow: a second writer fails at once
-        for k in range(cfg.iterations + 1):
-            stages = iteration_stages(cfg, k)
-            for stage in stages:
-                run_stage.with_options(retries=cfg.stage_retries)(str(run.path), stage, k)
-            if not stages:
-                continue
-            create_markdown_artifact(key=f"herl-{_slug(run.run_id)}-iter-{k}", markdown=metrics_markdown(run, k),
-                                     description=f"herl {run.run_id} iteration {k} metrics")
+    # held for the whole flow: a second writer fails at once; the stages of an iteration
+    # that generate share one engine, which closes before train and at the end
+    with run.lock():
+        try:
+            for k in range(cfg.iterations + 1):
+                stages = iteration_stages(cfg, k)
+                for stage in stages:
+                    run_stage.with_options(retries=cfg.stage_retries)(str(run.path), stage, k)
+                if not stages:
+                    continue
+                create_markdown_artifact(key=f"herl-{_slug(run.run_id)}-iter-{k}", markdown=metrics_markdown(run, k),
+                                         description=f"herl {run.run_id} iteration {k} metrics")
+        finally:
+            release_engines()
     return str(run.path)
 
 

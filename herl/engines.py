@@ -1,9 +1,12 @@
 """Generation engines behind one small interface.
 
-    engine = load_engine(cfg, snapshot_path)
+    engine = load_engine(kind, snapshot_path, dtype, batch_size, vllm_cfg)
     outs = engine.generate([GenRequest(id, prompt_token_ids, seed, n)], SamplingParams(...))
     # outs[i] is a list of n Completion(token_ids, text, finish_reason, logprobs)
     engine.close()
+
+Stages use `shared_engine(...)` instead: the engine stays open for the next stage that
+generates from the same snapshot, and `release_engines()` closes it.
 
 Prompts are rendered once, by `render_chat`, with the tokenizer's chat template, so
 every engine sees identical token ids. Completions include the EOS token when the
@@ -234,8 +237,8 @@ class VLLMEngine:
     """vLLM's offline engine in its own process and environment (herl/vllm_worker.py).
 
     Per-request seeds, so a request's samples do not depend on what it is batched with.
-    One engine process per generate call: it starts from the snapshot, generates, and
-    exits, so its memory is free before the train stage.
+    The engine process starts with the first generate call and serves every later one
+    until `close`, which ends it and frees its memory (before the train stage).
     """
 
     def __init__(self, path: Path, dtype: str = "float32", vllm_cfg=None):
@@ -249,18 +252,13 @@ class VLLMEngine:
         self.path, self.dtype = Path(path), dtype
         self.tokenizer = load_tokenizer(path)
         self.last_stats: dict = {}
+        self.starts = 0  # engine processes started so far
+        self._proc = None
+        self._tmp = None
+        self._jobs = 0
 
-    def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[Completion]]:
-        import json
-        import os
-        import signal
-        import subprocess
-        import tempfile
-
-        if not requests:
-            return []
+    def _engine_kwargs(self) -> dict:
         c = self.cfg
-        check_prompt_lengths(requests, params.max_tokens, context_length(self.path, c.max_model_len), self.path)
         engine = {"model": str(self.path), "dtype": self.dtype, "seed": 0,
                   "tensor_parallel_size": c.tensor_parallel_size, "data_parallel_size": c.data_parallel_size,
                   "gpu_memory_utilization": c.gpu_memory_utilization, "enforce_eager": c.enforce_eager,
@@ -271,40 +269,103 @@ class VLLMEngine:
             engine["max_model_len"] = c.max_model_len
         if c.enable_chunked_prefill is not None:
             engine["enable_chunked_prefill"] = c.enable_chunked_prefill
+        return engine
+
+    def _start(self) -> None:
+        import json
+        import os
+        import subprocess
+        import tempfile
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="herl-vllm-")
+        tmp = Path(self._tmp.name)
+        (tmp / "engine.json").write_text(json.dumps(self._engine_kwargs()))
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(self.cfg.cpu_kvcache_gib),
+               "VLLM_CONFIGURE_LOGGING": os.environ.get("VLLM_CONFIGURE_LOGGING", "1")}
+        read_fd, write_fd = os.pipe()
+        self._log = open(tmp / "engine.log", "w")
+        try:
+            # own session: on cancellation or timeout the whole engine process group goes
+            self._proc = subprocess.Popen(
+                [self.python, str(Path(__file__).with_name("vllm_worker.py")), str(tmp / "engine.json"), str(write_fd)],
+                stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT, env=env, text=True,
+                start_new_session=True, pass_fds=(write_fd,))
+        finally:
+            os.close(write_fd)
+        self._control = os.fdopen(read_fd)
+        self.starts += 1
+
+    def _failure(self, what: str) -> RuntimeError:
+        tail = (Path(self._tmp.name) / "engine.log").read_text()[-4000:]
+        self.close()
+        return RuntimeError(f"vLLM engine process failed ({what}) for {self.path}:\n{tail}")
+
+    def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[Completion]]:
+        import json
+        import select
+
+        if not requests:
+            return []
+        check_prompt_lengths(requests, params.max_tokens, context_length(self.path, self.cfg.max_model_len), self.path)
+        if self._proc is None:
+            self._start()
+        self._jobs += 1
+        tmp = Path(self._tmp.name)
+        req_path, out_path = tmp / f"requests-{self._jobs}.jsonl", tmp / f"results-{self._jobs}.jsonl"
         sampling = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
                     "max_tokens": params.max_tokens}
-        with tempfile.TemporaryDirectory(prefix="herl-vllm-") as tmp:
-            req_path, out_path = Path(tmp) / "requests.jsonl", Path(tmp) / "results.jsonl"
-            with open(req_path, "w") as fh:
-                fh.write(json.dumps({"engine": engine, "sampling": sampling}) + "\n")
-                for r in requests:
-                    fh.write(json.dumps({"request_id": r.request_id, "prompt_token_ids": r.prompt_token_ids,
-                                         "seed": r.seed, "n": r.n}) + "\n")
-            env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(c.cpu_kvcache_gib),
-                   "VLLM_CONFIGURE_LOGGING": os.environ.get("VLLM_CONFIGURE_LOGGING", "1")}
-            log_path = Path(tmp) / "engine.log"
-            with open(log_path, "w") as log:
-                # own session: on cancellation or timeout the whole engine process group goes
-                proc = subprocess.Popen([self.python, str(Path(__file__).with_name("vllm_worker.py")),
-                                         str(req_path), str(out_path)], stdout=log, stderr=subprocess.STDOUT,
-                                        env=env, start_new_session=True)
-                try:
-                    rc = proc.wait(timeout=c.timeout_s)
-                except BaseException:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                    raise
-            if rc != 0 or not out_path.exists():
-                tail = log_path.read_text()[-4000:]
-                raise RuntimeError(f"vLLM engine process failed (exit {rc}) for {self.path}:\n{tail}")
-            lines = [json.loads(line) for line in out_path.read_text().split("\n") if line.strip()]
+        with open(req_path, "w") as fh:
+            fh.write(json.dumps({"sampling": sampling}) + "\n")
+            for r in requests:
+                fh.write(json.dumps({"request_id": r.request_id, "prompt_token_ids": r.prompt_token_ids,
+                                     "seed": r.seed, "n": r.n}) + "\n")
+        try:
+            self._proc.stdin.write(json.dumps({"requests": str(req_path), "results": str(out_path)}) + "\n")
+            self._proc.stdin.flush()
+            ready, _, _ = select.select([self._control], [], [], self.cfg.timeout_s)
+            reply = self._control.readline() if ready else ""
+        except BrokenPipeError:
+            reply = ""
+        except BaseException:  # interrupted: the engine goes with the caller
+            self.close()
+            raise
+        if not reply:
+            raise self._failure(f"exit {self._proc.poll()}" if ready else f"no answer within {self.cfg.timeout_s} s")
+        answer = json.loads(reply)
+        if "error" in answer:
+            raise RuntimeError(f"vLLM engine failed to generate for {self.path}:\n{answer['error']}")
+        lines = [json.loads(line) for line in out_path.read_text().split("\n") if line.strip()]
+        req_path.unlink()
+        out_path.unlink()
         self.last_stats = lines[-1]["stats"]
         by_id = {row["request_id"]: row["completions"] for row in lines[:-1]}
         return [[Completion(token_ids=x["token_ids"], text=x["text"], finish_reason=x["finish_reason"],
                             logprobs=x["logprobs"]) for x in by_id[r.request_id]] for r in requests]
 
     def close(self) -> None:
-        pass  # nothing held: each generate call's engine process has exited
+        """End the engine process (its input closes; killed if it does not exit) and free its memory."""
+        import os
+        import signal
+        import subprocess
+
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            try:
+                proc.stdin.close()
+                proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+            finally:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # and whatever the engine started
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+                self._control.close()
+                self._log.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -316,9 +377,44 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 def load_engine(kind: str, path: Path, dtype: str = "float32", batch_size: int = 64, vllm_cfg=None) -> Engine:
+    """A new engine for the model at `path`; the caller closes it (see shared_engine)."""
     kind = resolve_engine_kind(kind, vllm_cfg)
     if kind == "transformers":
         return TransformersEngine(path, dtype=dtype, batch_size=batch_size)
     if kind == "vllm":
         return VLLMEngine(path, dtype=dtype, vllm_cfg=vllm_cfg)
     raise ValueError(f"unknown engine {kind!r}: use 'auto', 'transformers' or 'vllm'")
+
+
+# One engine at a time per process, kept between the stages that generate from the same
+# snapshot: held-out evaluation, rollout and hindsight of an iteration pay one start-up.
+_SHARED: dict[tuple, Engine] = {}
+
+
+def shared_engine(kind: str, path: Path, dtype: str = "float32", batch_size: int = 64, vllm_cfg=None) -> Engine:
+    """The open engine for this snapshot and settings, or a new one (closing any other:
+    its snapshot is done). Stages do not close it; release_engines does, before the train
+    stage, at the end of a flow, and at exit."""
+    import atexit
+    import os
+
+    from herl.lora import engine_model
+
+    path = engine_model(Path(path).resolve(), dtype)  # a LoRA snapshot generates from its merged copy
+    st = os.stat(path)  # a snapshot folder replaced on disk (a redone train stage) is another engine
+    key = (resolve_engine_kind(kind, vllm_cfg), str(path), st.st_ino, st.st_mtime_ns, dtype, batch_size,
+           vllm_cfg.model_dump_json() if vllm_cfg is not None else None)
+    if key not in _SHARED:
+        release_engines()
+        atexit.unregister(release_engines)  # registered once
+        atexit.register(release_engines)
+        _SHARED[key] = load_engine(kind, path, dtype=dtype, batch_size=batch_size, vllm_cfg=vllm_cfg)
+    return _SHARED[key]
+
+
+def release_engines() -> None:
+    """Close the shared engine, if any, and free its memory."""
+    while _SHARED:
+        _, engine = _SHARED.popitem()
+        engine.close()
+

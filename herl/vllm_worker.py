@@ -1,16 +1,20 @@
 """Generation with vLLM's offline engine, run as its own process in vLLM's environment.
 
-    python vllm_worker.py REQUESTS.jsonl RESULTS.jsonl
+    python vllm_worker.py ENGINE.json CONTROL_FD
 
 Imports only the standard library and vllm, because it runs under the interpreter of a
 separate virtual environment (vLLM pins a fastapi that Prefect's server cannot use).
-herl.engines.VLLMEngine writes the requests and reads the results; the process exits
-when done, which releases the engine's memory before the train stage.
+herl.engines.VLLMEngine starts it once per snapshot and sends it jobs, so rollout,
+hindsight and held-out evaluation of one iteration share one engine start-up; it exits
+at the end of its input (herl.engines.release_engines, before the train stage), which
+releases the engine's memory.
 
-REQUESTS.jsonl: first line {"engine": {...LLM kwargs...}, "sampling": {...}}, then one
-line per request {request_id, prompt_token_ids, seed, n}. RESULTS.jsonl: one line per
-request {request_id, completions: [{token_ids, text, finish_reason, logprobs}]}, written
-to a temporary file and renamed, plus a last line {"stats": {...}}.
+ENGINE.json: the LLM kwargs. Then one job per line on stdin: {"requests": PATH,
+"results": PATH}. REQUESTS: first line {"sampling": {...}}, then one line per request
+{request_id, prompt_token_ids, seed, n}. RESULTS: one line per request {request_id,
+completions: [{token_ids, text, finish_reason, logprobs}]}, written to a temporary file
+and renamed, plus a last line {"stats": {...}}. After each job one JSON line goes to
+CONTROL_FD: {"ok": true} or {"error": "..."} (stdout is the engine's log).
 """
 
 from __future__ import annotations
@@ -19,20 +23,17 @@ import json
 import os
 import sys
 import time
+import traceback
 
 
-def main(req_path: str, out_path: str) -> int:
-    with open(req_path) as fh:
-        header = json.loads(fh.readline())
-        requests = [json.loads(line) for line in fh if line.strip()]
+def start(engine: dict):
+    """The LLM, and its start-up seconds."""
     t0 = time.perf_counter()
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    engine = dict(header["engine"])
-    chunked = engine.pop("enable_chunked_prefill", None)
+    from vllm import LLM
     from vllm.platforms import current_platform
 
+    engine = dict(engine)
+    chunked = engine.pop("enable_chunked_prefill", None)
     if chunked is None and current_platform.is_cpu():
         # Chunked prefill rewinds a seeded request's random generator when it splits the
         # prompt across steps, which CPU generators cannot do ("CPU Generator does not use
@@ -43,8 +44,17 @@ def main(req_path: str, out_path: str) -> int:
         if not chunked:
             engine.setdefault("max_num_batched_tokens", max(8192, engine.get("max_model_len") or 0))
     llm = LLM(**engine)
-    startup = time.perf_counter() - t0
-    s = header["sampling"]
+    return llm, time.perf_counter() - t0
+
+
+def generate(llm, req_path: str, out_path: str, startup: float) -> None:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    with open(req_path) as fh:
+        s = json.loads(fh.readline())["sampling"]
+        requests = [json.loads(line) for line in fh if line.strip()]
+
     greedy = s["temperature"] == 0
     prompts, params, owners = [], [], []
     for req in requests:
@@ -54,8 +64,7 @@ def main(req_path: str, out_path: str) -> int:
             prompts.append(TokensPrompt(prompt_token_ids=req["prompt_token_ids"]))
             params.append(SamplingParams(
                 n=n, temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"] or -1,
-                max_tokens=s["max_tokens"], seed=seed % (2**63), logprobs=0, skip_special_tokens=True,
-                stop_token_ids=s.get("stop_token_ids") or None))
+                max_tokens=s["max_tokens"], seed=seed % (2**63), logprobs=0, skip_special_tokens=True))
             owners.append(req["request_id"])
     t1 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -81,8 +90,24 @@ def main(req_path: str, out_path: str) -> int:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, out_path)
+
+
+def serve(engine_path: str, control_fd: int) -> int:
+    control = os.fdopen(control_fd, "w", buffering=1)
+    with open(engine_path) as fh:
+        llm, startup = start(json.load(fh))
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        job = json.loads(line)
+        try:
+            generate(llm, job["requests"], job["results"], startup)
+            control.write(json.dumps({"ok": True}) + "\n")
+        except Exception:  # the engine stays up; the caller gets the error
+            control.write(json.dumps({"error": traceback.format_exc()[-4000:]}) + "\n")
+        startup = 0.0  # reported once, with the first job
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1], sys.argv[2]))
+    raise SystemExit(serve(sys.argv[1], int(sys.argv[2])))

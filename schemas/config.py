@@ -168,6 +168,34 @@ class AdvantagesConfig(_Section):
     """Added to the group std before dividing."""
 
 
+class LoraConfig(_Section):
+    rank: int = 0
+    """LoRA rank r (peft); 0 trains every weight (full fine-tune). With r > 0 a snapshot is the adapter (MBs) on the frozen initial policy."""
+    alpha: float = 16.0
+    """LoRA scaling alpha: the update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch's input."""
+    target_modules: list[str] | str = "all-linear"
+    """Modules that get an adapter: peft's `all-linear` (every linear layer but the output head) or a list of module names, e.g. ["q_proj", "v_proj"]."""
+
+
+class LauncherConfig(_Section):
+    num_processes: int = 1
+    """Training processes in all (accelerate launch --num_processes): one per GPU, or CPU processes over gloo."""
+    num_machines: int = 1
+    """Machines taking part; the same run folder (a shared file system) and config on each."""
+    machine_rank: int = 0
+    """This machine's rank, 0 on the main one (set per machine, e.g. with --set)."""
+    main_process_ip: str | None = None
+    """Address of the rank-0 machine (multi-machine only)."""
+    main_process_port: int | None = None
+    """Port of the rank-0 machine's rendezvous; None lets accelerate choose (29500)."""
+    accelerate_config: str | None = None
+    """An accelerate config YAML (`accelerate config`) where FSDP or DeepSpeed ZeRO is chosen; the fields above and train.mixed_precision override it."""
+    timeout_s: float | None = None
+    """Kill the training job after this many seconds (None: no limit)."""
+
+
 class TrainConfig(_Section):
     learning_rate: float = 1e-6
     """AdamW learning rate [reference: 1e-6]."""
@@ -211,6 +239,10 @@ class TrainConfig(_Section):
     """Recompute activations in the backward pass instead of storing them: less memory, about a third more compute."""
     kl_coef: float = 0.0
     """Coefficient of the k3 KL penalty to the initial policy; 0 skips loading a reference [reference: 0 instruction following; 0.001 medical]."""
+    lora: LoraConfig = LoraConfig()
+    """Train a LoRA adapter instead of every weight."""
+    launcher: LauncherConfig = LauncherConfig()
+    """How the training job is started (`accelerate launch`): processes, machines, FSDP/DeepSpeed. Not part of the stage's config hash: resuming with more processes does not redo finished iterations."""
 
 
 class EvaluationConfig(_Section):
@@ -322,6 +354,18 @@ class HerlConfig(_Section):
         need(t.keep_snapshots is None or t.keep_snapshots >= 1,
              "train.keep_snapshots must be >= 1 (the newest snapshot is where the next iteration starts), or unset")
         need(t.keep_every >= 0, "train.keep_every must be >= 0 (0: no extra snapshots kept)")
+        need(t.lora.rank >= 0 and t.lora.alpha > 0 and 0 <= t.lora.dropout < 1,
+             "train.lora.rank must be >= 0 (0 = full fine-tune), alpha > 0 and dropout in [0, 1)")
+        need(not (t.lora.rank and t.pure_bf16), "train.pure_bf16 does not apply with LoRA (the base is frozen in "
+             "model.dtype and the adapter trains in float32): set one of them")
+        lc = t.launcher
+        need(lc.num_processes >= 1 and lc.num_machines >= 1 and 0 <= lc.machine_rank < lc.num_machines,
+             "train.launcher.num_processes and num_machines must be >= 1 and machine_rank in [0, num_machines)")
+        need(lc.num_machines == 1 or lc.main_process_ip is not None,
+             "train.launcher.num_machines > 1 needs train.launcher.main_process_ip (the rank-0 machine's address)")
+        need(lc.accelerate_config is None or Path(lc.accelerate_config).is_file(),
+             f"train.launcher.accelerate_config {lc.accelerate_config!r} is not a file (make one with `accelerate config`)")
+        need(lc.timeout_s is None or lc.timeout_s > 0, "train.launcher.timeout_s must be > 0 or unset")
         need(t.is_cap >= 1, "train.is_cap must be >= 1: it truncates importance weights from above")
         v = self.vllm
         need(v.tensor_parallel_size >= 1 and v.data_parallel_size >= 1,
@@ -376,9 +420,16 @@ def plugin_sources(modules: list[str]) -> list[list[str | None]]:
     return out
 
 
+# settings that change how a stage runs, not what it writes: left out of its hash
+HASH_EXCLUDED = {"train": ("launcher",)}
+
+
 def stage_config_hash(cfg: HerlConfig, stage: str) -> str:
     dumped = cfg.model_dump(mode="json")
     part = {k: dumped[k] for k in STAGE_CONFIG[stage]}
+    for section, keys in HASH_EXCLUDED.items():
+        for key in keys if section in part else ():
+            part[section].pop(key, None)
     if "plugins" in part:
         part["plugins"] = plugin_sources(cfg.plugins)
     return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]

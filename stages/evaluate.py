@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from herl.engines import GenRequest, SamplingParams, derive_seed, load_engine, render_chat
+from herl.engines import GenRequest, SamplingParams, derive_seed, release_engines, render_chat, shared_engine
 from herl.hindsight_prompt import build_hindsight_prompt, encode_prompt
 from herl.grading import GradeInput, RubricGrader
 from herl.ifeval import IFEVAL_IDS
@@ -38,7 +38,7 @@ def self_improve(prompts: list[dict], model: Path, cfg: HerlConfig, rounds: int,
     Returns (answer rows, metric rows, {round: {metric: value}}): one answer row per
     (round, prompt) and one metric row per (round, metric). IFEval's four accuracies are
     added when every rubric item is an IFEval instruction."""
-    engine = load_engine(cfg.rollout.engine, model, cfg.model.dtype, cfg.rollout.batch_size, cfg.vllm)
+    engine = shared_engine(cfg.rollout.engine, model, cfg.model.dtype, cfg.rollout.batch_size, cfg.vllm)
     grader = RubricGrader(cfg.grade, cache_path=cache_path)
     params = SamplingParams(temperature, cfg.rollout.top_p, cfg.rollout.top_k, max_tokens)
     mode = cfg.grade.mode  # the verdicts revisions are shown and stopping follows, as in training
@@ -90,7 +90,6 @@ def self_improve(prompts: list[dict], model: Path, cfg: HerlConfig, rounds: int,
                 break
     finally:
         grader.close()
-        engine.close()
     return answer_rows, metric_rows, summary
 
 
@@ -109,8 +108,11 @@ def run(prompts_path: Path, model: str, out_dir: Path, rounds: int = 2, limit: i
     prompts = [r for r in rows if r is not None][:limit]
     if not prompts:
         raise ValueError(f"{prompts_path}: no prompts to evaluate")
-    answer_rows, metric_rows, summary = self_improve(
-        prompts, resolve_model_path(model), cfg, rounds, temperature, max_tokens, out_dir / "judge_cache.sqlite")
+    try:
+        answer_rows, metric_rows, summary = self_improve(
+            prompts, resolve_model_path(model), cfg, rounds, temperature, max_tokens, out_dir / "judge_cache.sqlite")
+    finally:
+        release_engines()
     write_table("eval_answers", answer_rows, out_dir / "eval_answers.parquet")
     write_table("eval_metrics", metric_rows, out_dir / "eval_metrics.parquet")
     return summary

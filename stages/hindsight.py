@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from herl.engines import GenRequest, SamplingParams, derive_seed, load_engine
+from herl.engines import GenRequest, SamplingParams, derive_seed, shared_engine
 from herl.hindsight_prompt import build_hindsight_prompt, encode_prompt
 from herl.rundir import Run
 from herl.sql import run_sql_file
@@ -87,23 +87,20 @@ def _revise(run: Run, k: int, candidates: list[dict], rollouts, inputs) -> tuple
 
     snapshot = run.snapshot(k)
     snapshot_id = run.snapshot_id(k)
-    engine = load_engine(cfg.rollout.engine, snapshot, cfg.model.dtype, cfg.rollout.batch_size, cfg.vllm)
-    try:
-        texts, requests = [], []
-        for c in candidates:
-            p = prompts[c["prompt_id"]]
-            text = build_hindsight_prompt(p["messages"], p["rubric"], verdicts[c["rollout_id"]],
-                                          by_id[c["rollout_id"]]["response_text"], cfg.hindsight.show_weights,
-                                          naive=cfg.algorithm == "naive_he", wording=cfg.hindsight.template)
-            rendered, ids = encode_prompt(engine.tokenizer, text, cfg.hindsight.chat_template)
-            texts.append(rendered)
-            requests.append(GenRequest(c["rollout_id"], ids, derive_seed(cfg.seed, k, "hindsight", c["rollout_id"]),
-                                       cfg.hindsight.revisions_per_candidate))
-        params = SamplingParams(cfg.hindsight.temperature, cfg.hindsight.top_p, cfg.rollout.top_k,
-                                cfg.hindsight.max_tokens or cfg.rollout.max_tokens)
-        outs = engine.generate(requests, params)
-    finally:
-        engine.close()
+    engine = shared_engine(cfg.rollout.engine, snapshot, cfg.model.dtype, cfg.rollout.batch_size, cfg.vllm)
+    texts, requests = [], []
+    for c in candidates:
+        p = prompts[c["prompt_id"]]
+        text = build_hindsight_prompt(p["messages"], p["rubric"], verdicts[c["rollout_id"]],
+                                      by_id[c["rollout_id"]]["response_text"], cfg.hindsight.show_weights,
+                                      naive=cfg.algorithm == "naive_he", wording=cfg.hindsight.template)
+        rendered, ids = encode_prompt(engine.tokenizer, text, cfg.hindsight.chat_template)
+        texts.append(rendered)
+        requests.append(GenRequest(c["rollout_id"], ids, derive_seed(cfg.seed, k, "hindsight", c["rollout_id"]),
+                                   cfg.hindsight.revisions_per_candidate))
+    params = SamplingParams(cfg.hindsight.temperature, cfg.hindsight.top_p, cfg.rollout.top_k,
+                            cfg.hindsight.max_tokens or cfg.rollout.max_tokens)
+    outs = engine.generate(requests, params)
 
     rows = []
     for c, text, req, comps in zip(candidates, texts, requests, outs):
@@ -121,6 +118,8 @@ def _revise(run: Run, k: int, candidates: list[dict], rollouts, inputs) -> tuple
     for r in rows:
         r.update(scores[r["revision_id"]])
     return rows, verdict_rows, {"mean_hindsight_prompt_tokens": sum(len(q.prompt_token_ids) for q in requests) / len(requests),
+                                # 0 when the engine rollout started is still open
+                                "engine_startup_seconds": getattr(engine, "last_stats", {}).get("startup_seconds", 0.0),
                                 **grader_stats}
 
 

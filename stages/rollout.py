@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from herl.engines import GenRequest, SamplingParams, derive_seed, load_engine, render_chat
+from herl.engines import GenRequest, SamplingParams, derive_seed, render_chat, shared_engine
 from herl.rundir import Run
 from herl.task import load_pool, sample_for_iteration, split_pool
 from schemas.tables import write_table
@@ -34,21 +34,19 @@ def run(run: Run, k: int) -> dict:
         pool, _ = split_pool(pool, cfg.task.holdout, cfg.seed, cfg.task.source)  # held-out prompts never train
         prompts = sample_for_iteration(pool, k, cfg.task.prompts_per_iteration, cfg.seed)
         snapshot_id = run.snapshot_id(k)
-        engine = load_engine(cfg.rollout.engine, snapshot, cfg.model.dtype, cfg.rollout.batch_size, cfg.vllm)
-        try:
-            rendered = [render_chat(engine.tokenizer, p["messages"]) for p in prompts]
-            requests = [
-                GenRequest(p["prompt_id"], ids, derive_seed(cfg.seed, k, p["prompt_id"]), cfg.rollout.n)
-                for p, (_, ids) in zip(prompts, rendered)
-            ]
-            params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k,
-                                    cfg.rollout.max_tokens)
-            t0 = time.perf_counter()
-            outs = engine.generate(requests, params)
-            # the vLLM engine reports its own generation time, without its start-up
-            gen_seconds = getattr(engine, "last_stats", {}).get("generation_seconds", time.perf_counter() - t0)
-        finally:
-            engine.close()
+        # kept open: hindsight generates from the same snapshot (released before train)
+        engine = shared_engine(cfg.rollout.engine, snapshot, cfg.model.dtype, cfg.rollout.batch_size, cfg.vllm)
+        rendered = [render_chat(engine.tokenizer, p["messages"]) for p in prompts]
+        requests = [
+            GenRequest(p["prompt_id"], ids, derive_seed(cfg.seed, k, p["prompt_id"]), cfg.rollout.n)
+            for p, (_, ids) in zip(prompts, rendered)
+        ]
+        params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k,
+                                cfg.rollout.max_tokens)
+        t0 = time.perf_counter()
+        outs = engine.generate(requests, params)
+        # the vLLM engine reports its own generation time, without its start-up
+        gen_seconds = getattr(engine, "last_stats", {}).get("generation_seconds", time.perf_counter() - t0)
 
         prompt_rows = [{"run_id": run.run_id, "iteration": k, **p} for p in prompts]
         rollout_rows = []

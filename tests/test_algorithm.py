@@ -15,7 +15,7 @@ from herl.sql import run_sql_file
 from schemas.config import TrainConfig
 from schemas.tables import TABLES
 from stages.advantages import compute_batch
-from stages.train import policy_loss
+from herl.loss import policy_loss
 
 SEED = "0:0"
 
@@ -264,7 +264,7 @@ def test_masked_tokens_do_not_count_and_kl_is_added():
 
 
 def test_truncated_importance_weights():
-    from stages.train import truncated_is_weight
+    from herl.loss import truncated_is_weight
 
     ln = math.log
     old = torch.tensor([[ln(0.5), ln(0.9)], [ln(0.5), ln(0.5)]])
@@ -426,7 +426,7 @@ def test_batch_rows_carry_their_sampling_temperature():
 def test_loss_aggregation_modes(mode, expected):
     """Two on-policy sequences at ratio 1: A = -2 over 1 token, A = -1 over 3 tokens, split
     over two micro-batches as the trainer does; the parts add up to each mode's formula."""
-    from stages.train import loss_denominators
+    from herl.loss import loss_denominators
 
     lengths = [1, 3]
     per_chunk = [loss_denominators([n], lengths, mode, norm_length=8) for n in lengths]

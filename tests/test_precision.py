@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import stages.train as train_mod
+import herl.batching as train_mod
 from herl.rundir import open_run
 from herl.tiny import resolve_model_path
 from schemas.config import load_config
 from stages import advantages, grade, hindsight, rollout, train
-from stages.train import sequence_logprobs
+from herl.batching import sequence_logprobs
 from tests.conftest import small_overrides
 
 

@@ -13,7 +13,7 @@ from herl.rundir import STAGES, open_run
 from schemas.config import PRESETS, VLLMConfig, load_config
 from schemas.tables import read_table
 from stages import advantages, grade, hindsight, rollout, train
-from stages.train import sequence_logprobs
+from herl.batching import sequence_logprobs
 
 MODEL = named_model_dir("smollm2-135m-instruct")
 pytestmark = [

@@ -17,7 +17,7 @@ from herl.rundir import STAGES, RunLockedError, load_run, open_run
 from schemas.config import load_config
 from schemas.tables import TABLES, read_table, write_table
 from stages import advantages, grade, hindsight, rollout, train
-from stages.train import sequence_logprobs
+from herl.batching import sequence_logprobs
 from tests.conftest import ROOT, small_overrides
 
 MODULES = [rollout, grade, hindsight, advantages, train]
@@ -259,15 +259,15 @@ def test_truncated_is_correction_in_a_real_train_step(tmp_path):
 
 
 def test_micro_batches_respect_rows_and_padded_tokens():
-    from stages.train import micro_batches
+    from herl.batching import micro_batches
 
-    rows = sorted(({"prompt_token_ids": [1] * n, "response_token_ids": [2] * 4} for n in
-                   [10] * 40 + [200] * 5), key=lambda r: len(r["prompt_token_ids"]))
-    assert [len(c) for c in micro_batches(rows, 32)] == [32, 13]
-    chunks = micro_batches(rows, 32, max_tokens=500)
+    lengths = [n + 4 for n in [10] * 40 + [200] * 5]  # prompt + 4 response tokens, sorted
+    rows = list(range(len(lengths)))
+    assert [len(c) for c in micro_batches(rows, lengths, 32)] == [32, 13]
+    chunks = micro_batches(rows, lengths, 32, max_tokens=500)
     assert sum(len(c) for c in chunks) == 45
     for c in chunks:  # every chunk within both bounds, unless a single row is longer than the budget
-        longest = max(len(r["prompt_token_ids"]) + 4 for r in c)
+        longest = max(lengths[r] for r in c)
         assert len(c) <= 32 and (len(c) * longest <= 500 or len(c) == 1)
     assert [len(c) for c in chunks][-3:] == [2, 2, 1]  # the 204-token rows go two at a time
 
@@ -277,7 +277,7 @@ def test_token_bounded_micro_batches_give_the_same_update(done_run):
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
-    from stages.train import train_on_batch
+    from herl.trainer import train_on_batch
 
     rows = read_table("batch", done_run.table(0, "batch")).to_pylist()
     snapshot = done_run.snapshot(0)
@@ -324,7 +324,7 @@ def test_truncated_is_weights_scale_on_policy_tokens_once_per_update():
 
     from herl.tiny import resolve_model_path
     from schemas.config import TrainConfig
-    from stages.train import train_on_batch
+    from herl.trainer import train_on_batch
 
     path = resolve_model_path("builtin:tiny")
     tok = load_tokenizer(path)
