@@ -39,13 +39,27 @@ def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]
             index[b, : len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r), device=device)
             targets[b, : len(r)] = torch.tensor(r, dtype=torch.long, device=device)
             mask[b, : len(r)] = True
-    temp = torch.tensor(temperatures or [1.0] * len(prompts), dtype=torch.float32, device=device)[:, None, None]
+    temp = torch.tensor(temperatures or [1.0] * len(prompts), dtype=torch.float32, device=device)  # (B,)
+    if isinstance(getattr(model, "module", model), ResponseLogprobs):
+        # through the distributed wrapper's own forward: DDP / FSDP / DeepSpeed see the
+        # forward that the backward follows (their gradient hooks depend on it)
+        logp = model(input_ids, attn, index, targets, temp)
+    else:
+        logp = response_logprobs(model, input_ids, attn, index, targets, temp)
+    return logp * mask, mask
+
+
+def response_logprobs(model, input_ids: torch.Tensor, attn: torch.Tensor, index: torch.Tensor,
+                      targets: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
+    """log p(targets) at the logit positions `index`: input_ids, attn (B, L); index,
+    targets (B, R); temp (B,). Returns (B, R)."""
+    temp = temp[:, None, None]  # (B, 1, 1)
+    rmax = index.size(1)
     parts = _decoder_and_head(model)
     if parts is None:  # a model whose head we cannot apply ourselves: full logits
         logits = model(input_ids=input_ids, attention_mask=attn).logits  # (B, L, V)
         picked = logits.gather(1, index[..., None].expand(-1, -1, logits.size(-1))).float()  # (B, R, V)
-        logp = torch.log_softmax(picked / temp, dim=-1).gather(-1, targets[..., None]).squeeze(-1)  # (B, R)
-        return logp * mask, mask
+        return torch.log_softmax(picked / temp, dim=-1).gather(-1, targets[..., None]).squeeze(-1)  # (B, R)
     # memory-lean: the head only at response positions, LOGIT_CHUNK of them at a time, so
     # no (B, L, V) float32 logits exist (several GB per micro-batch at a 150k vocabulary)
     decoder, head = parts
@@ -56,8 +70,19 @@ def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]
         logits = head(hidden[:, start:start + LOGIT_CHUNK]).float() / temp  # (B, c, V)
         pieces.append(torch.log_softmax(logits, dim=-1).gather(
             -1, targets[:, start:start + LOGIT_CHUNK, None]).squeeze(-1))  # (B, c)
-    logp = torch.cat(pieces, dim=1)  # (B, R)
-    return logp * mask, mask
+    return torch.cat(pieces, dim=1)  # (B, R)
+
+
+class ResponseLogprobs(torch.nn.Module):
+    """A causal LM whose forward is `response_logprobs`. The trainer hands this to
+    accelerate to wrap, so the lean log-prob path runs inside the wrapper's forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attn, index, targets, temp):
+        return response_logprobs(self.model, input_ids, attn, index, targets, temp)
 
 
 LOGIT_CHUNK = 64  # response positions whose logits exist at once in sequence_logprobs

@@ -1,4 +1,4 @@
-"""The `herl` command: run, resume, status, sql, init-model."""
+"""The `herl` command: run, resume, status, sql, grade, eval, export, install-vllm, init-model."""
 
 from __future__ import annotations
 
@@ -254,6 +254,27 @@ def cmd_init_model(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from herl.lora import export_policy
+    from herl.rundir import snapshot_meta
+
+    try:
+        run = load_run(args.run_dir)
+        ks = [args.iteration] if args.iteration is not None else range(run.cfg.iterations, -1, -1)
+        for k in ks:  # the newest snapshot whose weights are on disk
+            snap = run.snapshot(k)
+            if snap.exists() and (k == 0 or not snapshot_meta(snap).get("pruned")) and any(snap.iterdir()):
+                break
+        else:
+            raise FileNotFoundError(f"{args.run_dir}: no snapshot with weights to export")
+        out = export_policy(snap, Path(args.dest), run.cfg.model.dtype)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"herl export: {exc}", file=sys.stderr)
+        return 2
+    print(f"policy {k} of {run.run_id} ({snap}) written to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="herl", description="HeRL: RL from rubric rewards with hindsight experience.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -328,6 +349,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="for a named model: a folder instead of herl's cache")
     p.add_argument("--seed", type=int, default=0, help="seed of the tiny model")
     p.set_defaults(fn=cmd_init_model)
+
+    p = sub.add_parser("export", help="write a run's final policy (LoRA merged into its base) as a Hugging Face model folder")
+    p.add_argument("run_dir", help="the run folder (runs/<run_id>)")
+    p.add_argument("dest", help="a new folder to write")
+    p.add_argument("--iteration", "-k", type=int, default=None,
+                   help="the policy of this iteration (0 = initial); default: the newest one on disk")
+    p.set_defaults(fn=cmd_export)
 
     args = ap.parse_args(argv)
     if args.fn in (cmd_run, cmd_resume, cmd_eval):

@@ -83,3 +83,29 @@ def engine_model(snapshot: Path, dtype: str = "float32") -> Path:
         if old != dest:  # one merged copy at a time: only the current snapshot generates
             shutil.rmtree(old, ignore_errors=True)
     return write_merged(snapshot, dest, dtype)
+
+
+def export_policy(snapshot: Path, dest: Path, dtype: str = "float32") -> Path:
+    """Write a snapshot as a plain HF model folder at `dest` (a new folder, atomically):
+    a LoRA snapshot merged into its base, a full one without herl's optimizer state and
+    metadata."""
+    from herl.rundir import SNAPSHOT_META
+
+    snapshot, dest = Path(snapshot), Path(dest)
+    if dest.exists():
+        raise FileExistsError(f"{dest} exists; export writes a new folder (remove it or choose another)")
+    if is_adapter(snapshot):
+        write_merged(snapshot, dest, dtype)
+        (dest / MERGED_STAMP).unlink()
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        for f in snapshot.iterdir():
+            if f.is_file() and f.name not in ("optimizer.pt", SNAPSHOT_META):
+                shutil.copy2(f, tmp / f.name)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest

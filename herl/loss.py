@@ -81,7 +81,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         loss=loss,
         on_policy=float((on_loss * on_mask).sum() / denominator),
         hindsight=float((off_loss * off_mask).sum() / denominator),
-        kl=float(kl_val),
+        kl=float(kl_val.detach()),
         clipped_tokens=int(((pg2 > pg1) & (on_mask > 0)).sum()),
         on_tokens=int(on_mask.sum()),
         hindsight_tokens=int(off_mask.sum()),

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from herl.batching import Prepared, Sequences, micro_batches, shares
+from herl.batching import Prepared, ResponseLogprobs, Sequences, micro_batches, shares
 from herl.lora import is_adapter
 from herl.loss import loss_denominators, policy_loss, truncated_is_weight
 from schemas.config import TrainConfig
@@ -42,8 +42,10 @@ def train_seed(run_seed: int, k: int) -> int:
     return int(hashlib.sha256(f"{run_seed}:{k}:train".encode()).hexdigest()[:8], 16)
 
 
-def _unwrap(model):
-    return getattr(model, "module", model)  # DDP / accelerate wrappers
+def _policy(model):
+    """The causal LM inside the distributed wrapper and ResponseLogprobs."""
+    model = getattr(model, "module", model)  # DDP / DeepSpeed / accelerate wrappers
+    return model.model if isinstance(model, ResponseLogprobs) else model
 
 
 def _prepare(model, seqs: Sequences, mine: list[int], cfg: TrainConfig, pad_id: int, ref_model,
@@ -65,7 +67,7 @@ def _prepare(model, seqs: Sequences, mine: list[int], cfg: TrainConfig, pad_id: 
                     totals[key] += value
             if ref_model is not None or adapter_reference:
                 # LoRA: the initial policy is the same weights with the adapter switched off
-                ctx = _unwrap(model).disable_adapter() if adapter_reference else contextlib.nullcontext()
+                ctx = _policy(model).disable_adapter() if adapter_reference else contextlib.nullcontext()
                 with ctx:
                     rl, _ = seqs.logprobs(model if adapter_reference else ref_model, chunk, pad_id)
                 prep.ref.update((i, rl[b, : n[b]].cpu()) for b, i in enumerate(chunk))
@@ -272,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
 
         ref_model = AutoModelForCausalLM.from_pretrained(base, dtype=next(model.parameters()).dtype).eval()
         ref_model = accelerator.prepare_model(ref_model, evaluation_mode=True)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # wrapped so that the lean log-prob path is the forward the distributed wrapper sees
+    model, optimizer = accelerator.prepare(ResponseLogprobs(model), optimizer)
 
     table = read_table("batch", run.table(k, "batch"))
     if table.num_rows == 0:
@@ -283,11 +286,11 @@ def main(argv: list[str] | None = None) -> int:
                              adapter_reference=t.lora.rank > 0)
 
     # every process takes part in gathering a sharded model's weights; the main one writes
-    state = accelerator.get_state_dict(model)
+    state = {name.removeprefix("model."): value for name, value in accelerator.get_state_dict(model).items()}
     optim_state = optimizer.state_dict()
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        accelerator.unwrap_model(model).save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+        _policy(accelerator.unwrap_model(model)).save_pretrained(out_dir, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
         torch.save(optim_state, out_dir / "optimizer.pt")
         metrics["seconds"] = time.perf_counter() - t0

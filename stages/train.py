@@ -55,11 +55,21 @@ def launch_command(cfg: HerlConfig, run_dir: Path, k: int, out_dir: Path) -> lis
         cmd += ["--machine_rank", str(lc.machine_rank), "--main_process_ip", str(lc.main_process_ip)]
     if lc.main_process_port:
         cmd += ["--main_process_port", str(lc.main_process_port)]
-    if not torch.cuda.is_available():
-        cmd += ["--cpu", "--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // lc.num_processes))]
-    elif lc.num_processes > 1 and not lc.accelerate_config:
+    if lc.num_processes > 1 and not lc.accelerate_config:
+        # torchrun underneath; without GPUs the processes talk over gloo (accelerate's
+        # --cpu would start one process only)
         cmd += ["--multi_gpu"]
+    elif not torch.cuda.is_available():
+        cmd += ["--cpu"]
     return cmd + ["-m", "herl.trainer", str(run_dir), str(k), str(out_dir)]
+
+
+def launch_env(cfg: HerlConfig) -> dict[str, str]:
+    """The job's environment: this checkout importable, and on CPUs the cores shared out."""
+    env = {**os.environ, "PYTHONPATH": _pythonpath()}
+    if not torch.cuda.is_available():
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.train.launcher.num_processes)))
+    return env
 
 
 def _wait(proc: subprocess.Popen, timeout_s: float | None) -> int:
@@ -103,7 +113,7 @@ def run(run: Run, k: int) -> dict:
         try:
             cmd = launch_command(cfg, run.path.resolve(), k, tmp)
             # its own process group, so that stopping the stage stops every process it started
-            proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, "PYTHONPATH": _pythonpath()})
+            proc = subprocess.Popen(cmd, start_new_session=True, env=launch_env(cfg))
             rc = _wait(proc, cfg.train.launcher.timeout_s)
             if rc != 0 or not (tmp / METRICS_FILE).exists():
                 raise TrainJobError(f"iteration {k}: the training job ({' '.join(cmd[3:])}) exited with code {rc}; "

@@ -1,0 +1,130 @@
+"""The train job (herl/trainer.py) as launched by the train stage: 1 and 2 processes make
+the same update, LoRA adapters with the adapter-disabled KL reference, the merged copy
+the engines generate from, and `herl export`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from herl.lora import engine_model, is_adapter
+from herl.rundir import open_run
+from schemas.config import load_config
+from stages import advantages, grade, hindsight, rollout, train
+from stages.train import launch_command, launch_env
+from tests.conftest import small_overrides
+
+
+def _through_advantages(tmp_path, run_id="t", **extra):
+    cfg = load_config(None, small_overrides(tmp_path, run_id=run_id, **{"iterations": 2, **extra}))
+    run = open_run(cfg)
+    for mod in (rollout, grade, hindsight, advantages):
+        mod.run(run, 0)
+    return run
+
+
+def test_two_processes_make_the_same_update_as_one(tmp_path):
+    """The same batch trained by 1 process and by 2 (gloo, each a share of every
+    mini-batch, gradients all-reduced by DDP): the same next weights and metrics."""
+    run = _through_advantages(tmp_path, **{"train.micro_batch_size": 3, "train.ppo_epochs": 2,
+                                           "train.learning_rate": 1e-3})
+    out, metrics = {}, {}
+    for n in (1, 2):
+        cfg = run.cfg.model_copy(deep=True)
+        cfg.train.launcher.num_processes = n
+        out[n] = tmp_path / f"procs-{n}"
+        proc = subprocess.run(launch_command(cfg, run.path, 0, out[n]), capture_output=True, text=True, timeout=600,
+                              env=launch_env(cfg))
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        metrics[n] = json.loads((out[n] / "train_metrics.json").read_text())
+    one, two = load_file(out[1] / "model.safetensors"), load_file(out[2] / "model.safetensors")
+    start = load_file(run.snapshot(0) / "model.safetensors")
+    update = max(float((one[k] - start[k]).abs().max()) for k in one)
+    gap = max(float((one[k] - two[k]).abs().max()) for k in one)
+    print(f"largest weight change {update:.3e}; largest 1-vs-2-process difference {gap:.3e}")
+    assert update > 1e-4  # the update is real (4 AdamW steps at lr 1e-3) ...
+    # ... and the same with two processes: float32 sums in another order, which AdamW's
+    # normalised steps can magnify on near-zero gradients (measured: 2.2e-5 against 4.0e-3)
+    assert gap < 0.01 * update
+    assert (metrics[1]["processes"], metrics[2]["processes"]) == (1, 2)
+    for key in ("tokens", "sequences", "optimizer_steps"):
+        assert metrics[1][key] == metrics[2][key], key
+    for key in ("loss", "loss_on_policy", "loss_hindsight", "clip_fraction", "mean_ratio", "grad_norm",
+                "hindsight_token_fraction"):
+        assert metrics[2][key] == pytest.approx(metrics[1][key], rel=1e-4, abs=1e-6), key
+
+
+def test_lora_trains_an_adapter_with_the_base_as_kl_reference(tmp_path):
+    """train.lora.rank = 8: the snapshot is an adapter (no full weights), the next rollout
+    generates from base + adapter (a merged copy that differs from the base), and the KL
+    reference is the base: the same model with its adapter switched off."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from herl.batching import Sequences
+    from herl.trainer import _prepare
+    from schemas.tables import read_table
+
+    run = _through_advantages(tmp_path, **{"train.lora.rank": 8, "train.lora.alpha": 16, "train.kl_coef": 0.05,
+                                           "train.learning_rate": 5e-3})
+    train.run(run, 0)
+    snap = run.snapshot(1)
+    assert is_adapter(snap) and not (snap / "model.safetensors").exists()
+    adapter_bytes = (snap / "adapter_model.safetensors").stat().st_size
+    assert adapter_bytes < 0.5 * (run.snapshot(0) / "model.safetensors").stat().st_size
+    # the adapter moved: its B matrices start at zero
+    adapter = load_file(snap / "adapter_model.safetensors")
+    assert any(float(v.abs().max()) > 0 for k, v in adapter.items() if "lora_B" in k)
+
+    rollout.run(run, 1)  # generates from the merged copy
+    merged = engine_model(snap)
+    assert merged != snap and merged.parent == run.path / "cache" / "merged"
+    base_w, merged_w = load_file(run.snapshot(0) / "model.safetensors"), load_file(merged / "model.safetensors")
+    assert any(not torch.equal(base_w[k], merged_w[k]) for k in base_w)
+    rows = read_table("rollouts", run.table(1, "rollouts")).to_pylist()
+    assert {r["snapshot_id"] for r in rows} == {run.snapshot_id(1)}
+
+    # the reference log-probs are the base model's, the old ones base + adapter's
+    seqs = Sequences.from_table(read_table("batch", run.table(0, "batch")))
+    base = AutoModelForCausalLM.from_pretrained(run.snapshot(0))
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run.snapshot(0)), snap)
+    idx = list(range(min(6, len(seqs))))
+    totals = dict(is_ratio_sum=0.0, is_truncated=0, is_tokens=0)
+    prep = _prepare(policy, seqs, idx, run.cfg.train, 0, None, True, totals)
+    with torch.no_grad():
+        base_lp, mask = seqs.logprobs(base.eval(), idx, 0)
+        merged_lp, _ = seqs.logprobs(AutoModelForCausalLM.from_pretrained(merged).eval(), idx, 0)
+    for b, i in enumerate(idx):
+        n = int(mask[b].sum())
+        assert torch.allclose(prep.ref[i], base_lp[b, :n], atol=1e-5)
+        assert torch.allclose(prep.old[i], merged_lp[b, :n], atol=1e-4)
+    assert any(not torch.allclose(prep.ref[i], prep.old[i], atol=1e-4) for i in idx)
+
+    for mod in (grade, hindsight, advantages, train):  # train continues the same adapter and its AdamW state
+        mod.run(run, 1)
+    m = {r["name"]: r["value"] for r in read_table("metrics", run.table(1, "metrics", "train")).to_pylist()}
+    assert m["kl"] > 0
+
+
+def test_herl_export_writes_the_final_policy_as_one_hf_folder(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from herl.cli import main as cli
+
+    run = _through_advantages(tmp_path, **{"train.lora.rank": 4, "train.learning_rate": 5e-3, "iterations": 1})
+    train.run(run, 0)
+    dest = tmp_path / "exported"
+    assert cli(["export", str(run.path), str(dest)]) == 0
+    assert not is_adapter(dest) and (dest / "model.safetensors").exists() and (dest / "tokenizer.json").exists()
+    assert not (dest / "optimizer.pt").exists()
+    model = AutoModelForCausalLM.from_pretrained(dest)
+    merged = load_file(engine_model(run.snapshot(1)) / "model.safetensors")
+    for name, p in model.state_dict().items():
+        if name in merged:
+            assert torch.allclose(p, merged[name]), name
+    # exporting onto an existing folder is refused rather than mixing two models
+    assert cli(["export", str(run.path), str(dest)]) == 2
