@@ -303,5 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_job(run_dir: str, k: int, out_dir: str) -> None:
+    """The job as a forked child (stages/train.py, one process): its own process group, so
+    the stage can stop it and whatever it starts; its exit code is main's."""
+    os.setsid()
+    code = main([run_dir, str(k), out_dir])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -43,9 +43,13 @@ class TrainJobError(RuntimeError):
     """The training job exited with an error (its own output says why)."""
 
 
-def launch_command(cfg: HerlConfig, run_dir: Path, k: int, out_dir: Path) -> list[str]:
-    """`accelerate launch ... -m herl.trainer RUN_DIR K OUT_DIR` from train.launcher."""
+def launch_command(cfg: HerlConfig, run_dir: Path, k: int, out_dir: Path) -> list[str] | None:
+    """`accelerate launch ... -m herl.trainer RUN_DIR K OUT_DIR` from train.launcher; None
+    for one process on one machine without an accelerate config, which runs as a child
+    forked from a warm server (start_job) instead of paying 10 s of imports."""
     lc, t = cfg.train.launcher, cfg.train
+    if lc.num_processes == 1 and lc.num_machines == 1 and not lc.accelerate_config:
+        return None
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if lc.accelerate_config:
         cmd += ["--config_file", str(Path(lc.accelerate_config).resolve())]
@@ -55,13 +59,43 @@ def launch_command(cfg: HerlConfig, run_dir: Path, k: int, out_dir: Path) -> lis
         cmd += ["--machine_rank", str(lc.machine_rank), "--main_process_ip", str(lc.main_process_ip)]
     if lc.main_process_port:
         cmd += ["--main_process_port", str(lc.main_process_port)]
-    if lc.num_processes > 1 and not lc.accelerate_config:
+    if not lc.accelerate_config:
         # torchrun underneath; without GPUs the processes talk over gloo (accelerate's
         # --cpu would start one process only)
         cmd += ["--multi_gpu"]
-    elif not torch.cuda.is_available():
-        cmd += ["--cpu"]
     return cmd + ["-m", "herl.trainer", str(run_dir), str(k), str(out_dir)]
+
+
+class _ForkedJob:
+    """One training process forked from multiprocessing's fork server, which imported
+    torch, transformers and herl.trainer once: what `accelerate launch` runs for one
+    process (a plain child), without its start-up."""
+
+    def __init__(self, run_dir: Path, k: int, out_dir: Path):
+        import multiprocessing
+
+        from herl.trainer import run_job
+
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["herl.trainer", "transformers.modeling_utils", "accelerate"])
+        self.proc = ctx.Process(target=run_job, args=(str(run_dir), k, str(out_dir)), name=f"herl-train-{k}")
+        self.proc.start()
+        self.pid = self.proc.pid
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.proc.join(timeout)
+        if self.proc.exitcode is None:
+            raise subprocess.TimeoutExpired("herl.trainer", timeout)
+        return self.proc.exitcode
+
+
+def start_job(cfg: HerlConfig, run_dir: Path, k: int, out_dir: Path):
+    """Start the training job in its own process group; returns it (pid, wait) and its description."""
+    cmd = launch_command(cfg, run_dir, k, out_dir)
+    if cmd is None:
+        return _ForkedJob(run_dir, k, out_dir), f"herl.trainer {run_dir} {k} (one process)"
+    # its own process group, so that stopping the stage stops every process it started
+    return subprocess.Popen(cmd, start_new_session=True, env=launch_env(cfg)), " ".join(cmd[1:])
 
 
 def launch_env(cfg: HerlConfig) -> dict[str, str]:
@@ -72,12 +106,15 @@ def launch_env(cfg: HerlConfig) -> dict[str, str]:
     return env
 
 
-def _wait(proc: subprocess.Popen, timeout_s: float | None) -> int:
+def _wait(proc, timeout_s: float | None) -> int:
     """Wait for the job; on any exit from here (error, SIGTERM, timeout) stop its whole group."""
     try:
         return proc.wait(timeout=timeout_s)
     except BaseException:
-        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:  # not yet in its own group
+            os.kill(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
@@ -111,12 +148,10 @@ def run(run: Run, k: int) -> dict:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
         try:
-            cmd = launch_command(cfg, run.path.resolve(), k, tmp)
-            # its own process group, so that stopping the stage stops every process it started
-            proc = subprocess.Popen(cmd, start_new_session=True, env=launch_env(cfg))
-            rc = _wait(proc, cfg.train.launcher.timeout_s)
+            job, what = start_job(cfg, run.path.resolve(), k, tmp)
+            rc = _wait(job, cfg.train.launcher.timeout_s)
             if rc != 0 or not (tmp / METRICS_FILE).exists():
-                raise TrainJobError(f"iteration {k}: the training job ({' '.join(cmd[3:])}) exited with code {rc}; "
+                raise TrainJobError(f"iteration {k}: the training job ({what}) exited with code {rc}; "
                                     "its output above says why")
             metrics = json.loads((tmp / METRICS_FILE).read_text())
             (tmp / METRICS_FILE).unlink()

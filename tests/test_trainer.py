@@ -5,7 +5,6 @@ the engines generate from, and `herl export`."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from herl.lora import engine_model, is_adapter
 from herl.rundir import open_run
 from schemas.config import load_config
 from stages import advantages, grade, hindsight, rollout, train
-from stages.train import launch_command, launch_env
+from stages.train import start_job
 from tests.conftest import small_overrides
 
 
@@ -37,9 +36,9 @@ def test_two_processes_make_the_same_update_as_one(tmp_path):
         cfg = run.cfg.model_copy(deep=True)
         cfg.train.launcher.num_processes = n
         out[n] = tmp_path / f"procs-{n}"
-        proc = subprocess.run(launch_command(cfg, run.path, 0, out[n]), capture_output=True, text=True, timeout=600,
-                              env=launch_env(cfg))
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        job, what = start_job(cfg, run.path, 0, out[n])  # n = 1: forked; n = 2: accelerate launch (torchrun)
+        assert ("accelerate.commands.launch" in what) == (n == 2)
+        assert job.wait(timeout=600) == 0, what
         metrics[n] = json.loads((out[n] / "train_metrics.json").read_text())
     one, two = load_file(out[1] / "model.safetensors"), load_file(out[2] / "model.safetensors")
     start = load_file(run.snapshot(0) / "model.safetensors")
