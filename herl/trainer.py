@@ -176,7 +176,8 @@ def _clip(model, accelerator, max_norm: float) -> float:
     """Clip the (all-reduced) gradients to max_norm (0: no clipping); returns their norm."""
     params = [p for p in model.parameters() if p.requires_grad]
     if max_norm > 0:
-        return float(accelerator.clip_grad_norm_(params, max_norm))
+        norm = accelerator.clip_grad_norm_(params, max_norm)
+        return float("nan") if norm is None else float(norm)  # DeepSpeed clips inside its engine
     return float(torch.sqrt(sum((p.grad.detach().float() ** 2).sum() for p in params if p.grad is not None)))
 
 
@@ -232,6 +233,17 @@ def load_policy(snapshot: Path, base: Path, cfg: TrainConfig, model_dtype: str, 
     return model
 
 
+def peak_memory() -> dict[str, float]:
+    """This process's peak resident memory (GB; it includes the libraries imported, about
+    0.5 GB) and, on a GPU, the peak memory torch allocated there."""
+    import resource
+
+    out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}  # ru_maxrss is in KiB on Linux
+    if torch.cuda.is_available():
+        out["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return out
+
+
 def _die_with_parent() -> None:
     # the launcher's death (or the stage's) ends this worker: no orphaned training
     try:
@@ -280,10 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     table = read_table("batch", run.table(k, "batch"))
     if table.num_rows == 0:
         raise ValueError(f"{run.table(k, 'batch')}: the batch is empty; nothing to train on")
+    t_update = time.perf_counter()
     metrics = train_on_batch(model, optimizer, accelerator, Sequences.from_table(table), t, seed,
                              tokenizer.pad_token_id, ref_model,
                              norm_length=max(cfg.rollout.max_tokens, cfg.hindsight.max_tokens or 0),
                              adapter_reference=t.lora.rank > 0)
+    metrics["update_seconds"] = time.perf_counter() - t_update
+    metrics["tokens_per_second"] = metrics["tokens"] * t.ppo_epochs / metrics["update_seconds"]
+    metrics.update(peak_memory())
 
     # every process takes part in gathering a sharded model's weights; the main one writes
     state = {name.removeprefix("model."): value for name, value in accelerator.get_state_dict(model).items()}

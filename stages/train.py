@@ -91,9 +91,13 @@ class _ForkedJob:
 
 def start_job(cfg: HerlConfig, run_dir: Path, k: int, out_dir: Path):
     """Start the training job in its own process group; returns it (pid, wait) and its description."""
+    import multiprocessing
+
     cmd = launch_command(cfg, run_dir, k, out_dir)
-    if cmd is None:
+    if cmd is None and not multiprocessing.current_process().daemon:
         return _ForkedJob(run_dir, k, out_dir), f"herl.trainer {run_dir} {k} (one process)"
+    if cmd is None:  # a daemonic pool worker may not fork children: a fresh interpreter instead
+        cmd = [sys.executable, "-m", "herl.trainer", str(run_dir), str(k), str(out_dir)]
     # its own process group, so that stopping the stage stops every process it started
     return subprocess.Popen(cmd, start_new_session=True, env=launch_env(cfg)), " ".join(cmd[1:])
 
