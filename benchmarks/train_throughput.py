@@ -3,8 +3,8 @@
     python benchmarks/train_throughput.py [--model builtin:smollm2-135m-instruct]
         [--sequences 32 --prompt-tokens 256 --response-tokens 256]
 
-Writes one synthetic batch (random token ids, groups of 4, advantages +-1; half the
-sequences hindsight rows) into a run folder and runs the train stage on it, as the flow
+Writes one synthetic iteration (random token ids, groups of 4, advantages +-1) into a
+run folder and runs the train stage on it, as the flow
 does (a launched job), once per variant. Prints a table of the job's update tokens/s, its
 peak resident memory (CPU; includes ~0.5 GB of imported libraries) or peak GPU memory,
 and the snapshot's size on disk. The numbers are the job's own metrics
@@ -34,19 +34,24 @@ VARIANTS = {
 }
 
 
-def synthetic_batch(n: int, prompt_tokens: int, response_tokens: int, vocab: int, seed: int = 0) -> list[dict]:
+def synthetic_iteration(run, n: int, prompt_tokens: int, response_tokens: int, vocab: int, seed: int = 0) -> None:
+    """Rollouts (the token lists), an empty hindsight table and the batch that refers to them."""
     rng = random.Random(seed)
-    rows = []
+    rollouts, batch = [], []
     for i in range(n):
-        rows.append({
-            "run_id": "bench", "iteration": 0, "sample_id": f"s{i}", "source_id": f"s{i}", "prompt_id": f"p{i // 4}",
-            "kind": "revision" if i % 2 else "rollout", "is_hindsight": bool(i % 2), "replaced_rollout_id": None,
-            "prompt_token_ids": [rng.randrange(vocab) for _ in range(prompt_tokens)],
-            "response_token_ids": [rng.randrange(vocab) for _ in range(response_tokens)],
-            "engine_logprobs": None, "temperature": 1.0, "reward": 0.5, "shaped_reward": 0.5, "group_mean": 0.5,
-            "group_std": 0.5, "group_size": 4, "advantage": 1.0 if i % 4 < 2 else -1.0,
-        })
-    return rows
+        rollouts.append({
+            "run_id": run.run_id, "iteration": 0, "rollout_id": f"s{i}", "prompt_id": f"p{i // 4}", "sample_index": i % 4,
+            "prompt_text": "", "prompt_token_ids": [rng.randrange(vocab) for _ in range(prompt_tokens)],
+            "response_text": "", "response_token_ids": [rng.randrange(vocab) for _ in range(response_tokens)],
+            "finish_reason": "length", "num_tokens": response_tokens, "seed": 0, "snapshot_id": "s", "logprobs": None})
+        batch.append({
+            "run_id": run.run_id, "iteration": 0, "sample_id": f"s{i}", "source_id": f"s{i}", "rollout_ref": f"s{i}",
+            "prompt_id": f"p{i // 4}", "kind": "rollout", "is_hindsight": False, "hindsight_prompt": False,
+            "replaced_rollout_id": None, "temperature": 1.0, "reward": 0.5, "shaped_reward": 0.5, "group_mean": 0.5,
+            "group_std": 0.5, "group_size": 4, "advantage": 1.0 if i % 4 < 2 else -1.0})
+    write_table("rollouts", rollouts, run.table(0, "rollouts"))
+    write_table("hindsight", [], run.table(0, "hindsight"))
+    write_table("batch", batch, run.table(0, "batch"))
 
 
 def main() -> int:
@@ -68,8 +73,7 @@ def main() -> int:
             from transformers import AutoConfig
 
             vocab = AutoConfig.from_pretrained(run.snapshot(0)).vocab_size
-            write_table("batch", synthetic_batch(args.sequences, args.prompt_tokens, args.response_tokens, vocab),
-                        run.table(0, "batch"))
+            synthetic_iteration(run, args.sequences, args.prompt_tokens, args.response_tokens, vocab)
             train.run(run, 0)
             m = {r["name"]: r["value"] for r in read_table("metrics", run.table(0, "metrics", "train")).to_pylist()}
             disk = sum(f.stat().st_size for f in run.snapshot(1).rglob("*") if f.is_file())

@@ -219,3 +219,22 @@ def shares(idx: list[int], world: int) -> list[list[int]]:
     """Deal length-sorted sequences to `world` processes round-robin: each process gets a
     share of similar lengths and size (within one), and together they hold every sequence once."""
     return [idx[rank::world] for rank in range(world)]
+
+
+def batch_sequences(batch, rollouts, hindsight):
+    """The batch's rows with their token lists (stages/sql/sequences.sql): Arrow tables or
+    datasets of one iteration's batch, rollouts and hindsight."""
+    from herl.sql import run_sql_file
+
+    return run_sql_file("sequences", {"batch": batch, "rollouts": rollouts, "hindsight": hindsight}, {})
+
+
+def load_sequences(run, k: int) -> Sequences:
+    """Iteration k's training sequences, token lists joined from its rollouts and hindsight."""
+    from schemas.tables import open_dataset
+
+    tables = {n: open_dataset(n, run.table(k, n)) for n in ("batch", "rollouts", "hindsight")}
+    table = batch_sequences(**tables)
+    if table.num_rows == 0:
+        raise ValueError(f"{run.table(k, 'batch')}: the batch is empty; nothing to train on")
+    return Sequences.from_table(table)

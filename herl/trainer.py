@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from herl.batching import Prepared, ResponseLogprobs, Sequences, micro_batches, shares
+from herl.batching import Prepared, ResponseLogprobs, Sequences, load_sequences, micro_batches, shares
 from herl.lora import is_adapter
 from herl.loss import loss_denominators, policy_loss, truncated_is_weight
 from schemas.config import TrainConfig
@@ -259,7 +259,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from herl.engines import _quiet_transformers, load_tokenizer
     from herl.rundir import load_run
-    from schemas.tables import read_table
 
     _die_with_parent()
     run_dir, k, out_dir = (argv or sys.argv[1:])[:3]
@@ -289,11 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     # wrapped so that the lean log-prob path is the forward the distributed wrapper sees
     model, optimizer = accelerator.prepare(ResponseLogprobs(model), optimizer)
 
-    table = read_table("batch", run.table(k, "batch"))
-    if table.num_rows == 0:
-        raise ValueError(f"{run.table(k, 'batch')}: the batch is empty; nothing to train on")
+    sequences = load_sequences(run, k)
     t_update = time.perf_counter()
-    metrics = train_on_batch(model, optimizer, accelerator, Sequences.from_table(table), t, seed,
+    metrics = train_on_batch(model, optimizer, accelerator, sequences, t, seed,
                              tokenizer.pad_token_id, ref_model,
                              norm_length=max(cfg.rollout.max_tokens, cfg.hindsight.max_tokens or 0),
                              adapter_reference=t.lora.rank > 0)

@@ -134,12 +134,14 @@ TABLES: dict[str, Table] = {
         ),
         Table(
             "batch",
-            "one row per training sequence of the mixed groups (what the train stage consumes)",
+            "one row per training sequence of the mixed groups (what the train stage consumes; "
+            "its token lists are the rows of rollouts / hindsight it refers to)",
             pa.schema([*_ids, ("sample_id", pa.string()), ("source_id", pa.string()),
+                       ("rollout_ref", pa.string()),  # the rollout its prompt (and a non-revision's answer) is from
                        ("prompt_id", pa.string()), ("kind", pa.string()),
-                       ("is_hindsight", pa.bool_()), ("replaced_rollout_id", pa.string()),
-                       ("prompt_token_ids", _tokens), ("response_token_ids", _tokens),
-                       ("engine_logprobs", pa.list_(pa.float32())),
+                       ("is_hindsight", pa.bool_()),
+                       ("hindsight_prompt", pa.bool_()),  # trained after the revision's hindsight prompt
+                       ("replaced_rollout_id", pa.string()),
                        ("temperature", pa.float64()),  # sampled at; log-probs are taken at it
                        ("reward", pa.float64()), ("shaped_reward", pa.float64()),
                        ("group_mean", pa.float64()), ("group_std", pa.float64()),
@@ -278,6 +280,39 @@ def read_table(name: str, path: Path) -> pa.Table:
     if not path.exists():
         raise FileNotFoundError(f"table '{name}' not found at {path}: run the stage that writes it first")
     return _check(pq.read_table(path), _ALL[name], f"reading {path}")
+
+
+def open_dataset(name: str, path: Path):
+    """A lazy pyarrow dataset over `path`, checked against table `name`'s contract from the
+    file's footer (no rows read): DuckDB then reads only the columns a query uses."""
+    import pyarrow.dataset as ds
+
+    if not path.exists():
+        raise FileNotFoundError(f"table '{name}' not found at {path}: run the stage that writes it first")
+    spec = _ALL[name]
+    _check(pq.read_schema(path).empty_table(), spec, f"reading {path}")
+    return ds.dataset(path, schema=spec.schema, format="parquet")
+
+
+@contextmanager
+def table_writer(name: str, path: Path):
+    """Write table `name` to `path` in parts, each checked against its contract; the file
+    appears (atomically) only when the with-block ends without error. Yields a `write(part)`
+    function; `write.rows` counts the rows written."""
+    spec = _ALL[name]
+    with atomic_write(path) as fh:
+        writer = pq.ParquetWriter(fh, spec.schema)
+        try:
+            def write(part: pa.Table | pa.RecordBatch) -> None:
+                table = pa.Table.from_batches([part]) if isinstance(part, pa.RecordBatch) else part
+                table = _check(table, spec, f"writing {path}")
+                writer.write_table(table)
+                write.rows += table.num_rows
+
+            write.rows = 0
+            yield write
+        finally:
+            writer.close()
 
 
 def empty(name: str) -> pa.Table:

@@ -15,11 +15,12 @@ Alone:  python -m stages.advantages runs/<run_id> --iteration K
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from herl.engines import sampling_temperature
 from herl.rundir import Run
-from herl.sql import run_sql_file
-from schemas.tables import read_table, write_table
+from herl.sql import run_sql_file, sql_file_reader
+from schemas.tables import empty, open_dataset, table_writer
 from stages.common import stage_main, write_metrics
 
 STAGE = "advantages"
@@ -47,32 +48,50 @@ def run(run: Run, k: int) -> dict:
     inputs = {n: run.table(k, n) for n in ("rollouts", "rewards", "hindsight")}
 
     def body():
-        tables = {n: read_table(n, p) for n, p in inputs.items()}
+        # lazily: DuckDB reads only the columns it needs, and the token lists only for the
+        # rows of the batch; the batch is written as it streams out
+        tables = {n: open_dataset(n, p) for n, p in inputs.items()}
         if not run.cfg.hindsight_enabled:  # plain GRPO: revisions (if any were left) are ignored
-            tables["hindsight"] = tables["hindsight"].schema.empty_table()
-        batch = compute_batch(tables["rollouts"], tables["rewards"], tables["hindsight"], sql_params(run.cfg, k))
-        n_rows = batch.num_rows
-        batch = batch.append_column("run_id", pa.array([run.run_id] * n_rows, pa.string())) \
-                     .append_column("iteration", pa.array([k] * n_rows, pa.int32()))
-        rows = batch.to_pylist()
-        kinds = [r["kind"] for r in rows]
-        shaped = [r for r in rows if r["kind"] == "rollout" and r["shaped_reward"] != r["reward"]]
-        out = {"batch": (run.table(k, "batch"), write_table("batch", batch, run.table(k, "batch")))}
-        n = max(1, len(rows))
-        out["metrics"] = write_metrics(run, k, STAGE, {
-            "sequences": len(rows),
-            "groups": len({r["prompt_id"] for r in rows}),
-            "hindsight_sequences": kinds.count("hindsight"),
-            "duplicate_sequences": kinds.count("duplicate"),
-            "bonus_applied": len(shaped),
-            "mean_bonus": sum(r["shaped_reward"] - r["reward"] for r in shaped) / len(shaped) if shaped else 0.0,
-            "mean_shaped_reward": sum(r["shaped_reward"] for r in rows) / n,
-            "mean_abs_advantage": sum(abs(r["advantage"]) for r in rows) / n,
-            "zero_advantage_fraction": sum(abs(r["advantage"]) < 1e-9 for r in rows) / n,
-        })
+            tables["hindsight"] = empty("hindsight")
+        path = run.table(k, "batch")
+        narrow = []  # the columns the metrics need, per record batch
+        with sql_file_reader("advantages", tables, sql_params(run.cfg, k)) as reader, \
+                table_writer("batch", path) as write:
+            for part in reader:
+                part = pa.Table.from_batches([part])
+                part = part.append_column("run_id", pa.array([run.run_id] * part.num_rows, pa.string())) \
+                           .append_column("iteration", pa.array([k] * part.num_rows, pa.int32()))
+                write(part)
+                narrow.append(part.select(["prompt_id", "kind", "reward", "shaped_reward", "advantage"]))
+        out = {"batch": (path, write.rows)}
+        out["metrics"] = write_metrics(run, k, STAGE, batch_metrics(
+            pa.concat_tables(narrow) if narrow else empty("batch").select(["prompt_id", "kind", "reward",
+                                                                           "shaped_reward", "advantage"])))
         return out
 
     return run.run_stage(k, STAGE, inputs, body)
+
+
+def batch_metrics(batch: pa.Table) -> dict[str, float]:
+    """The stage's metrics from the batch's narrow columns (Arrow compute, no Python rows)."""
+    n = batch.num_rows
+    kind = batch.column("kind")
+    reward, shaped, adv = (batch.column(c) for c in ("reward", "shaped_reward", "advantage"))
+    bonus = pc.and_(pc.equal(kind, "rollout"), pc.not_equal(shaped, reward))
+    n_bonus = pc.sum(bonus).as_py() or 0
+    count = lambda value: pc.sum(pc.equal(kind, value)).as_py() or 0  # noqa: E731
+    mean = lambda arr: (pc.sum(arr).as_py() or 0.0) / max(1, n)  # noqa: E731
+    return {
+        "sequences": n,
+        "groups": pc.count_distinct(batch.column("prompt_id")).as_py() if n else 0,
+        "hindsight_sequences": count("hindsight"),
+        "duplicate_sequences": count("duplicate"),
+        "bonus_applied": n_bonus,
+        "mean_bonus": (pc.sum(pc.filter(pc.subtract(shaped, reward), bonus)).as_py() or 0.0) / n_bonus if n_bonus else 0.0,
+        "mean_shaped_reward": mean(shaped),
+        "mean_abs_advantage": mean(pc.abs(adv)),
+        "zero_advantage_fraction": mean(pc.cast(pc.less(pc.abs(adv), 1e-9), pa.int64())),
+    }
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ memory is freed when it ends, and a killed job leaves no snapshot, so the stage 
 The job writes the snapshot's files into a temporary folder beside its final place; this
 stage seals it (file digests) and renames it into place.
 
-Reads:  iter-k/batch.parquet, snapshot k (and snapshot 0: the KL reference, or the LoRA base)
+Reads:  iter-k/batch.parquet (token lists from iter-k/rollouts and hindsight), snapshot k (and snapshot 0: the KL reference, or the LoRA base)
 Writes: snapshots/policy-<k+1>/  (HF layout or a LoRA adapter, safetensors, tokenizer,
                                    optimizer.pt, herl_snapshot.json), atomically
         iter-k/metrics-train.parquet
@@ -133,7 +133,8 @@ def _wait(proc, timeout_s: float | None) -> int:
 
 def run(run: Run, k: int) -> dict:
     cfg = run.cfg
-    inputs = {"batch": run.table(k, "batch"), "snapshot": run.snapshot(k)}
+    # the batch names its sequences; their token lists are in rollouts and hindsight
+    inputs = {**{n: run.table(k, n) for n in ("batch", "rollouts", "hindsight")}, "snapshot": run.snapshot(k)}
     if cfg.train.kl_coef > 0 or cfg.train.lora.rank:  # the KL reference, or the base the adapter is on
         inputs["reference"] = run.snapshot(0)
     out_dir = run.snapshot(k + 1)

@@ -14,7 +14,8 @@ import torch
 from herl.sql import run_sql_file
 from schemas.config import TrainConfig
 from schemas.tables import TABLES
-from stages.advantages import compute_batch
+from herl.batching import batch_sequences
+from stages import advantages
 from herl.loss import policy_loss
 
 SEED = "0:0"
@@ -55,6 +56,17 @@ def _params(**kw):
 def _victims(pid: str, n: int, g: int) -> list[str]:
     ids = [f"0:{pid}:{j}" for j in range(g)]
     return sorted(ids, key=lambda rid: hashlib.md5(f"{SEED}:{rid}".encode()).hexdigest())[:n]
+
+
+def compute_batch(rollouts, rewards, hindsight, params):
+    """The advantages stage's batch, with each row's token lists joined as the train job
+    joins them (stages/sql/sequences.sql)."""
+    batch = advantages.compute_batch(rollouts, rewards, hindsight, params)
+    tokens = batch_sequences(batch, rollouts, hindsight).select(
+        ["sample_id", "prompt_token_ids", "response_token_ids", "engine_logprobs"])
+    assert tokens.num_rows == batch.num_rows
+    by_id = {r["sample_id"]: r for r in tokens.to_pylist()}
+    return pa.Table.from_pylist([{**r, **by_id[r["sample_id"]]} for r in batch.to_pylist()])
 
 
 def _by_prompt(batch) -> dict[str, list[dict]]:

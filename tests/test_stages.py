@@ -17,7 +17,7 @@ from herl.rundir import STAGES, RunLockedError, load_run, open_run
 from schemas.config import load_config
 from schemas.tables import TABLES, read_table, write_table
 from stages import advantages, grade, hindsight, rollout, train
-from herl.batching import sequence_logprobs
+from herl.batching import load_sequences, sequence_logprobs
 from tests.conftest import ROOT, small_overrides
 
 MODULES = [rollout, grade, hindsight, advantages, train]
@@ -193,7 +193,10 @@ def test_logprobs_follow_the_sampling_temperature(tmp_path):
     run = open_run(cfg)
     for mod in MODULES:
         mod.run(run, 0)
-    batch = read_table("batch", run.table(0, "batch")).to_pylist()
+    batch = load_sequences(run, 0)
+    batch = [dict(temperature=t, is_hindsight=h, prompt_token_ids=p, response_token_ids=r, engine_logprobs=e)
+             for t, h, p, r, e in zip(batch.temperature, batch.is_hindsight, batch.prompt_ids, batch.response_ids,
+                                      batch.engine_logprobs)]
     assert {r["temperature"] for r in batch if not r["is_hindsight"]} == {0.7}
     assert {r["temperature"] for r in batch if r["is_hindsight"]} <= {cfg.hindsight.temperature}
     m = {r["name"]: r["value"] for r in read_table("metrics", run.table(0, "metrics", "train")).to_pylist()}
@@ -250,9 +253,8 @@ def test_truncated_is_correction_in_a_real_train_step(tmp_path):
     cfg = load_config(None, small_overrides(tmp_path, iterations=1, **{"train.is_correction": "truncated"}))
     run = open_run(cfg)
     run_iterations(run, 1)
-    batch = read_table("batch", run.table(0, "batch")).to_pylist()
-    assert all(r["engine_logprobs"] is not None and len(r["engine_logprobs"]) == len(r["response_token_ids"])
-               for r in batch)
+    batch = load_sequences(run, 0)
+    assert all(e is not None and len(e) == len(r) for e, r in zip(batch.engine_logprobs, batch.response_ids))
     m = {r["name"]: r["value"] for r in read_table("metrics", run.table(0, "metrics", "train")).to_pylist()}
     assert m["is_mean_ratio"] == pytest.approx(1.0, abs=1e-3)
     assert m["is_truncated_fraction"] == 0.0
@@ -279,7 +281,7 @@ def test_token_bounded_micro_batches_give_the_same_update(done_run):
 
     from herl.trainer import train_on_batch
 
-    rows = read_table("batch", done_run.table(0, "batch")).to_pylist()
+    rows = load_sequences(done_run, 0)
     snapshot = done_run.snapshot(0)
     pad = load_tokenizer(snapshot).pad_token_id
     params = []
@@ -288,7 +290,7 @@ def test_token_bounded_micro_batches_give_the_same_update(done_run):
         model = AutoModelForCausalLM.from_pretrained(snapshot)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         cfg = done_run.cfg.train.model_copy(update={"micro_batch_tokens": budget})
-        train_on_batch(model, opt, Accelerator(cpu=True), [dict(r) for r in rows], cfg, 0, pad)
+        train_on_batch(model, opt, Accelerator(cpu=True), rows, cfg, 0, pad)
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert not torch.equal(params[0], torch.cat([p.detach().flatten() for p in
                                                  AutoModelForCausalLM.from_pretrained(snapshot).parameters()]))

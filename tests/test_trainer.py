@@ -64,7 +64,7 @@ def test_lora_trains_an_adapter_with_the_base_as_kl_reference(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from herl.batching import Sequences
+    from herl.batching import load_sequences
     from herl.trainer import _prepare
     from schemas.tables import read_table
 
@@ -88,7 +88,7 @@ def test_lora_trains_an_adapter_with_the_base_as_kl_reference(tmp_path):
     assert {r["snapshot_id"] for r in rows} == {run.snapshot_id(1)}
 
     # the reference log-probs are the base model's, the old ones base + adapter's
-    seqs = Sequences.from_table(read_table("batch", run.table(0, "batch")))
+    seqs = load_sequences(run, 0)
     base = AutoModelForCausalLM.from_pretrained(run.snapshot(0))
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run.snapshot(0)), snap)
     idx = list(range(min(6, len(seqs))))
@@ -127,3 +127,24 @@ def test_herl_export_writes_the_final_policy_as_one_hf_folder(tmp_path):
             assert torch.allclose(p, merged[name]), name
     # exporting onto an existing folder is refused rather than mixing two models
     assert cli(["export", str(run.path), str(dest)]) == 2
+
+
+@pytest.mark.parametrize("name, kind", [("fsdp", "FSDP"), ("deepspeed_zero3", "DEEPSPEED"),
+                                        ("multi_node", "MULTI_GPU")])
+def test_shipped_accelerate_configs_load_and_reach_the_launch_command(name, kind, tmp_path):
+    """The FSDP / DeepSpeed / multi-node files accelerate reads, and the command herl
+    builds from them: the user's file plus herl's launcher settings on top."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from schemas.config import PRESETS
+    from stages.train import launch_command
+
+    path = PRESETS / "accelerate" / f"{name}.yaml"
+    assert load_config_from_file(str(path)).distributed_type.name == kind
+    cfg = load_config(None, {"train.launcher.accelerate_config": str(path), "train.launcher.num_processes": 4,
+                             "train.mixed_precision": "bf16"})
+    cmd = launch_command(cfg, tmp_path, 3, tmp_path / "out")
+    assert cmd[cmd.index("--config_file") + 1] == str(path.resolve())
+    assert cmd[cmd.index("--num_processes") + 1] == "4" and cmd[cmd.index("--mixed_precision") + 1] == "bf16"
+    assert "--multi_gpu" not in cmd  # the file chooses the distributed type
+    assert cmd[-5:] == ["-m", "herl.trainer", str(tmp_path), "3", str(tmp_path / "out")]

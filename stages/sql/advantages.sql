@@ -1,6 +1,8 @@
 -- Bonus-augmented, hindsight-mixed group advantages (docs/algorithm.md steps 6-8).
 -- Grain: one row per training sequence; each prompt's mixed group keeps the group size G.
 -- Inputs: originals (originals.sql), hindsight (this iteration; may be empty).
+-- Only ids and numbers: the token lists (most of the bytes) stay in rollouts and
+-- hindsight, and sequences.sql joins them where the train job needs them.
 -- Parameters:
 --   $threshold        a group failed when its best original reward is below this
 --   $bonus            apply the bonus reward (algorithm herl)
@@ -15,9 +17,14 @@
 --                     the temperature each sequence was sampled at (log-probs are taken at it)
 with
 
+-- the narrow columns of the graded rollouts, read once (three models use them)
+graded as materialized (
+    select rollout_id, prompt_id, sample_index, reward, items_met from originals
+),
+
 groups as (
     select prompt_id, max(reward) as best_reward
-    from originals
+    from graded
     group by prompt_id
 ),
 
@@ -40,14 +47,18 @@ best_revision as (
 
 shaped as (
     select
-        o.*,
+        o.rollout_id,
+        o.prompt_id,
+        o.sample_index,
+        o.reward,
+        o.items_met,
         b.best_revision_reward,
         case
             when $bonus and b.best_revision_reward is not null
                 then o.reward + $alpha * (b.best_revision_reward - o.reward)
             else o.reward
         end as shaped_reward
-    from originals as o
+    from graded as o
     left join best_revision as b using (rollout_id)
 ),
 
@@ -58,9 +69,6 @@ qualifying as (
         h.revision_id,
         h.candidate_rollout_id,
         h.prompt_id,
-        h.prompt_token_ids as hindsight_prompt_token_ids,
-        h.response_token_ids,
-        h.logprobs,
         h.reward,
         h.revision_index,
         c.items_met as candidate_items_met,
@@ -68,7 +76,7 @@ qualifying as (
         case when h.reward > f.best_reward then 1 else 2 end as tier
     from usable_revisions as h
     join failed_groups as f using (prompt_id)
-    join originals as c on c.rollout_id = h.candidate_rollout_id
+    join graded as c on c.rollout_id = h.candidate_rollout_id
     where h.reward >= f.best_reward
 ),
 
@@ -113,19 +121,15 @@ fills as (
         s.slot,
         coalesce(k.revision_id, b.rollout_id || ':dup-' || s.slot) as sample_id,
         coalesce(k.revision_id, b.rollout_id) as source_id,
+        -- the rollout whose tokens a duplicate copies, or whose prompt a revision keeps
+        coalesce(k.candidate_rollout_id, b.rollout_id) as rollout_ref,
         case when k.revision_id is not null then 'hindsight' else 'duplicate' end as kind,
-        case when k.revision_id is not null
-            then (case when $hindsight_prompt then k.hindsight_prompt_token_ids else c.prompt_token_ids end)
-            else b.prompt_token_ids end as prompt_token_ids,
-        coalesce(k.response_token_ids, b.response_token_ids) as response_token_ids,
-        case when k.revision_id is not null then k.logprobs else b.logprobs end as engine_logprobs,
         case when k.revision_id is not null then $hindsight_temperature else $rollout_temperature end as temperature,
         coalesce(k.reward, b.reward) as reward,
         coalesce(k.reward, b.shaped_reward) as shaped_reward
     from slots as s
     left join kept_revisions as k using (prompt_id, slot)
     left join best_original as b using (prompt_id)
-    left join originals as c on c.rollout_id = k.candidate_rollout_id
     where k.revision_id is not null or $fallback
 ),
 
@@ -140,12 +144,14 @@ victims as (
 
 member_order as (
     select
-        rollout_id,
-        prompt_id,
+        s.rollout_id,
+        s.prompt_id,
         row_number() over (
-            partition by prompt_id order by md5(concat($seed, ':', rollout_id))
+            partition by s.prompt_id order by md5(concat($seed, ':', s.rollout_id))
         ) as victim_rank
-    from shaped
+    from shaped as s
+    -- only groups that receive fills need an order
+    semi join fills as f on f.prompt_id = s.prompt_id
 ),
 
 replaced as (
@@ -158,13 +164,11 @@ mixed as (
     select
         s.rollout_id as sample_id,
         s.rollout_id as source_id,
+        s.rollout_id as rollout_ref,
         s.prompt_id,
         'rollout' as kind,
         false as is_hindsight,
         cast(null as varchar) as replaced_rollout_id,
-        s.prompt_token_ids,
-        s.response_token_ids,
-        s.logprobs as engine_logprobs,
         $rollout_temperature as temperature,
         s.reward,
         s.shaped_reward
@@ -174,13 +178,11 @@ mixed as (
     select
         sample_id,
         source_id,
+        rollout_ref,
         prompt_id,
         kind,
         kind = 'hindsight' as is_hindsight,
         replaced_rollout_id,
-        prompt_token_ids,
-        response_token_ids,
-        engine_logprobs,
         temperature,
         reward,
         shaped_reward
@@ -200,18 +202,7 @@ group_stats as (
 
 final as (
     select
-        m.sample_id,
-        m.source_id,
-        m.prompt_id,
-        m.kind,
-        m.is_hindsight,
-        m.replaced_rollout_id,
-        m.prompt_token_ids,
-        m.response_token_ids,
-        m.engine_logprobs,
-        m.temperature,
-        m.reward,
-        m.shaped_reward,
+        m.*,
         g.group_mean,
         g.group_std,
         g.group_size,
@@ -224,5 +215,21 @@ final as (
     join group_stats as g using (prompt_id)
 )
 
-select * from final
+select
+    sample_id,
+    source_id,
+    rollout_ref,
+    prompt_id,
+    kind,
+    is_hindsight,
+    is_hindsight and $hindsight_prompt as hindsight_prompt,
+    replaced_rollout_id,
+    temperature,
+    reward,
+    shaped_reward,
+    group_mean,
+    group_std,
+    group_size,
+    advantage
+from final
 order by prompt_id, kind, sample_id

@@ -1,0 +1,26 @@
+-- The batch with its token lists: what the train job trains on.
+-- Grain: one row per training sequence (a batch row).
+-- Inputs: batch, rollouts, hindsight (of the same iteration).
+-- A revision's answer (and, when batch.hindsight_prompt, its hindsight prompt) comes from
+-- `hindsight`; everything else from the rollout the row refers to (`rollout_ref`: the
+-- rollout itself, the one a duplicate copies, or the candidate a revision revised).
+with
+
+final as (
+    select
+        b.sample_id,
+        b.prompt_id,
+        b.kind,
+        b.is_hindsight,
+        case when b.hindsight_prompt then h.prompt_token_ids else r.prompt_token_ids end as prompt_token_ids,
+        case when b.is_hindsight then h.response_token_ids else r.response_token_ids end as response_token_ids,
+        case when b.is_hindsight then h.logprobs else r.logprobs end as engine_logprobs,
+        b.temperature,
+        b.advantage
+    from batch as b
+    join rollouts as r on r.rollout_id = b.rollout_ref
+    left join hindsight as h on h.revision_id = b.source_id and b.is_hindsight
+)
+
+select * from final
+order by prompt_id, kind, sample_id
