@@ -35,7 +35,7 @@ def one_mode(mode: str, args, runs_dir: Path) -> dict:
         "task.source": "builtin:ifgen", "task.num_prompts": 64, "task.prompts_per_iteration": args.prompts,
         "rollout.engine": "vllm", "rollout.n": 4, "rollout.max_tokens": args.max_tokens,
         "hindsight.max_tokens": args.max_tokens, "hindsight.candidate_limit": 8,
-        "vllm.enforce_eager": True, "vllm.cpu_kvcache_gib": 2, "train.mini_batches": 1, "train.micro_batch_size": 8})
+        "vllm.enforce_eager": True, "vllm.cpu_kvcache_gib": 2, "vllm.tensor_parallel_size": 1, "train.mini_batches": 1, "train.micro_batch_size": 8})
     run = open_run(cfg)
     starts, startup_s = 0, 0.0
     t0 = time.perf_counter()
