@@ -11,10 +11,10 @@ held only for the snapshot being generated from (runs/<id>/cache/merged/).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from schemas.tables import atomic_directory
 
 ADAPTER_CONFIG = "adapter_config.json"
 MERGED_STAMP = "herl_merged_from.json"  # in a merged copy: the adapter snapshot it was made from
@@ -46,19 +46,11 @@ def write_merged(snapshot: Path, dest: Path, dtype: str = "float32") -> Path:
     base = adapter_base(snapshot)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
     merged = PeftModel.from_pretrained(model, snapshot).merge_and_unload()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_directory(dest) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         load_tokenizer(snapshot).save_pretrained(tmp)
         (tmp / MERGED_STAMP).write_text(json.dumps({"adapter": str(Path(snapshot).resolve()),
                                                     "stamp": _stamp(snapshot), "base": str(base)}))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 
@@ -98,14 +90,8 @@ def export_policy(snapshot: Path, dest: Path, dtype: str = "float32") -> Path:
         write_merged(snapshot, dest, dtype)
         (dest / MERGED_STAMP).unlink()
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_directory(dest) as tmp:
         for f in snapshot.iterdir():
             if f.is_file() and f.name not in ("optimizer.pt", SNAPSHOT_META):
                 shutil.copy2(f, tmp / f.name)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest

@@ -9,9 +9,9 @@ from a seed, so every machine gets the same weights. Saved in Hugging Face layou
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from schemas.tables import atomic_directory
 
 TINY_VERSION = "v1"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -39,9 +39,7 @@ def build_tiny_model(out_dir: Path, *, hidden: int = 128, layers: int = 2, heads
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         byte_to_unicode = pre_tokenizers.ByteLevel.alphabet()
         vocab = {ch: i for i, ch in enumerate(sorted(byte_to_unicode))}
         tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -68,12 +66,6 @@ def build_tiny_model(out_dir: Path, *, hidden: int = 128, layers: int = 2, heads
         model.generation_config.eos_token_id = config.eos_token_id
         model.generation_config.pad_token_id = config.pad_token_id
         model.save_pretrained(tmp, safe_serialization=True)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

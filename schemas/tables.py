@@ -14,6 +14,7 @@ Layout inside a run directory (see herl.rundir):
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -261,6 +262,24 @@ def atomic_write(path: Path, mode: str = "wb"):
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_directory(dest: Path):
+    """Yield a new, empty temporary folder beside `dest`; when the with-block succeeds the
+    folder replaces `dest` (one rename), on any error it is removed. A kill midway leaves a
+    `.<name>.*` folder, never a half-written `dest`."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():  # an earlier attempt got this far (a killed run, or a stale copy)
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -19,11 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from herl.engines import release_engines
 from herl.rundir import Run, SnapshotPrunedError, seal_snapshot, snapshot_meta
 from herl.trainer import METRICS_FILE, precision_warning
 from schemas.config import HerlConfig, stage_config_hash
+from schemas.tables import atomic_directory
 from stages.common import stage_main, write_metrics
 
 STAGE = "train"
@@ -150,9 +149,7 @@ def run(run: Run, k: int) -> dict:
                 "its optimizer state); restore it, or continue from a later snapshot")
         if (warning := precision_warning(cfg.train)) is not None:
             warnings.warn(warning, stacklevel=1)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        try:
+        with atomic_directory(out_dir) as tmp:  # the job writes into tmp; renamed into place when sealed
             job, what = start_job(cfg, run.path.resolve(), k, tmp)
             rc = _wait(job, cfg.train.launcher.timeout_s)
             if rc != 0 or not (tmp / METRICS_FILE).exists():
@@ -166,12 +163,6 @@ def run(run: Run, k: int) -> dict:
             seal_snapshot(tmp, {"snapshot_id": f"{run.run_id}/policy-{k + 1}/{snapshot_id}",
                                 "parent": str(inputs["snapshot"]), "iteration": k,
                                 **({"base": str(run.snapshot(0)), "lora": True} if cfg.train.lora.rank else {})})
-            if out_dir.exists():  # a killed earlier attempt finished the rename but not the manifest
-                shutil.rmtree(out_dir)
-            os.replace(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return {"snapshot": (out_dir, metrics["sequences"]), "metrics": write_metrics(run, k, STAGE, metrics)}
 
     manifest = run.run_stage(k, STAGE, inputs, body)
