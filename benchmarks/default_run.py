@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from herl.cli import _overrides, _prefect_env  # noqa: E402
 from herl.query import query_run  # noqa: E402
-from herl.rundir import STAGES, load_run  # noqa: E402
+from herl.rundir import load_run  # noqa: E402
+from schemas.stages import STAGES  # noqa: E402
 
 
 def main() -> int:

@@ -59,12 +59,9 @@ def run_one(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(job["threads"])
-    from herl.rundir import iteration_stages, open_run
+    from herl.rundir import open_run
     from schemas.config import load_config
-    from stages import advantages, grade, heldout, hindsight, rollout, train
-
-    modules = {"heldout": heldout, "rollout": rollout, "grade": grade, "hindsight": hindsight,
-               "advantages": advantages, "train": train}
+    from stages import run_iteration
     cfg = load_config(job["config"], {**job["overrides"], "algorithm": job["mode"], "seed": job["seed"],
                                       "run_id": f"{job['mode']}-seed{job['seed']}", "runs_dir": job["runs_dir"]})
     run = open_run(cfg)
@@ -72,8 +69,7 @@ def run_one(job: dict) -> dict:
     ran = 0
     with run.lock():
         for k in range(cfg.iterations + 1):
-            for stage in iteration_stages(cfg, k):
-                ran += not modules[stage].run(run, k)["skipped"]
+            ran += sum(not m["skipped"] for m in run_iteration(run, k).values())
     seconds = time.perf_counter() - t0
     print(f"  {job['mode']:>8} seed {job['seed']}: {seconds:6.1f} s ({ran} stages run)", flush=True)
     return {"mode": job["mode"], "seed": job["seed"], "path": str(run.path), "seconds": seconds, "stages_run": ran}
@@ -82,7 +78,8 @@ def run_one(job: dict) -> dict:
 def collect(result: dict) -> list[dict]:
     """Per-iteration rows of one run, from its rewards and metrics tables."""
     from herl.query import query_run
-    from herl.rundir import STAGES, load_run
+    from herl.rundir import load_run
+    from schemas.stages import STAGES
 
     path = result["path"]
     rows = {}

@@ -1,7 +1,7 @@
 """The Prefect flow `herl`: N iterations of rollout -> grade -> hindsight -> advantages -> train.
 
 With evaluation.every > 0 the held-out evaluation of policy k opens iteration k where it
-is due, and the final policy is evaluated after the last iteration (herl.rundir.iteration_stages).
+is due, and the final policy is evaluated after the last iteration (schemas/stages.py).
 
 Orchestration only: every stage is a task that calls the stage module's `run`, which
 skips itself when its manifest is current, so re-running a run (same run id) resumes
@@ -19,20 +19,18 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from herl.engines import release_engines
-from herl.rundir import Run, iteration_stages, load_run, open_run
+from herl.rundir import Run, load_run, open_run
 from herl.task import check_pool_fits
 from schemas.config import load_config
+from schemas.stages import iteration_stages
 from schemas.tables import read_table
-from stages import advantages, grade, heldout, hindsight, rollout, train
-
-STAGE_MODULES = {"heldout": heldout, "rollout": rollout, "grade": grade, "hindsight": hindsight,
-                 "advantages": advantages, "train": train}
+from stages import run_stage as run_stage_alone
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{stage}-{iteration}")
 def run_stage(run_dir: str, stage: str, iteration: int) -> dict:
     """One stage of one iteration; returns its manifest summary (paths, not tables)."""
-    m = STAGE_MODULES[stage].run(load_run(run_dir), iteration)
+    m = run_stage_alone(stage, load_run(run_dir), iteration)
     get_run_logger().info("%s iteration %d: %s%s (%.1f s)", stage, iteration, m["status"],
                           " (skipped: manifest current)" if m["skipped"] else "", m.get("seconds", 0.0))
     return {k: m.get(k) for k in ("stage", "iteration", "status", "skipped", "seconds", "outputs")}

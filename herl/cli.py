@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from herl.query import ReadOnlyQueryError, query_run
-from herl.rundir import STAGES, iteration_stages, load_run
+from herl.rundir import load_run
+from schemas.stages import STAGES, iteration_stages
 from herl.sql import to_arrow
 
 
@@ -161,7 +162,7 @@ def cmd_grade(args) -> int:
     from herl.importers import PromptFileError
     from schemas.config import ConfigError, load_config
 
-    from herl.grading import import_plugins
+    from herl.checks import import_plugins
 
     try:
         import_plugins(args.plugin)

@@ -21,88 +21,15 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Iterable
 
-MET, UNMET, UNKNOWN = "met", "unmet", "unknown"
-JUDGE_KIND = "judge"
-
-
-@dataclass(frozen=True)
-class Check:
-    fn: Callable[..., bool | tuple[bool, str]]
-    describe: Callable[..., str] | None = None
-    needs_prompt: bool = False  # the check receives the prompt text as `prompt=`
-
-
-CHECKS: dict[str, Check] = {}
-
-
-def register_check(kind: str, describe: Callable[..., str] | None = None, needs_prompt: bool = False):
-    """Decorator: make `fn(response, **params)` the check for rubric items of this kind."""
-
-    def deco(fn):
-        if kind in CHECKS or kind == JUDGE_KIND:
-            raise ValueError(f"check kind {kind!r} is already registered")
-        CHECKS[kind] = Check(fn, describe, needs_prompt)
-        return fn
-
-    return deco
-
-
-def import_plugins(modules: Iterable[str]) -> None:
-    """Import modules that register checks (config `plugins`, `herl grade --plugin`)."""
-    import importlib
-
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            raise ImportError(f"cannot import plugin module {name!r} (config 'plugins'): {exc}") from exc
-
-
-def is_known_kind(kind: str) -> bool:
-    return kind == JUDGE_KIND or kind in CHECKS
-
-
-def check_params(kind: str, params: dict) -> None:
-    """Raise TypeError unless `params` are keyword arguments the check of `kind` accepts
-    (all required ones present, none unknown). Judge items take any params."""
-    import inspect
-
-    check = CHECKS.get(kind)
-    if check is None:
-        return
-    try:
-        inspect.signature(check.fn).bind("", **params, **({"prompt": ""} if check.needs_prompt else {}))
-    except TypeError as exc:
-        raise TypeError(f"{exc} (params given: {sorted(params) or 'none'})") from None
-
-
-def describe_item(kind: str, params: dict) -> str:
-    """A readable sentence for an item from its kind and params ("Answer with at least 300 words.")."""
-    check = CHECKS.get(kind)
-    if check is None or check.describe is None:
-        args = ", ".join(f"{k}={v!r}" for k, v in params.items())
-        return f"Satisfy the check {kind}({args})."
-    return check.describe(**params)
-
-
-@dataclass(frozen=True)
-class Verdict:
-    verdict: str  # met / unmet / unknown (strict)
-    grader: str
-    detail: str = ""
-    loose: str | None = None  # IFEval's loose verdict; None where it equals the strict one
-
-    @property
-    def loose_verdict(self) -> str:
-        return self.loose or self.verdict
-
-
-class Grader(Protocol):
-    def grade(self, rubric: list[dict], response: str, prompt: str = "") -> list[Verdict]:
-        """One verdict per rubric item, in rubric order."""
-
+# the registry and verdicts live in a leaf module; re-exported here for plugins and callers
+from herl.checks import (  # noqa: F401
+    CHECKS, JUDGE_KIND, MET, UNKNOWN, UNMET, Check, Verdict, check_params, describe_item, import_plugins,
+    is_known_kind, register_check,
+)
+# the IFEval instruction ids register themselves as kinds (herl.ifeval imports only herl.checks)
+from herl import ifeval as _ifeval_kinds  # noqa: F401
 
 def loose_variants(response: str) -> list[str]:
     """IFEval's loose variants: first / last / both lines removed, asterisks stripped."""
@@ -395,6 +322,3 @@ def json_valid(response: str, *, schema: dict | None = None) -> tuple[bool, str]
             return False, f"schema: {errors[0].message}"
     return True, ""
 
-
-# the IFEval instruction ids register themselves as kinds
-from herl import ifeval as _ifeval_kinds  # noqa: E402,F401

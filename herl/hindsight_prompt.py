@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from herl.grading import MET, UNKNOWN
+from herl.checks import MET, UNKNOWN
 from herl.templating import template, template_file
 
 SHIPPED = {"herl": "hindsight.j2", "reference": "hindsight_reference.j2"}

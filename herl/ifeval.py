@@ -19,7 +19,7 @@ import re
 from collections import Counter
 from functools import lru_cache
 
-from herl.grading import register_check
+from herl.checks import register_check
 
 LANGUAGES = {
     "en": "English", "es": "Spanish", "pt": "Portuguese", "ar": "Arabic", "hi": "Hindi", "fr": "French",

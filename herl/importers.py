@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+# through herl.grading: importing it registers the built-in and IFEval checks
 from herl.grading import CHECKS, JUDGE_KIND, check_params, describe_item, is_known_kind
 
 FORMATS = ("auto", "herl", "ifeval", "rar", "healthbench")

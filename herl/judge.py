@@ -5,9 +5,11 @@
 
 Backends: `openai` (any OpenAI-compatible HTTP endpoint through the openai client:
 vLLM's `vllm serve`, a hosted API) and `local` (one of herl's generation engines on a
-local model folder). Calls run `concurrency` at a time, each with a timeout, retried
-with exponential backoff on timeouts, connection errors, HTTP 429 and 5xx, and once
-more on an unparseable reply. Definitive answers are cached in SQLite under the key
+local model folder). openai calls run `concurrency` at a time, each with a timeout,
+retried with exponential backoff on timeouts, connection errors, HTTP 429 and 5xx, and
+once more on an unparseable reply. The local backend answers all prompts in one batch,
+without retries: an unparseable reply is `unknown` at once, and an engine error fails the
+call (it would fail again). Definitive answers are cached in SQLite under the key
 (judge model, prompt) -- the prompt holds the conversation, response and rubric -- so
 a resumed stage does not pay twice; failures are not cached. When no verdict can be
 had the items are `unknown` with the reason as detail: never a silent 0/1.
@@ -31,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from herl.grading import MET, UNKNOWN, UNMET, Verdict
+from herl.checks import MET, UNKNOWN, UNMET, Verdict
 from herl.templating import template
 
 

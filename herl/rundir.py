@@ -31,17 +31,10 @@ from pathlib import Path
 from typing import Callable
 
 from schemas.config import HerlConfig, load_config, stage_config_hash
+from schemas.stages import iteration_stages
 from schemas.tables import TABLES, atomic_write
 
-STAGES = ("rollout", "grade", "hindsight", "advantages", "train")
 SNAPSHOT_META = "herl_snapshot.json"
-
-
-def iteration_stages(cfg: HerlConfig, k: int) -> list[str]:
-    """The stages of iteration k, in order, for k in 0..iterations: the held-out evaluation
-    of policy k where it is due, then the five training stages (none for k = iterations,
-    which only evaluates the final policy)."""
-    return (["heldout"] if cfg.evaluation_due(k) else []) + (list(STAGES) if k < cfg.iterations else [])
 
 
 class RunLockedError(RuntimeError):
@@ -175,7 +168,7 @@ class Run:
     cfg: HerlConfig
 
     def __post_init__(self) -> None:
-        from herl.grading import import_plugins
+        from herl.checks import import_plugins
 
         import_plugins(self.cfg.plugins)
 

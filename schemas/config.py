@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from schemas.stages import SPECS
+
 PRESETS = Path(__file__).parent / "presets"
 # a run id is one folder name inside runs_dir: no separators, no "..", no absolute path
 RUN_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
@@ -392,16 +394,9 @@ class HerlConfig(_Section):
         return every > 0 and 0 <= k <= self.iterations and (k % every == 0 or k == self.iterations)
 
 
-# The config parts each stage's output depends on: a change to one of these redoes the
-# stage on resume; a change elsewhere (say iterations) does not.
-STAGE_CONFIG: dict[str, tuple[str, ...]] = {
-    "rollout": ("seed", "model", "task", "rollout", "vllm"),
-    "grade": ("grade", "plugins"),
-    "hindsight": ("seed", "algorithm", "rollout", "grade", "hindsight", "vllm", "plugins"),
-    "advantages": ("seed", "algorithm", "rollout", "hindsight", "advantages"),
-    "train": ("seed", "model", "train", "rollout", "hindsight"),
-    "heldout": ("seed", "model", "task", "rollout", "grade", "hindsight", "evaluation", "vllm", "plugins"),
-}
+# The config parts each stage's output depends on (schemas/stages.py): a change to one of
+# these redoes the stage on resume; a change elsewhere (say iterations) does not.
+STAGE_CONFIG: dict[str, tuple[str, ...]] = {name: spec.config for name, spec in SPECS.items()}
 
 
 def plugin_sources(modules: list[str]) -> list[list[str | None]]:

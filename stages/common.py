@@ -23,7 +23,7 @@ def write_metrics(run: Run, k: int, stage: str, values: dict[str, float]) -> tup
 def stage_main(name: str, run_fn: Callable[[Run, int], dict], argv: list[str] | None = None) -> int:
     """`python -m stages.<name> RUN_DIR --iteration K`: run one stage alone, without Prefect."""
     ap = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=f"Run the {name} stage of one iteration.")
-    ap.add_argument("run_dir", type=Path, help="run directory (runs/<run_id>), made by `herl run` or `herl init-run`")
+    ap.add_argument("run_dir", type=Path, help="run directory (runs/<run_id>), made by `herl run`")
     ap.add_argument("--iteration", "-k", type=int, required=True, help="iteration number, from 0")
     args = ap.parse_args(argv)
     manifest = run_fn(load_run(args.run_dir), args.iteration)

@@ -11,47 +11,13 @@ from __future__ import annotations
 
 from collections import Counter
 
-from herl.grading import UNKNOWN, GradeInput, RubricGrader
+from herl.checks import UNKNOWN
 from herl.rundir import Run
-from herl.scoring import score_answers, used_verdicts
-from schemas.config import GradeConfig
+from herl.scoring import grade_samples
 from schemas.tables import read_table, write_table
 from stages.common import stage_main, write_metrics
 
 STAGE = "grade"
-
-
-def grade_samples(run: Run, k: int, prompts: dict[str, dict], samples: list[tuple[str, str, str]],
-                  cfg: GradeConfig) -> tuple[list[dict], dict[str, dict], dict[str, float]]:
-    """Grade (sample_id, prompt_id, response) triples against their prompt's rubric.
-
-    Returns verdict rows (verdicts schema), {sample_id: {reward, items_met, items_total,
-    items_unknown}} and grader statistics. Shared by the grade and hindsight stages so
-    that answers and revisions are scored by the same grader.
-    """
-    grader = RubricGrader(cfg, cache_path=run.path / "judge_cache.sqlite")
-    inputs = [GradeInput(prompts[pid]["rubric"], response, prompts[pid]["messages"]) for _, pid, response in samples]
-    try:
-        graded, rows, fallbacks = score_answers(grader, inputs, cfg)
-    finally:
-        grader.close()
-    verdict_rows, scores = [], {}
-    for (sample_id, prompt_id, _), verdicts, row in zip(samples, graded, rows):
-        rubric = prompts[prompt_id]["rubric"]
-        for j, (item, v, u) in enumerate(zip(rubric, verdicts, used_verdicts(verdicts, cfg.mode))):
-            verdict_rows.append({
-                "run_id": run.run_id, "iteration": k, "sample_id": sample_id, "prompt_id": prompt_id,
-                "item_index": j, "item_id": item["item_id"], "verdict": u, "verdict_strict": v.verdict,
-                "verdict_loose": v.loose_verdict, "weight": item["weight"], "grader": v.grader, "detail": v.detail,
-            })
-        # items_total counts the items the reward is over: unknown ones leave it under unknown_policy = drop
-        dropped = row["items_unknown"] if cfg.unknown_policy == "drop" else 0
-        scores[sample_id] = {"reward": row[f"reward_{cfg.mode}"], "items_met": row[f"items_met_{cfg.mode}"],
-                             "items_total": row["items_total"] - dropped, "items_unknown": row["items_unknown"]}
-    stats = grader.stats()
-    if cfg.reward == "implicit":
-        stats["implicit_fallbacks"] = fallbacks
-    return verdict_rows, scores, stats
 
 
 def run(run: Run, k: int) -> dict:

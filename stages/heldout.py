@@ -19,10 +19,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from herl.rundir import Run
+from herl.self_improve import self_improve
 from herl.task import evaluation_prompts
 from schemas.tables import write_table
 from stages.common import stage_main, write_metrics
-from stages.evaluate import self_improve
 
 STAGE = "heldout"
 

@@ -19,10 +19,10 @@ from pathlib import Path
 from herl.engines import GenRequest, SamplingParams, derive_seed, shared_engine
 from herl.hindsight_prompt import build_hindsight_prompt, encode_prompt
 from herl.rundir import Run
+from herl.scoring import grade_samples
 from herl.sql import run_sql_file
 from schemas.tables import empty, read_table, write_table
 from stages.common import stage_main, write_metrics
-from stages.grade import grade_samples
 
 STAGE = "hindsight"
 

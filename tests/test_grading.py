@@ -104,7 +104,7 @@ def test_plugins_register_checks_for_runs_and_herl_grade(tmp_path, monkeypatch, 
 def _grade_with(tmp_path, **grade_overrides):
     from herl.rundir import open_run
     from schemas.config import load_config
-    from stages.grade import grade_samples
+    from herl.scoring import grade_samples
 
     cfg = load_config(None, {"runs_dir": str(tmp_path), "run_id": "r",
                              **{f"grade.{k}": v for k, v in grade_overrides.items()}})

@@ -7,24 +7,18 @@ import pytest
 
 from herl.cli import stage_status
 from herl.query import query_run
-from herl.rundir import iteration_stages, load_run, open_run
+from herl.rundir import load_run, open_run
 from herl.task import builtin_toy, split_pool
 from schemas.config import ConfigError, load_config
+from schemas.stages import iteration_stages
 from schemas.tables import read_table
-from stages import advantages, grade, heldout, hindsight, rollout, train
+from stages import run_iteration
 from tests.conftest import small_overrides
-
-MODULES = {"heldout": heldout, "rollout": rollout, "grade": grade, "hindsight": hindsight,
-           "advantages": advantages, "train": train}
-
 
 def run_all(run) -> dict[tuple[int, str], bool]:
     """Every stage of the run's plan, as the flow runs them; returns {(k, stage): skipped}."""
-    out = {}
-    for k in range(run.cfg.iterations + 1):
-        for stage in iteration_stages(run.cfg, k):
-            out[(k, stage)] = MODULES[stage].run(run, k)["skipped"]
-    return out
+    return {(k, stage): m["skipped"] for k in range(run.cfg.iterations + 1)
+            for stage, m in run_iteration(run, k).items()}
 
 
 def test_split_is_seeded_disjoint_and_order_free():

@@ -202,7 +202,7 @@ def test_implicit_holistic_reward(tmp_path):
     back to the weighted item reward and is counted."""
     from herl.rundir import open_run
     from schemas.config import load_config
-    from stages.grade import grade_samples
+    from herl.scoring import grade_samples
 
     prompt = {"prompt_id": "p", "messages": [{"role": "user", "content": "q"}],
               "rubric": [{"item_id": "nc", "description": "No commas.", "weight": 1.0,

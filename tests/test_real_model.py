@@ -9,7 +9,8 @@ import torch
 
 from herl.engines import GenRequest, SamplingParams, find_vllm_python, load_engine, render_chat
 from herl.model_store import named_model_dir
-from herl.rundir import STAGES, open_run
+from herl.rundir import open_run
+from schemas.stages import STAGES
 from schemas.config import PRESETS, VLLMConfig, load_config
 from schemas.tables import read_table
 from stages import advantages, grade, hindsight, rollout, train

@@ -14,7 +14,7 @@ import pytest
 
 from herl.cli import stage_status
 from herl.query import query_run
-from herl.rundir import STAGES
+from schemas.stages import STAGES
 from schemas.tables import TABLES
 from tests.conftest import ROOT, small_overrides
 

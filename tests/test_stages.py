@@ -13,10 +13,11 @@ import torch
 from herl.cli import stage_status
 from herl.query import ReadOnlyQueryError, query_run
 from herl.engines import load_engine, load_tokenizer
-from herl.rundir import STAGES, RunLockedError, load_run, open_run
+from herl.rundir import RunLockedError, load_run, open_run
+from schemas.stages import STAGES
 from schemas.config import load_config
 from schemas.tables import TABLES, read_table, write_table
-from stages import advantages, grade, hindsight, rollout, train
+from stages import advantages, grade, hindsight, rollout, run_iteration, train
 from herl.batching import load_sequences, sequence_logprobs
 from tests.conftest import ROOT, small_overrides
 
@@ -24,11 +25,8 @@ MODULES = [rollout, grade, hindsight, advantages, train]
 
 
 def run_iterations(run, iterations):
-    out = []
-    for k in range(iterations):
-        for mod in MODULES:
-            out.append(mod.run(run, k))
-    return out
+    """Every stage of iterations 0..iterations-1 in plan order (schemas/stages.py); their manifests."""
+    return [m for k in range(iterations) for m in run_iteration(run, k).values()]
 
 
 @pytest.fixture(scope="module")

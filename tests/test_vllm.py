@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from herl.engines import GenRequest, SamplingParams, find_vllm_python, load_engine, render_chat
-from herl.rundir import STAGES, open_run
+from herl.rundir import open_run
+from schemas.stages import STAGES
 from herl.tiny import resolve_model_path
 from schemas.config import VLLMConfig, load_config
 from schemas.tables import read_table

@@ -189,7 +189,9 @@ mixed as (
     from replaced
 ),
 
--- step 8: group statistics over the mixed group; a group of one gets mean 0, std 1
+-- step 8: group statistics over the mixed group. A group of one has no spread: its
+-- advantage is its shaped reward (the reference's mean 0, std 1 for it), while its
+-- group_mean / group_std columns show the plain statistics (the reward, and 0)
 group_stats as (
     select
         prompt_id,

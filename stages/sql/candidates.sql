@@ -9,8 +9,7 @@ with
 groups as (
     select
         prompt_id,
-        max(reward) as best_reward,
-        count(*) as group_size
+        max(reward) as best_reward
     from originals
     group by prompt_id
 ),
