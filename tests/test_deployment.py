@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -15,16 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from herl.cli import stage_status
-from tests.conftest import ROOT, wait_for_http
+from tests.helpers import ROOT, free_port, wait_for_http
 
 pytestmark = pytest.mark.slow
 PREFECT = [sys.executable, "-m", "prefect"]  # the CLI of the interpreter running the tests
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -38,7 +31,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def test_deployment_run_watch_completes(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"),
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
     server = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port),

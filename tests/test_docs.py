@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from schemas.config import reference_markdown
 from schemas.tables import TABLES
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 README = (ROOT / "README.md").read_text()
 

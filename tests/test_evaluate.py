@@ -7,7 +7,7 @@ import pytest
 
 from schemas.config import load_config
 from stages.evaluate import run
-from tests.conftest import BENCHMARKS
+from tests.helpers import BENCHMARKS
 
 IFEVAL = BENCHMARKS / "ifeval_input_data.jsonl"
 needs_benchmarks = pytest.mark.skipif(not IFEVAL.exists(), reason=f"benchmark samples not found at {BENCHMARKS}")
@@ -44,7 +44,7 @@ def test_herl_eval_command_runs_the_flow(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     res = subprocess.run([sys.executable, "-m", "herl.cli", "eval", "--prompts", str(IFEVAL), "--limit", "3",
                           "--rounds", "1", "--out", str(tmp_path), "--set", "rollout.max_tokens=8"],

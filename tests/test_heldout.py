@@ -13,7 +13,7 @@ from schemas.config import ConfigError, load_config
 from schemas.stages import iteration_stages
 from schemas.tables import read_table
 from stages import run_iteration
-from tests.conftest import small_overrides
+from tests.helpers import small_overrides
 
 def run_all(run) -> dict[tuple[int, str], bool]:
     """Every stage of the run's plan, as the flow runs them; returns {(k, stage): skipped}."""

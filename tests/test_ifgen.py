@@ -13,7 +13,7 @@ from herl.ifgen import KINDS, base_requests, builtin_ifgen
 from herl.importers import load_prompts
 from herl.task import evaluation_prompts, load_pool
 from schemas.config import load_config
-from tests.conftest import BENCHMARKS
+from tests.helpers import BENCHMARKS
 
 IFEVAL = BENCHMARKS / "ifeval_input_data.jsonl"
 

@@ -12,7 +12,7 @@ from herl.cli import main
 from herl.grade_file import grade_file
 from herl.ifeval import IFEVAL_IDS
 from herl.importers import PromptFileError, convert, load_prompts, read_records
-from tests.conftest import BENCHMARKS
+from tests.helpers import BENCHMARKS
 
 needs_benchmarks = pytest.mark.skipif(not BENCHMARKS.exists(), reason=f"benchmark samples not found at {BENCHMARKS}")
 

@@ -173,7 +173,7 @@ def test_grade_stage_uses_the_judge_and_reports_it(tmp_path):
     from schemas.tables import read_table
     from stages import grade as grade_stage
     from stages import rollout
-    from tests.conftest import small_overrides
+    from tests.helpers import small_overrides
 
     prompts = [{"prompt_id": f"p{i}", "messages": [{"role": "user", "content": "Say CASE:ok please."}],
                 "rubric": [{"item_id": "polite", "description": "Is polite.", "weight": 2, "kind": "judge"},

@@ -9,7 +9,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import ROOT, small_overrides
+from tests.helpers import ROOT, small_overrides
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import learning  # noqa: E402

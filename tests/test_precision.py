@@ -16,7 +16,7 @@ from herl.tiny import resolve_model_path
 from schemas.config import load_config
 from stages import advantages, grade, hindsight, rollout, train
 from herl.batching import sequence_logprobs
-from tests.conftest import small_overrides
+from tests.helpers import small_overrides
 
 
 def _train_once(tmp_path, **extra):

@@ -16,7 +16,7 @@ from herl.cli import stage_status
 from herl.query import query_run
 from schemas.stages import STAGES
 from schemas.tables import TABLES
-from tests.conftest import ROOT, small_overrides
+from tests.helpers import ROOT, small_overrides
 
 pytestmark = pytest.mark.slow
 

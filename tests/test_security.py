@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -26,7 +25,7 @@ from herl.task import check_pool_fits
 from herl.tiny import resolve_model_path
 from schemas.config import ConfigError, load_config
 from stages import advantages, grade, hindsight, rollout, train
-from tests.conftest import ROOT, small_overrides
+from tests.helpers import ROOT, small_overrides
 
 
 def _tree_digest(path: Path) -> dict[str, str]:

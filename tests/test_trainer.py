@@ -15,7 +15,7 @@ from herl.rundir import open_run
 from schemas.config import load_config
 from stages import advantages, grade, hindsight, rollout, train
 from stages.train import start_job
-from tests.conftest import small_overrides
+from tests.helpers import small_overrides
 
 
 def _through_advantages(tmp_path, run_id="t", **extra):
@@ -160,7 +160,7 @@ def test_herl_run_with_lora_end_to_end(tmp_path):
 
     from herl.rundir import load_run
     from schemas.tables import read_table
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     runs = tmp_path / "runs"
     sets = []

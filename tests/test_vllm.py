@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from herl.tiny import resolve_model_path
 from schemas.config import VLLMConfig, load_config
 from schemas.tables import read_table
 from stages import advantages, grade, hindsight, rollout, train
-from tests.conftest import small_overrides, wait_for_http
+from tests.helpers import free_port, small_overrides, wait_for_http
 
 VLLM_PYTHON = find_vllm_python()
 pytestmark = [
@@ -87,16 +86,10 @@ def test_one_whole_iteration_with_vllm(tmp_path):
     assert (run.snapshot(1) / "model.safetensors").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_vllm_serve_as_the_http_judge(tmp_path):
     from herl.cli import main
 
-    port = _free_port()
+    port = free_port()
     model = resolve_model_path("builtin:tiny")
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     log = open(tmp_path / "serve.log", "w")

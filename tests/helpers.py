@@ -1,0 +1,43 @@
+"""Helpers the tests share (paths, a small config, waiting for a server, a free port).
+Fixtures live in conftest.py; tests import these from here."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT.parent / "shared" / "benchmarks"
+
+
+def small_overrides(runs_dir: Path, run_id: str = "t", **extra) -> dict:
+    """A config small enough for a whole iteration in a few seconds on a CPU."""
+    return {
+        "run_id": run_id, "runs_dir": str(runs_dir), "iterations": 2,
+        "task.num_prompts": 8, "task.prompts_per_iteration": 4,
+        "rollout.engine": "transformers", "rollout.n": 4, "rollout.max_tokens": 8, "hindsight.max_tokens": 8, "hindsight.candidate_limit": 2,
+        "train.micro_batch_size": 16, "train.mini_batches": 2, **extra,
+    }
+
+
+def wait_for_http(url: str, proc, log_path: Path, timeout: float, poll: float = 1.0) -> None:
+    """Wait until `url` answers, failing with the server's log if it exits or times out."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert proc.poll() is None, f"server exited:\n{log_path.read_text()[-3000:]}"
+            assert time.time() < deadline, f"{url} did not answer in {timeout} s:\n{log_path.read_text()[-3000:]}"
+            time.sleep(poll)
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
