@@ -62,7 +62,11 @@ def launch_command(cfg: HerlConfig, run_dir: Path, k: int, out_dir: Path) -> lis
         # torchrun underneath; without GPUs the processes talk over gloo (accelerate's
         # --cpu would start one process only)
         cmd += ["--multi_gpu"]
-    return cmd + ["-m", "herl.trainer", str(run_dir), str(k), str(out_dir)]
+    return cmd + _job_args(run_dir, k, out_dir)
+
+
+def _job_args(run_dir: Path, k: int, out_dir: Path) -> list[str]:
+    return ["-m", "herl.trainer", str(run_dir), str(k), str(out_dir)]
 
 
 class _ForkedJob:
@@ -96,7 +100,7 @@ def start_job(cfg: HerlConfig, run_dir: Path, k: int, out_dir: Path):
     if cmd is None and not multiprocessing.current_process().daemon:
         return _ForkedJob(run_dir, k, out_dir), f"herl.trainer {run_dir} {k} (one process)"
     if cmd is None:  # a daemonic pool worker may not fork children: a fresh interpreter instead
-        cmd = [sys.executable, "-m", "herl.trainer", str(run_dir), str(k), str(out_dir)]
+        cmd = [sys.executable, *_job_args(run_dir, k, out_dir)]
     # its own process group, so that stopping the stage stops every process it started
     return subprocess.Popen(cmd, start_new_session=True, env=launch_env(cfg)), " ".join(cmd[1:])
 
