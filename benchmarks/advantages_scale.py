@@ -41,7 +41,7 @@ def _token_lists(n: int, width: int, rng) -> pa.ListArray:
 
 
 def _float_lists(n: int, width: int, rng) -> pa.ListArray:
-    values = pa.array((-rng.random(n * width, dtype=np.float32)))
+    values = pa.array(-rng.random(n * width, dtype=np.float32))
     return pa.ListArray.from_arrays(pa.array(np.arange(0, (n + 1) * width, width, dtype=np.int32)), values)
 
 
@@ -78,7 +78,7 @@ def write_synthetic(run_dir: Path, rollouts: int, group: int, seed: int = 0) -> 
     met = np.round(reward * items_total).astype(np.int32)
     reward_cols = {"run_id": const(cfg.run_id, pa.string()), "iteration": const(0, pa.int32()),
                    "rollout_id": rollout_ids, "prompt_id": prompt_ids, "reward": pa.array(reward),
-                   "items_met": pa.array(met), "items_total": const(items_total, pa.int32()),
+                   "items_met": pa.array(met), "items_scored": const(items_total, pa.int32()),
                    "items_unknown": const(0, pa.int32())}
     pq.write_table(_table("rewards", reward_cols), run.table(0, "rewards"))
     # revisions: the best-ranked member of ~1/group of... enough groups for ~14% of the rollouts
@@ -95,7 +95,7 @@ def write_synthetic(run_dir: Path, rollouts: int, group: int, seed: int = 0) -> 
         "num_tokens": pa.array(np.full(m, RESPONSE_TOKENS, np.int32)), "seed": pa.array(np.zeros(m, np.int64)),
         "snapshot_id": pa.array(["s"] * m), "logprobs": _float_lists(m, RESPONSE_TOKENS, rng),
         "reward": pa.array(rev_reward), "items_met": pa.array(np.round(rev_reward * 5).astype(np.int32)),
-        "items_total": pa.array(np.full(m, 5, np.int32)),
+        "items_scored": pa.array(np.full(m, 5, np.int32)),
     }
     schema = TABLES["hindsight"].schema
     for f in schema:
@@ -108,7 +108,7 @@ def write_synthetic(run_dir: Path, rollouts: int, group: int, seed: int = 0) -> 
 
 def python_advantages(run_dir: Path) -> dict[str, float]:
     """The algorithm as a plain loop over groups: {sample_id: advantage}. Mirrors
-    stages/sql/advantages.sql with the default config (bonus on, alpha 0.05, top-1
+    herl/sql/advantages.sql with the default config (bonus on, alpha 0.05, top-1
     replacement, duplicate fallback, std normalisation)."""
     from schemas.config import load_config
 
@@ -136,7 +136,7 @@ def python_advantages(run_dir: Path) -> dict[str, float]:
         best = max(m[2] for m in members)
         by_id = {m[0]: m for m in members}
         best_rev: dict[str, float] = {}
-        for rev, cand, r, idx in revisions.get(pid, []):
+        for _rev, cand, r, _idx in revisions.get(pid, []):
             best_rev[cand] = max(best_rev.get(cand, -1.0), r)
         shaped = {m[0]: m[2] + a.alpha * (best_rev[m[0]] - m[2]) if m[0] in best_rev else m[2] for m in members}
         samples = dict(shaped)

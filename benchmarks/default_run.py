@@ -18,9 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from herl.cli import _overrides, _prefect_env  # noqa: E402
+from flows import prefect_defaults  # noqa: E402
 from herl.query import query_run  # noqa: E402
 from herl.rundir import load_run  # noqa: E402
+from schemas.config import parse_overrides  # noqa: E402
 from schemas.stages import STAGES  # noqa: E402
 
 
@@ -30,12 +31,12 @@ def main() -> int:
     ap.add_argument("--runs-dir", default=None, help="default: a temporary folder")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
-    _prefect_env()
+    prefect_defaults()
     from flows.iterate import iterate
 
     runs_dir = args.runs_dir or tempfile.mkdtemp(prefix="herl-bench-")
     t0 = time.perf_counter()
-    path = iterate(config=args.config, runs_dir=runs_dir, run_id="bench", overrides=_overrides(args.set))
+    path = iterate(config=args.config, runs_dir=runs_dir, run_id="bench", overrides=parse_overrides(args.set))
     wall = time.perf_counter() - t0
     run = load_run(path)
 

@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from herl.engines import find_vllm_python, release_engines  # noqa: E402
 from herl.rundir import open_run  # noqa: E402
 from schemas.config import load_config  # noqa: E402
+from schemas.stages import iteration_stages  # noqa: E402
 from schemas.tables import read_table  # noqa: E402
-from stages import advantages, grade, hindsight, rollout, train  # noqa: E402
+from stages import run_stage  # noqa: E402
 
 
 def one_mode(mode: str, args, runs_dir: Path) -> dict:
@@ -40,8 +41,8 @@ def one_mode(mode: str, args, runs_dir: Path) -> dict:
     starts, startup_s = 0, 0.0
     t0 = time.perf_counter()
     for k in range(args.iterations):
-        for mod in (rollout, grade, hindsight, advantages, train):
-            mod.run(run, k)
+        for stage in iteration_stages(run.cfg, k):
+            run_stage(stage, run, k)
             if mode == "per-stage":
                 release_engines()
         for stage in ("rollout", "hindsight"):

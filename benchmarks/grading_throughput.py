@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from herl.grading import VerifiableGrader  # noqa: E402
-from herl.ifeval import _detect_language  # noqa: E402
+from herl.ifeval import detect_language  # noqa: E402
 from herl.importers import load_prompts  # noqa: E402
+from herl.rubric import VerifiableGrader  # noqa: E402
 
 
 def make_response(prompt: str, rng: random.Random) -> str:
@@ -33,7 +33,8 @@ def make_response(prompt: str, rng: random.Random) -> str:
     if kind == 2:
         return prompt.upper()
     if kind == 3:
-        return '```json\n{"answer": "%s"}\n```' % prompt[:80].replace('"', "'")
+        quoted = prompt[:80].replace('"', "'")
+        return f'```json\n{{"answer": "{quoted}"}}\n```'
     if kind == 4:
         return "<<Title>>\n\n" + "\n".join(f"* point {i}: {prompt[:40]}" for i in range(rng.randint(1, 6)))
     return "*Section one* " + prompt + "\n***\n*Section two* P.S. done. Any other questions?"
@@ -50,7 +51,7 @@ def grade_chunk(chunk: list[tuple[list[dict], str]]) -> int:
 def run(work: list[tuple[list[dict], str]], processes: int) -> float:
     # start cold: forked workers would otherwise inherit the language-detection cache
     # warmed by an earlier measurement
-    _detect_language.cache_clear()
+    detect_language.cache_clear()
     t0 = time.perf_counter()
     if processes == 1:
         grade_chunk(work)

@@ -66,8 +66,7 @@ def main() -> int:
     import pyarrow.parquet as pq
 
     from herl.engines import GenRequest, SamplingParams, derive_seed, load_engine, render_chat
-    from herl.grading import GradeInput, RubricGrader
-    from herl.scoring import score_answers
+    from herl.rubric import GradeInput, RubricGrader, score_answers
     from herl.task import evaluation_prompts
     from herl.tiny import resolve_model_path
     from schemas.config import VLLMConfig, load_config
@@ -83,7 +82,7 @@ def main() -> int:
 
     def grade(pairs):  # [(prompt, text)] -> (verdicts, scores)
         v, rows, _ = score_answers(grader, [GradeInput(p["rubric"], t, p["messages"]) for p, t in pairs], cfg.grade)
-        return [[x.verdict for x in vs] for vs in v], rows
+        return [[x.strict for x in vs] for vs in v], rows
 
     reqs = [GenRequest(p["prompt_id"], render_chat(engine.tokenizer, p["messages"])[1],
                        derive_seed(args.seed, "draft", p["prompt_id"]), args.drafts) for p in prompts]

@@ -84,7 +84,7 @@ def collect(result: dict) -> list[dict]:
     path = result["path"]
     rows = {}
     for k, reward, all_met in query_run(path, """
-            select iteration, avg(reward), avg(case when items_met = items_total then 1.0 else 0.0 end)
+            select iteration, avg(reward), avg(case when items_met = items_scored then 1.0 else 0.0 end)
             from rewards group by iteration order by iteration""").fetchall():
         rows[k] = {"mode": result["mode"], "seed": result["seed"], "iteration": k, "reward": reward,
                    "all_met": all_met, **{col: 0.0 for _, _, col in STATS}}
@@ -259,7 +259,7 @@ def write_curves(curves: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from herl.cli import _overrides
+    from schemas.config import parse_overrides
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated algorithms")
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    overrides = _overrides(args.set)
+    overrides = parse_overrides(args.set)
     if args.iterations is not None:
         overrides["iterations"] = args.iterations
     threads = max(1, (os.cpu_count() or 1) // max(1, args.workers))

@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows import artifact_key
 from herl.engines import release_engines
 from herl.rundir import Run, load_run, open_run
 from herl.task import check_pool_fits
@@ -77,13 +78,8 @@ def iterate(config: str | None = None, run_id: str | None = None, iterations: in
                     run_stage.with_options(retries=cfg.stage_retries)(str(run.path), stage, k)
                 if not stages:
                     continue
-                create_markdown_artifact(key=f"herl-{_slug(run.run_id)}-iter-{k}", markdown=metrics_markdown(run, k),
+                create_markdown_artifact(key=artifact_key("herl", run.run_id, f"iter-{k}"), markdown=metrics_markdown(run, k),
                                          description=f"herl {run.run_id} iteration {k} metrics")
         finally:
             release_engines()
     return str(run.path)
-
-
-def _slug(text: str) -> str:
-    # artifact keys allow lowercase letters, digits and dashes only
-    return "".join(c if c.isalnum() else "-" for c in text.lower())

@@ -143,7 +143,7 @@ class Sequences:
         self.lengths = [len(p) + len(r) for p, r in zip(self.prompt_ids, self.response_ids)]
 
     @classmethod
-    def from_rows(cls, rows: list[dict]) -> "Sequences":
+    def from_rows(cls, rows: list[dict]) -> Sequences:
         return cls(
             prompt_id=[r["prompt_id"] for r in rows],
             prompt_ids=[r["prompt_token_ids"] for r in rows],
@@ -156,7 +156,7 @@ class Sequences:
         )
 
     @classmethod
-    def from_table(cls, table) -> "Sequences":
+    def from_table(cls, table) -> Sequences:
         """From a batch table (pyarrow), one column at a time: no dict per row."""
         col = table.column
         temps = col("temperature").to_pylist() if "temperature" in table.column_names else [None] * table.num_rows
@@ -190,8 +190,9 @@ class Sequences:
                           and not self.is_hindsight[i])
         lp = torch.zeros((len(idx), width), dtype=dtype)
         for b, (i, ok) in enumerate(zip(idx, usable)):
-            if ok:
-                lp[b, : len(self.engine_logprobs[i])] = torch.tensor(self.engine_logprobs[i], dtype=dtype)
+            row = self.engine_logprobs[i]
+            if ok and row is not None:
+                lp[b, : len(row)] = torch.tensor(row, dtype=dtype)
         return lp.to(device), torch.tensor(usable, device=device)
 
 
@@ -210,7 +211,7 @@ class Prepared:
             return None
         return torch.stack([torch.nn.functional.pad(store[i], (0, width - store[i].numel())) for i in idx]).to(device)
 
-    def update(self, other: "Prepared") -> None:
+    def update(self, other: Prepared) -> None:
         for name in ("old", "ref", "is_weight"):
             getattr(self, name).update(getattr(other, name))
 
@@ -222,7 +223,7 @@ def shares(idx: list[int], world: int) -> list[list[int]]:
 
 
 def batch_sequences(batch, rollouts, hindsight):
-    """The batch's rows with their token lists (stages/sql/sequences.sql): Arrow tables or
+    """The batch's rows with their token lists (herl/sql/sequences.sql): Arrow tables or
     datasets of one iteration's batch, rollouts and hindsight."""
     from herl.sql import run_sql_file
 

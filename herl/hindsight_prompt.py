@@ -1,7 +1,7 @@
 """The hindsight prompt: the instruction, the draft, and what the grader said of it.
 
 Shared by the hindsight stage (training) and the self-improvement evaluation. Two
-wordings ship (hindsight.template): `herl` (stages/templates/hindsight.j2: sections for
+wordings ship (hindsight.template): `herl` (herl/templates/hindsight.j2: sections for
 items satisfied / not satisfied / mistakes made / mistakes avoided / unclear, with
 weights) and `reference` (hindsight_reference.j2: the authors' constraint template,
 "Satisfied: 1. ..., 2. ..." and "Unmet: ..." on one line each). Any other value is a

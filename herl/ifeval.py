@@ -64,8 +64,8 @@ def split_sentences(text: str) -> list[str]:
     t = re.sub(r"\s([A-Za-z])[.] ", r" \1" + _PERIOD + " ", t)
     starters = r"(Mr|Mrs|Ms|Dr|Prof|Capt|Cpt|Lt|He\s|She\s|It\s|They\s|Their\s|Our\s|We\s|But\s|However\s|That\s|This\s|Wherever)"
     t = re.sub(r"([A-Z][.][A-Z][.](?:[A-Z][.])?) " + starters, r"\1" + _STOP + r" \2", t)
-    t = re.sub(r"([A-Za-z])[.]([A-Za-z])[.]([A-Za-z])[.]", r"\1{0}\2{0}\3{0}".format(_PERIOD), t)
-    t = re.sub(r"([A-Za-z])[.]([A-Za-z])[.]", r"\1{0}\2{0}".format(_PERIOD), t)
+    t = re.sub(r"([A-Za-z])[.]([A-Za-z])[.]([A-Za-z])[.]", rf"\1{_PERIOD}\2{_PERIOD}\3{_PERIOD}", t)
+    t = re.sub(r"([A-Za-z])[.]([A-Za-z])[.]", rf"\1{_PERIOD}\2{_PERIOD}", t)
     t = re.sub(r" (Inc|Ltd|Jr|Sr|Co)[.] " + starters, r" \1" + _STOP + r" \2", t)
     t = re.sub(r" (Inc|Ltd|Jr|Sr|Co)[.]", r" \1" + _PERIOD, t)
     t = re.sub(r" ([A-Za-z])[.]", r" \1" + _PERIOD, t)
@@ -93,7 +93,7 @@ def word_tokens(text: str) -> list[str]:
 
 
 @lru_cache(maxsize=4096)  # loose grading asks again for identical variants of a response
-def _detect_language(text: str) -> str | None:
+def detect_language(text: str) -> str | None:
     import langdetect
 
     langdetect.DetectorFactory.seed = 0
@@ -286,7 +286,7 @@ def letter_frequency(response: str, *, letter: str, let_frequency: int, let_rela
 @_ifeval("language:response_language",
                 describe=lambda language: f"Your ENTIRE response should be in {LANGUAGES.get(language, language)} language, no other language is allowed.")
 def response_language(response: str, *, language: str) -> tuple[bool, str]:
-    got = _detect_language(response)
+    got = detect_language(response)
     return got is None or got == language, f"detected {got}"
 
 
@@ -314,7 +314,7 @@ def capital_word_frequency(response: str, *, capital_frequency: int, capital_rel
 def english_capital(response: str) -> tuple[bool, str]:
     if not response.isupper():  # the cheap test first, as the reference does
         return False, "not all capital letters"
-    got = _detect_language(response)
+    got = detect_language(response)
     return got in (None, "en"), f"detected {got}"
 
 
@@ -323,7 +323,7 @@ def english_capital(response: str) -> tuple[bool, str]:
 def english_lowercase(response: str) -> tuple[bool, str]:
     if not response.islower():
         return False, "not all lowercase letters"
-    got = _detect_language(response)
+    got = detect_language(response)
     return got in (None, "en"), f"detected {got}"
 
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 
-from herl.grading import describe_item
+from herl.rubric import describe_item
 
 # request templates: {s} is a subject
 REQUESTS = [
@@ -51,7 +52,7 @@ SPLIT = ["Section", "SECTION", "Part"]
 def _kwargs(kind: str, rng: random.Random) -> dict | None:
     """Sampled arguments of an IFEval check (None: the check is not used in this pool)."""
     rel = lambda: rng.choice(["less than", "at least"])  # noqa: E731
-    samplers = {
+    samplers: dict[str, Callable[[], dict]] = {
         "punctuation:no_comma": lambda: {},
         "detectable_format:number_highlighted_sections": lambda: {"num_highlights": rng.randint(1, 3)},
         "length_constraints:number_words": lambda: {"num_words": rng.choice([50, 80, 120, 200]), "relation": rel()},
@@ -123,9 +124,9 @@ def builtin_ifgen(num_prompts: int, seed: int) -> list[dict]:
                 break
             if not any({kind, c} in CONFLICTS for c in chosen):
                 chosen.append(kind)
-        items = []
+        items: list[dict] = []
         for kind in chosen:
-            params = _kwargs(kind, rng)
+            params = _kwargs(kind, rng) or {}
             items.append({"item_id": kind, "description": describe_item(kind, params), "weight": 1.0,
                           "kind": kind, "params": json.dumps(params, sort_keys=True)})
         text = request + " " + " ".join(it["description"] for it in items)

@@ -24,11 +24,12 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
+from typing import NoReturn
 
 import pyarrow.parquet as pq
 
-# through herl.grading: importing it registers the built-in and IFEval checks
-from herl.grading import CHECKS, JUDGE_KIND, check_params, describe_item, is_known_kind
+# through herl.rubric: importing it registers the built-in and IFEval checks
+from herl.rubric import CHECKS, JUDGE_KIND, check_params, describe_item, is_known_kind
 
 FORMATS = ("auto", "herl", "ifeval", "rar", "healthbench")
 # RaR's rubric-writing guide names categories; numbers are what its data uses
@@ -79,7 +80,7 @@ def read_records(path: Path) -> list[tuple[str, dict]]:
     return out
 
 
-def _fail(where: str, field: str, msg: str):
+def _fail(where: str, field: str, msg: str) -> NoReturn:
     raise PromptFileError(f"{where}: field '{field}': {msg}")
 
 
@@ -211,7 +212,7 @@ def from_herl(row: dict, where: str) -> dict:
 
 
 def convert(records: list[tuple[str, dict]], path: Path, fmt: str = "auto",
-            drop_unsupported: bool = False) -> tuple[list[dict], dict]:
+            drop_unsupported: bool = False) -> tuple[list[dict | None], dict]:
     """Convert (where, record) pairs; returns (prompt rows aligned with records or None
     where dropped, report). Raises PromptFileError on the first bad record."""
     if fmt not in FORMATS:

@@ -29,13 +29,14 @@ import re
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from herl.checks import MET, UNKNOWN, UNMET, Verdict
 from herl.templating import template
-
 
 
 @dataclass(frozen=True)
@@ -123,16 +124,17 @@ def parse_verdicts(text: str, n: int) -> list[int]:
         except json.JSONDecodeError as exc:
             last_error = f"malformed JSON list {raw[:80]!r}: {exc}"
             continue
-        out: list[int] | None = []
+        out: list[int] = []
+        binary = True
         for v in values:
             if isinstance(v, bool) or (isinstance(v, (int, float)) and v in (0, 1)):
                 out.append(int(v))
             elif isinstance(v, str) and v.strip() in ("0", "1"):
                 out.append(int(v.strip()))
             else:
-                out = None
+                binary = False
                 break
-        if out is None:
+        if not binary:
             last_error = f"list has values other than 0/1: {raw[:80]!r}"
             continue
         if len(out) != n:
@@ -141,6 +143,11 @@ def parse_verdicts(text: str, n: int) -> list[int]:
         return out
     raise ParseError(last_error)
 
+
+
+def _verdict_parser(n: int) -> Callable[[str], list[int]]:
+    """parse_verdicts bound to one task's criterion count."""
+    return lambda text: parse_verdicts(text, n)
 
 class JudgeCache:
     """SQLite cache of definitive judge answers, safe across threads."""
@@ -216,7 +223,7 @@ class Judge:
 
     def _grade_batched(self, tasks: list[JudgeTask]) -> list[list[Verdict]]:
         answers = self._ask_batched([build_judge_prompt(t) for t in tasks],
-                                    [lambda text, n=len(t.criteria): parse_verdicts(text, n) for t in tasks])
+                                    [_verdict_parser(len(t.criteria)) for t in tasks])
         return [self._verdicts(v, "cached" if c else "") if v is not None else self._unknown(t, r)
                 for t, (v, r, c) in zip(tasks, answers)]
 
@@ -235,7 +242,7 @@ class Judge:
             out.append(((value - 1) / 9 if value is not None else None, self._redact(reason)))
         return out
 
-    def _ask(self, prompt: str, parse) -> tuple[object | None, str, bool]:
+    def _ask(self, prompt: str, parse) -> tuple[Any, str, bool]:
         """One prompt with cache, retries and parsing: (value or None, failure reason, from cache)."""
         key = self.cache.key(self.cfg.model, prompt)
         cached = self.cache.get(key)
@@ -268,7 +275,7 @@ class Judge:
             return value, "", False
         return None, reason, False
 
-    def _ask_batched(self, prompts: list[str], parsers) -> list[tuple[object | None, str, bool]]:
+    def _ask_batched(self, prompts: list[str], parsers) -> list[tuple[Any, str, bool]]:
         keys = [self.cache.key(self.cfg.model, p) for p in prompts]
         out: list[tuple[object | None, str, bool] | None] = [None] * len(prompts)
         todo = []
@@ -303,7 +310,8 @@ def resolve_api_key(cfg) -> str:
     if cfg.api_key_secret:
         from prefect.blocks.system import Secret
 
-        return Secret.load(cfg.api_key_secret).get()
+        secret: Any = Secret.load(cfg.api_key_secret)  # a block (sync context), not a coroutine
+        return secret.get()
     key = os.environ.get(cfg.api_key_env)
     if key:
         return key

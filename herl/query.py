@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from schemas.tables import TABLES
+from schemas.tables import TABLES, needs_migration, read_table
 
 
 class ReadOnlyQueryError(ValueError):
@@ -62,7 +62,8 @@ def check_select(sql: str) -> None:
         kind = statements[0].type
         if kind != duckdb.StatementType.SELECT:
             raise ReadOnlyQueryError(f"only plain SELECT statements are allowed; got {kind.name}")
-        tree = json.loads(con.execute("SELECT json_serialize_sql($q::VARCHAR)", {"q": sql}).fetchone()[0])
+        (serialized,) = con.execute("SELECT json_serialize_sql($q::VARCHAR)", {"q": sql}).fetchone() or ("{}",)
+        tree = json.loads(serialized)
     finally:
         con.close()
     if tree.get("error"):
@@ -88,9 +89,12 @@ def connect_run(run_dir: str | Path):
     for name, spec in TABLES.items():
         pattern = "metrics-*.parquet" if spec.per_stage else spec.filename()
         files = sorted(str(p) for p in run_path.glob(f"iter-*/{pattern}") if p.resolve().is_relative_to(run_path))
-        # the table's own schema: files of older herl versions missing a column read it as null
-        con.register(name, ds.dataset(files, schema=spec.schema, format="parquet") if files
-                     else spec.schema.empty_table())
+        # the table's own schema: files of older herl versions missing a column read it as
+        # null; ones with a renamed column are read whole, renamed (schemas.tables.RENAMED)
+        old = [f for f in files if needs_migration(name, Path(f))]
+        parts = [ds.dataset([f for f in files if f not in old], schema=spec.schema, format="parquet"),
+                 *(ds.dataset(read_table(name, Path(f))) for f in old)]
+        con.register(name, ds.dataset(parts) if files else spec.schema.empty_table())
     return con
 
 

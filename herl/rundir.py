@@ -24,11 +24,11 @@ import shutil
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 from schemas.config import HerlConfig, load_config, stage_config_hash
 from schemas.stages import iteration_stages
@@ -188,10 +188,10 @@ class Run:
 
     def snapshot(self, k: int) -> Path:
         """Policy used by iteration k: the configured model for k = 0, else train's output of k-1."""
-        if k == 0:
-            from herl.tiny import resolve_model_path
+        if k == 0:  # a path only: the model is made ready (built / checked) before any stage runs
+            from herl.tiny import model_location
 
-            return resolve_model_path(self.cfg.model.path)
+            return model_location(self.cfg.model.path)
         return self.path / "snapshots" / f"policy-{k}"
 
     def snapshot_id(self, k: int) -> str:
@@ -233,7 +233,7 @@ class Run:
             ) from None
         fh.seek(0)
         fh.truncate()
-        fh.write(f"pid {os.getpid()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
+        fh.write(f"pid {os.getpid()} since {datetime.now(UTC).isoformat(timespec='seconds')}\n")
         fh.flush()
         with _held_guard:
             _held[key] = 1
@@ -244,6 +244,19 @@ class Run:
                 del _held[key]
             fcntl.flock(fh, fcntl.LOCK_UN)
             fh.close()
+
+    def is_locked(self) -> bool:
+        """Whether some process holds the run's lock now (it is being written)."""
+        lock_path = self.path / ".lock"
+        if not lock_path.exists():
+            return False
+        with open(lock_path) as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
 
     # ---- stages ------------------------------------------------------------
     def stage_is_current(self, k: int, stage: str, inputs: dict[str, str]) -> bool:
@@ -265,7 +278,10 @@ class Run:
         `body` writes its outputs atomically and returns {name: (path, rows)}.
         Returns the manifest (with `skipped` true when nothing ran).
         """
+        from herl.tiny import resolve_model_path
+
         with self.lock():
+            resolve_model_path(self.cfg.model.path)  # the initial policy is there (builtin:tiny: built on first use)
             fps = {name: fingerprint(p) for name, p in inputs.items()}
             for name, fp in fps.items():
                 if fp.startswith("snapshot-altered:"):  # never train or sample from weights nobody saved
@@ -273,9 +289,8 @@ class Run:
                         f"{inputs[name]} does not match what herl saved: {'; '.join(snapshot_problems(inputs[name]))}. "
                         "Resume the run (herl resume): the train stage that wrote it is redone first")
             if self.stage_is_current(k, stage, fps):
-                m = self.read_manifest(k, stage)
-                return {**m, "skipped": True}
-            for name, p in inputs.items():
+                return {**(self.read_manifest(k, stage) or {}), "skipped": True}
+            for p in inputs.values():
                 if p.is_dir() and snapshot_meta(p).get("pruned"):
                     raise SnapshotPrunedError(
                         f"iteration {k} {stage} must be redone, but it starts from {p}, which train.keep_snapshots "
@@ -283,7 +298,7 @@ class Run:
             base = {
                 "run_id": self.run_id, "iteration": k, "stage": stage, "inputs": fps,
                 "config_hash": stage_config_hash(self.cfg, stage), "pid": os.getpid(),
-                "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
             }
             attempts = (self.read_manifest(k, stage) or {}).get("attempts", 0) + 1
             self._remove_partial_files(k)
@@ -300,7 +315,7 @@ class Run:
             manifest = {
                 **base, "status": "done", "attempts": attempts,
                 "seconds": round(time.perf_counter() - t0, 3),
-                "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "outputs": {name: {"path": str(p.relative_to(self.path)), "rows": rows, "fingerprint": fingerprint(p)}
                             for name, (p, rows) in outputs.items()},
             }
@@ -351,9 +366,9 @@ def new_run_id() -> str:
 
 def open_run(cfg: HerlConfig) -> Run:
     """Create (or reopen) cfg's run directory and save the resolved config in it."""
-    if cfg.run_id is None:
-        cfg = cfg.model_copy(update={"run_id": new_run_id()})
-    path = Path(cfg.runs_dir) / cfg.run_id
+    run_id = cfg.run_id or new_run_id()
+    cfg = cfg.model_copy(update={"run_id": run_id})
+    path = Path(cfg.runs_dir) / run_id
     run = Run(path=path.resolve(), cfg=cfg)
     with run.lock():
         write_json_atomic(run.path / "config.json", cfg.model_dump(mode="json"))

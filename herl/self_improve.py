@@ -1,6 +1,6 @@
 """Test-time self-improvement: answer, grade, and revise from the grader's verdicts for R rounds.
 
-The loop behind `herl eval` (stages/evaluate.py) and the held-out evaluation inside a
+The loop behind `herl eval` (herl/eval_command.py) and the held-out evaluation inside a
 training run (stages/heldout.py): the same prompts, grader and hindsight prompt as training.
 """
 
@@ -9,10 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from herl.engines import GenRequest, SamplingParams, derive_seed, render_chat, shared_engine
-from herl.grading import GradeInput, RubricGrader
 from herl.hindsight_prompt import build_hindsight_prompt, encode_prompt
 from herl.ifeval import IFEVAL_IDS
-from herl.scoring import ifeval_metrics, mean_rewards, score_answers, used_verdicts
+from herl.rubric import (
+    GradeInput,
+    RubricGrader,
+    ifeval_metrics,
+    mean_rewards,
+    score_answers,
+    used_verdicts,
+)
 from schemas.config import HerlConfig
 
 
@@ -60,7 +66,7 @@ def self_improve(prompts: list[dict], model: Path, cfg: HerlConfig, rounds: int,
             if cfg.grade.reward == "implicit":
                 m["implicit_fallbacks"] = float(fallbacks)
             if ifeval:
-                m.update(ifeval_metrics(round_rows, [{"verdict_strict": v.verdict, "verdict_loose": v.loose_verdict}
+                m.update(ifeval_metrics(round_rows, [{"verdict_strict": v.strict, "verdict_loose": v.loose_verdict}
                                                      for p in prompts for v in graded[p["prompt_id"]]]))
             summary[rnd] = m
             answer_rows += round_rows

@@ -22,24 +22,16 @@ Elsewhere than Linux the command runs in-process, as before.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
 
+from herl.procs import become_subreaper, die_with_parent
+
 SUPERVISED_ENV = "HERL_SUPERVISED"
-_PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36
 STOP_GRACE_S = 60.0  # how long a worker asked to stop may take before it is killed
-
-
-def _prctl(option: int, value: int) -> bool:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(option, value, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
 
 
 def supervised() -> bool:
@@ -48,7 +40,7 @@ def supervised() -> bool:
 
 
 def _die_with_parent() -> None:  # runs in the worker between fork and exec
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    die_with_parent(signal.SIGTERM)
 
 
 def stop_on_sigterm() -> None:
@@ -91,7 +83,7 @@ def _reap_all(grace_s: float = 10.0) -> None:
 
 def run_supervised(argv: list[str]) -> int:
     """Run `herl <argv>` as a supervised worker; returns its exit status (128 + signal when killed)."""
-    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    become_subreaper()
     env = {**os.environ, SUPERVISED_ENV: "1"}
     # same process group: a terminal's Ctrl-C (SIGINT to the whole group) reaches the worker
     # directly, so the supervisor does not pass SIGINT on a second time

@@ -124,7 +124,13 @@ def check_pool_fits(cfg) -> int:
     """Load the run's prompt pool and refuse it, before anything starts, when a prompt
     plus the longest answer the run asks for does not fit the initial model's context
     (PromptTooLongError naming the prompts). Returns the pool's size."""
-    from herl.engines import GenRequest, check_prompt_lengths, context_length, load_tokenizer, render_chat
+    from herl.engines import (
+        GenRequest,
+        check_prompt_lengths,
+        context_length,
+        load_tokenizer,
+        render_chat,
+    )
     from herl.tiny import resolve_model_path
 
     pool = load_pool(cfg.task.source, cfg.task.num_prompts, cfg.seed, cfg.task.format, cfg.task.drop_unsupported)

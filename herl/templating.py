@@ -1,18 +1,18 @@
-"""Jinja templates: those of stages/templates/ (loaded once each) and users' own files."""
+"""Jinja templates: those of herl/templates/ (loaded once each) and users' own files."""
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import jinja2
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "stages" / "templates"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
-@lru_cache(maxsize=None)
+@cache
 def template(name: str) -> jinja2.Template:
-    """stages/templates/<name>, with block trimming and errors on undefined variables."""
+    """herl/templates/<name>, with block trimming and errors on undefined variables."""
     return template_file(TEMPLATES / name)
 
 

@@ -69,8 +69,20 @@ def build_tiny_model(out_dir: Path, *, hidden: int = 128, layers: int = 2, heads
     return out_dir
 
 
+def model_location(path: str) -> Path:
+    """Where a config's model.path lives on disk, without building or checking anything."""
+    if path == "builtin:tiny":
+        return default_tiny_dir()
+    if path.startswith("builtin:"):
+        from herl.model_store import named_model_dir
+
+        return named_model_dir(path.removeprefix("builtin:"))
+    return Path(path).expanduser().resolve()
+
+
 def resolve_model_path(path: str) -> Path:
-    """Turn a config's model.path into a local folder, building `builtin:tiny` on first use."""
+    """Turn a config's model.path into a local folder that holds a model: builds
+    `builtin:tiny` on first use; a named model must be installed, a path must exist."""
     if path == "builtin:tiny":
         out = default_tiny_dir()
         if not (out / "config.json").exists():

@@ -29,9 +29,17 @@ from pathlib import Path
 
 import torch
 
-from herl.batching import Prepared, ResponseLogprobs, Sequences, load_sequences, micro_batches, shares
+from herl.batching import (
+    Prepared,
+    ResponseLogprobs,
+    Sequences,
+    load_sequences,
+    micro_batches,
+    shares,
+)
 from herl.lora import is_adapter
 from herl.loss import loss_denominators, policy_loss, truncated_is_weight
+from herl.procs import die_with_parent
 from schemas.config import TrainConfig
 
 METRICS_FILE = "train_metrics.json"  # written into OUT_DIR by the main process, taken out by the stage
@@ -244,25 +252,15 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
-def _die_with_parent() -> None:
-    # the launcher's death (or the stage's) ends this worker: no orphaned training
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     from accelerate import Accelerator
 
     from herl.engines import _quiet_transformers, load_tokenizer
     from herl.rundir import load_run
 
-    _die_with_parent()
-    run_dir, k, out_dir = (argv or sys.argv[1:])[:3]
-    k, out_dir = int(k), Path(out_dir)
+    die_with_parent(signal.SIGKILL)  # the launcher's (or the stage's) death ends this worker
+    run_dir, k_arg, out_arg = (argv or sys.argv[1:])[:3]
+    k, out_dir = int(k_arg), Path(out_arg)
     run = load_run(run_dir)
     cfg, t = run.cfg, run.cfg.train
     snapshot, base = run.snapshot(k), run.snapshot(0)

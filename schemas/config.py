@@ -150,7 +150,7 @@ class HindsightConfig(_Section):
     show_weights: bool = True
     """Show rubric weights in the hindsight prompt when items carry weights other than 1."""
     template: str = "herl"
-    """Wording of the hindsight prompt: herl (sections with weights; pitfalls as mistakes), reference (the authors' constraint template, quoted in docs/algorithm.md), or a path to a Jinja template of your own (variables as in stages/templates/hindsight.j2)."""
+    """Wording of the hindsight prompt: herl (sections with weights; pitfalls as mistakes), reference (the authors' constraint template, quoted in docs/algorithm.md), or a path to a Jinja template of your own (variables as in herl/templates/hindsight.j2)."""
     chat_template: bool = True
     """Render the hindsight prompt as a user turn under the model's chat template; false gives raw text, as the reference does (its use_chat_template defaults to false)."""
     train_prompt: Literal["hindsight", "original"] = "hindsight"
@@ -276,7 +276,7 @@ class HerlConfig(_Section):
     stage_retries: int = 0
     """Prefect retries per stage task; a retried stage reruns from its inputs."""
     plugins: list[str] = []
-    """Python modules imported when a run opens, e.g. ones that register checks with herl.grading.register_check."""
+    """Python modules imported when a run opens, e.g. ones that register checks with herl.rubric.register_check."""
     model: ModelConfig = ModelConfig()
     """The initial policy."""
     task: TaskConfig = TaskConfig()
@@ -297,7 +297,7 @@ class HerlConfig(_Section):
     """Held-out evaluation during training: the policy answers prompts it never trains on, then revises them from the grader's verdicts."""
 
     @model_validator(mode="after")
-    def _check(self) -> "HerlConfig":
+    def _check(self) -> HerlConfig:
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ValueError(msg)
@@ -432,6 +432,24 @@ def stage_config_hash(cfg: HerlConfig, stage: str) -> str:
 
 class ConfigError(ValueError):
     """The configuration cannot be loaded; the message names the file and field."""
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a bare word is a string: --set algorithm=grpo
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` pairs as dotted overrides; VALUE is JSON where it parses, else a string."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. train.learning_rate=1e-5), got {pair!r}")
+        out[key.strip()] = _parse_value(value.strip())
+    return out
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:

@@ -50,7 +50,7 @@ SPECS = {s.name: s for s in (HELDOUT, *TRAINING)}
 STAGES = tuple(s.name for s in TRAINING)
 
 
-def iteration_stages(cfg: "HerlConfig", k: int) -> list[str]:
+def iteration_stages(cfg: HerlConfig, k: int) -> list[str]:
     """The plan of iteration k, for k in 0..iterations: the held-out evaluation of policy k
     where it is due, then the five training stages (none for k = iterations, which only
     evaluates the final policy)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,9 @@ _generation = [
 _score = [
     ("reward", pa.float64()),
     ("items_met", pa.int32()),
-    ("items_total", pa.int32()),
+    # the items the reward is over: all of the rubric, less the unknown ones under
+    # grade.unknown_policy = drop (eval_answers / graded_rows' items_total counts all items)
+    ("items_scored", pa.int32()),
     ("items_unknown", pa.int32()),
 ]
 
@@ -215,7 +218,25 @@ class SchemaError(ValueError):
     """A table on disk or about to be written does not match its contract."""
 
 
+# Columns renamed since an earlier herl version: {old name: new name}. Reading a table
+# renames them, so a run made before the change resumes and answers `herl sql` as it is.
+RENAMED = {"items_total": "items_scored"}  # rewards / hindsight: the items the reward is over
+
+
+def _migrate(table: pa.Table, spec: Table) -> pa.Table:
+    names = [RENAMED[n] if n in RENAMED and spec.schema.get_field_index(RENAMED[n]) >= 0
+             and n not in spec.schema.names else n for n in table.column_names]
+    return table.rename_columns(names) if names != table.column_names else table
+
+
+def needs_migration(name: str, path: Path) -> bool:
+    """Whether the Parquet file at `path` still has a renamed column of table `name`."""
+    spec = _ALL[name]
+    return _migrate(pq.read_schema(path).empty_table(), spec).column_names != pq.read_schema(path).names
+
+
 def _check(table: pa.Table, spec: Table, where: str) -> pa.Table:
+    table = _migrate(table, spec)
     expected = spec.schema
     missing = [f.name for f in expected if f.name not in table.column_names]
     extra = [n for n in table.column_names if expected.get_field_index(n) < 0]
@@ -309,12 +330,28 @@ def open_dataset(name: str, path: Path):
     if not path.exists():
         raise FileNotFoundError(f"table '{name}' not found at {path}: run the stage that writes it first")
     spec = _ALL[name]
+    if needs_migration(name, path):  # an older herl's file: read whole, its columns renamed
+        return ds.dataset(read_table(name, path))
     _check(pq.read_schema(path).empty_table(), spec, f"reading {path}")
     return ds.dataset(path, schema=spec.schema, format="parquet")
 
 
+class _TableWriter:
+    """`write(part)` checks one part against the table's contract and appends it; `rows`
+    counts the rows written."""
+
+    def __init__(self, writer: pq.ParquetWriter, spec: Table, path: Path):
+        self.writer, self.spec, self.path, self.rows = writer, spec, path, 0
+
+    def __call__(self, part: pa.Table | pa.RecordBatch) -> None:
+        table = pa.Table.from_batches([part]) if isinstance(part, pa.RecordBatch) else part
+        table = _check(table, self.spec, f"writing {self.path}")
+        self.writer.write_table(table)
+        self.rows += table.num_rows
+
+
 @contextmanager
-def table_writer(name: str, path: Path):
+def table_writer(name: str, path: Path) -> Iterator[_TableWriter]:
     """Write table `name` to `path` in parts, each checked against its contract; the file
     appears (atomically) only when the with-block ends without error. Yields a `write(part)`
     function; `write.rows` counts the rows written."""
@@ -322,14 +359,7 @@ def table_writer(name: str, path: Path):
     with atomic_write(path) as fh:
         writer = pq.ParquetWriter(fh, spec.schema)
         try:
-            def write(part: pa.Table | pa.RecordBatch) -> None:
-                table = pa.Table.from_batches([part]) if isinstance(part, pa.RecordBatch) else part
-                table = _check(table, spec, f"writing {path}")
-                writer.write_table(table)
-                write.rows += table.num_rows
-
-            write.rows = 0
-            yield write
+            yield _TableWriter(writer, spec, path)
         finally:
             writer.close()
 

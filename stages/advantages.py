@@ -1,6 +1,6 @@
 """Advantages stage: bonus reward, hindsight mixing and group advantages, in DuckDB SQL.
 
-docs/algorithm.md steps 6-8, all in stages/sql/advantages.sql: shape each candidate's reward with
+docs/algorithm.md steps 6-8, all in herl/sql/advantages.sql: shape each candidate's reward with
 the bonus (algorithm herl), put up to replace_top_n qualifying revisions into each
 failed group in place of random members (or copies of the best original, the reference
 fallback), then compute GRPO advantages over the mixed groups. Replaced members stay in

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections import Counter
 
 from herl.checks import UNKNOWN
+from herl.rubric import grade_samples
 from herl.rundir import Run
-from herl.scoring import grade_samples
 from schemas.tables import read_table, write_table
 from stages.common import stage_main, write_metrics
 

@@ -3,7 +3,7 @@
 The pool's held-out prompts (task.holdout, a seeded choice the rollout stage leaves out),
 or the prompts of evaluation.source (say IFEval's, never trained on), at most
 evaluation.limit of them (a seeded subset), are answered by snapshot k, graded, and
-revised for evaluation.rounds rounds from the grader's verdicts, exactly as `herl eval` does (stages.evaluate.self_improve). The flow
+revised for evaluation.rounds rounds from the grader's verdicts, exactly as `herl eval` does (herl.eval_command.self_improve). The flow
 runs it where `evaluation_due(k)`: policies 0, every, 2*every, ... and the final policy
 (k = iterations, whose iter-k folder holds only this stage).
 

@@ -1,6 +1,6 @@
 """Hindsight stage: revise the best answers of failed groups, guided by their verdicts.
 
-docs/algorithm.md steps 3-5: pick candidates (stages/sql/candidates.sql), build each
+docs/algorithm.md steps 3-5: pick candidates (herl/sql/candidates.sql), build each
 one's hindsight prompt (herl/hindsight_prompt.py: instruction, items met / not met /
 mistakes / unclear, the draft), regenerate with the same policy at a lower temperature, and grade
 the revisions with the same grader. With `algorithm = "grpo"` it writes empty tables.
@@ -18,8 +18,8 @@ from pathlib import Path
 
 from herl.engines import GenRequest, SamplingParams, derive_seed, shared_engine
 from herl.hindsight_prompt import build_hindsight_prompt, encode_prompt
+from herl.rubric import grade_samples
 from herl.rundir import Run
-from herl.scoring import grade_samples
 from herl.sql import run_sql_file
 from schemas.tables import empty, read_table, write_table
 from stages.common import stage_main, write_metrics
@@ -42,9 +42,10 @@ def run(run: Run, k: int) -> dict:
                                   {"threshold": cfg.hindsight.threshold,
                                    "candidate_limit": cfg.hindsight.candidate_limit}).to_pylist()
         groups_failed = len({c["prompt_id"] for c in candidates})
-        if not cfg.hindsight_enabled or not candidates:
-            rows, verdict_rows, gen_metrics = [], [], {}
-        else:
+        rows: list[dict] = []
+        verdict_rows: list[dict] = []
+        gen_metrics: dict = {}
+        if cfg.hindsight_enabled and candidates:
             rows, verdict_rows, gen_metrics = _revise(run, k, candidates, rollouts, inputs)
         out = {
             "hindsight": (paths["hindsight"], write_table("hindsight", rows or empty("hindsight"), paths["hindsight"])),
@@ -62,7 +63,7 @@ def run(run: Run, k: int) -> dict:
             "groups_failed": groups_failed,
             "candidates": len(candidates) if cfg.hindsight_enabled else 0,
             "revisions": len(rows),
-            # empty after stripping whitespace: never mixed in, no bonus (stages/sql/advantages.sql)
+            # empty after stripping whitespace: never mixed in, no bonus (herl/sql/advantages.sql)
             "empty_revisions": sum(not r["response_text"].strip() for r in rows),
             "mean_candidate_reward": sum(cand_reward.values()) / len(cand_reward) if cand_reward else 0.0,
             "mean_revision_reward": sum(r["reward"] for r in rows) / len(rows) if rows else 0.0,

@@ -88,7 +88,7 @@ class _ForkedJob:
     def wait(self, timeout: float | None = None) -> int:
         self.proc.join(timeout)
         if self.proc.exitcode is None:
-            raise subprocess.TimeoutExpired("herl.trainer", timeout)
+            raise subprocess.TimeoutExpired("herl.trainer", timeout or 0.0)
         return self.proc.exitcode
 
 

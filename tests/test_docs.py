@@ -50,39 +50,3 @@ def test_algorithm_page_names_only_real_switches():
         assert f"`{key}`" in page or f"`{key} =" in page, key
 
 
-def test_imports_go_one_way():
-    """cli -> flows -> stages -> library (herl) -> schemas: no module imports from a layer
-    above its own, and no stage imports another stage (what two stages share lives in the
-    library). Read from the source with ast, so a lazy import inside a function counts too."""
-    import ast
-
-    order = {"cli": 0, "flows": 1, "stages": 2, "herl": 3, "schemas": 4}
-
-    def layer(module: str) -> str | None:
-        if module.split(".")[:2] in (["herl", "cli"], ["herl", "supervise"]):
-            return "cli"
-        top = module.split(".")[0]
-        return top if top in order else None
-
-    wrong = []
-    for folder in ("herl", "flows", "stages", "schemas"):
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-            mine = layer(module)
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.Import):
-                    targets = [a.name for a in node.names]
-                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                    targets = [node.module]
-                else:
-                    continue
-                for target in targets:
-                    theirs = layer(target)
-                    if theirs is None:
-                        continue
-                    upward = order[theirs] < order[mine]
-                    sideways = (mine == theirs == "stages" and target not in ("stages", "stages.common")
-                                and module != "stages" and target.split(".")[1] != module.split(".")[1])
-                    if upward or sideways:
-                        wrong.append(f"{module} imports {target}")
-    assert not wrong, wrong

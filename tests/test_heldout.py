@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from herl.cli import stage_status
 from herl.query import query_run
 from herl.rundir import load_run, open_run
+from herl.status import stage_status
 from herl.task import builtin_toy, split_pool
 from schemas.config import ConfigError, load_config
 from schemas.stages import iteration_stages
 from schemas.tables import read_table
 from stages import run_iteration
 from tests.helpers import small_overrides
+
 
 def run_all(run) -> dict[tuple[int, str], bool]:
     """Every stage of the run's plan, as the flow runs them; returns {(k, stage): skipped}."""

@@ -7,15 +7,15 @@ import json
 
 import pytest
 
-from herl.grading import MET, UNMET, VerifiableGrader, describe_item
 from herl.ifeval import IFEVAL_IDS, count_sentences
+from herl.rubric import MET, UNMET, VerifiableGrader, describe_item
 
 
 def verdict(kind: str, response: str, **kwargs) -> tuple[str, str]:
     item = {"item_id": kind, "description": "", "weight": 1.0, "kind": kind, "params": json.dumps(kwargs)}
     (v,) = VerifiableGrader().grade([item], response)
-    assert v.verdict != "unknown", v.detail
-    return v.verdict, v.loose_verdict
+    assert v.strict != "unknown", v.detail
+    return v.strict, v.loose_verdict
 
 
 M, U = MET, UNMET

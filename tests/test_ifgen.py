@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from herl.grading import CHECKS, check_params
 from herl.ifgen import KINDS, base_requests, builtin_ifgen
 from herl.importers import load_prompts
+from herl.rubric import CHECKS, check_params
 from herl.task import evaluation_prompts, load_pool
 from schemas.config import load_config
 from tests.helpers import BENCHMARKS

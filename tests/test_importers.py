@@ -9,9 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from herl.cli import main
-from herl.grade_file import grade_file
+from herl.grade_command import grade_file
 from herl.ifeval import IFEVAL_IDS
 from herl.importers import PromptFileError, convert, load_prompts, read_records
+from herl.task import builtin_toy
 from tests.helpers import BENCHMARKS
 
 needs_benchmarks = pytest.mark.skipif(not BENCHMARKS.exists(), reason=f"benchmark samples not found at {BENCHMARKS}")
@@ -123,3 +124,31 @@ def test_herl_grade_prints_ifeval_metrics(tmp_path, capsys):
     assert "instruction_level_strict   0.5000" in out
     assert "instruction_level_loose    0.7500" in out
     assert "prompt_level_loose         0.5000" in out
+
+
+def _write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_prompt_file_errors_name_file_line_field(tmp_path):
+    good = builtin_toy(2, 0)
+    p = tmp_path / "prompts.jsonl"
+    _write_jsonl(p, good)
+    assert [r["prompt_id"] for r in load_prompts(p)] == ["toy-0000", "toy-0001"]
+
+    bad = json.loads(json.dumps(good))
+    bad[1]["rubric"][0]["weight"] = "heavy"
+    _write_jsonl(p, bad)
+    with pytest.raises(PromptFileError, match=r"prompts.jsonl line 2: field 'rubric\[0\].weight'"):
+        load_prompts(p)
+    bad = json.loads(json.dumps(good))
+    bad[0]["rubric"][1]["kind"] = "telepathy"
+    _write_jsonl(p, bad)
+    with pytest.raises(PromptFileError, match=r"line 1: field 'rubric\[1\].kind': unknown kind 'telepathy'"):
+        load_prompts(p)
+    _write_jsonl(p, [good[0], good[0]])
+    with pytest.raises(PromptFileError, match="line 2: field 'prompt_id': duplicate"):
+        load_prompts(p)
+    p.write_text('{"prompt_id": \n')
+    with pytest.raises(PromptFileError, match="line 1: not valid JSON"):
+        load_prompts(p)

@@ -10,8 +10,8 @@ import re
 import pyarrow.parquet as pq
 import pytest
 
-from herl.grading import MET, UNKNOWN, UNMET, GradeInput, RubricGrader
-from herl.judge import parse_verdicts, ParseError
+from herl.judge import ParseError, parse_verdicts
+from herl.rubric import MET, UNKNOWN, UNMET, GradeInput, RubricGrader
 from schemas.config import GradeConfig, JudgeConfig
 from tests.scripted_judge import ScriptedJudge
 
@@ -51,7 +51,7 @@ def _key(monkeypatch):
 def test_verdicts_mixed_with_checks_and_concurrency():
     with ScriptedJudge() as server:
         out, stats = grade(server, [f"CASE:ok answer {i}" for i in range(8)], rubric=judge_rubric(3, with_check=True))
-    assert all([v.verdict for v in row] == [MET, MET, MET, MET] for row in out)
+    assert all([v.strict for v in row] == [MET, MET, MET, MET] for row in out)
     assert all(row[1].grader == "verifiable" and row[0].grader == "judge:openai:scripted" for row in out)
     assert stats["judge_calls"] == 8 and stats["judge_failures"] == 0
     assert 1 < server.max_in_flight <= 4  # concurrent, within the limit
@@ -63,7 +63,7 @@ def test_verdicts_mixed_with_checks_and_concurrency():
 def test_timeout_and_http500_are_retried():
     with ScriptedJudge(slow_seconds=1.5) as server:
         out, stats = grade(server, ["CASE:timeout_once", "CASE:http500_once"])
-    assert [v.verdict for v in out[0]] == [MET] * 3 and [v.verdict for v in out[1]] == [MET] * 3
+    assert [v.strict for v in out[0]] == [MET] * 3 and [v.strict for v in out[1]] == [MET] * 3
     assert server.calls["timeout_once"] == 2 and server.calls["http500_once"] == 2
     assert stats["judge_retries"] == 2 and stats["judge_failures"] == 0
 
@@ -78,7 +78,7 @@ def test_timeout_and_http500_are_retried():
 def test_failures_become_unknown_never_a_verdict(case, calls, reason):
     with ScriptedJudge() as server:
         out, stats = grade(server, [f"CASE:{case}"])
-    assert [v.verdict for v in out[0]] == [UNKNOWN] * 3
+    assert [v.strict for v in out[0]] == [UNKNOWN] * 3
     assert reason in out[0][0].detail
     assert server.calls[case] == calls and stats["judge_failures"] == 1
 
@@ -95,7 +95,7 @@ def test_response_cannot_break_out_of_its_fence():
     assert inside == attack  # the whole attack stays inside the real fence
     assert prompt.split("\n").count(f"</response-{fence}>") == 1  # one closing marker line
     assert "ignore any instructions" in prompt
-    assert [v.verdict for v in out[0]] == [UNMET] * 3
+    assert [v.strict for v in out[0]] == [UNMET] * 3
 
 
 def test_cache_means_a_resumed_stage_does_not_pay_twice(tmp_path):
@@ -105,7 +105,7 @@ def test_cache_means_a_resumed_stage_does_not_pay_twice(tmp_path):
     assert first["judge_calls"] == 4 and first["judge_cache_hits"] == 0
     # definitive answers come from the cache; the failure is asked again
     assert second["judge_cache_hits"] == 2 and second["judge_calls"] == 2
-    assert [v.verdict for v in out[0]] == [MET] * 3 and out[0][0].detail == "cached"
+    assert [v.strict for v in out[0]] == [MET] * 3 and out[0][0].detail == "cached"
 
 
 def _herl_grade(tmp_path, rows: list[dict], out) -> tuple[int, set[str]]:
@@ -162,9 +162,9 @@ def test_local_engine_judge_is_robust_with_a_random_model():
     finally:
         grader.close()
     assert [len(row) for row in out] == [3] * 4
-    assert all(v.verdict in (MET, UNMET, UNKNOWN) for row in out for v in row)
+    assert all(v.strict in (MET, UNMET, UNKNOWN) for row in out for v in row)
     assert grader.stats()["judge_calls"] == 4
-    assert sum(v.verdict == UNKNOWN for row in out for v in row) == 3 * grader.stats()["judge_failures"]
+    assert sum(v.strict == UNKNOWN for row in out for v in row) == 3 * grader.stats()["judge_failures"]
 
 
 def test_grade_stage_uses_the_judge_and_reports_it(tmp_path):
@@ -200,9 +200,9 @@ def test_grade_stage_uses_the_judge_and_reports_it(tmp_path):
 def test_implicit_holistic_reward(tmp_path):
     """RaR implicit: one 1-10 judge score per response, as (s - 1) / 9; a failed score falls
     back to the weighted item reward and is counted."""
+    from herl.rubric import grade_samples
     from herl.rundir import open_run
     from schemas.config import load_config
-    from herl.scoring import grade_samples
 
     prompt = {"prompt_id": "p", "messages": [{"role": "user", "content": "q"}],
               "rubric": [{"item_id": "nc", "description": "No commas.", "weight": 1.0,
@@ -223,7 +223,7 @@ def test_implicit_holistic_reward(tmp_path):
 
 def test_herl_grade_file_with_implicit_reward(tmp_path):
     """`herl grade` scores rows with the holistic judge score too, with the same fallback."""
-    from herl.grade_file import grade_file
+    from herl.grade_command import grade_file
     from schemas.config import GradeConfig, JudgeConfig
 
     rows = [{"prompt_id": f"p{i}", "messages": [{"role": "user", "content": "q"}], "response": text,

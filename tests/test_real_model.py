@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from herl.batching import sequence_logprobs
 from herl.engines import GenRequest, SamplingParams, find_vllm_python, load_engine, render_chat
 from herl.model_store import named_model_dir
 from herl.rundir import open_run
-from schemas.stages import STAGES
 from schemas.config import PRESETS, VLLMConfig, load_config
+from schemas.stages import STAGES
 from schemas.tables import read_table
-from stages import advantages, grade, hindsight, rollout, train
-from herl.batching import sequence_logprobs
+from stages import run_iteration
 
 MODEL = named_model_dir("smollm2-135m-instruct")
 pytestmark = [
@@ -32,8 +32,7 @@ def test_one_iteration_of_the_preset_on_the_real_model(tmp_path):
         "model.path": str(MODEL), "task.prompts_per_iteration": 4, "rollout.n": 2, "rollout.max_tokens": 32,
         "hindsight.max_tokens": 32})
     run = open_run(cfg)
-    for mod in (rollout, grade, hindsight, advantages, train):
-        assert mod.run(run, 0)["status"] == "done"
+    assert all(m["status"] == "done" for m in run_iteration(run, 0).values())
     assert all(run.read_manifest(0, s)["status"] == "done" for s in STAGES)
     rows = read_table("rollouts", run.table(0, "rollouts")).to_pylist()
     assert len(rows) == 8

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from herl.cli import stage_status
 from herl.query import query_run
+from herl.status import stage_status
 from schemas.stages import STAGES
 from schemas.tables import TABLES
 from tests.helpers import ROOT, small_overrides

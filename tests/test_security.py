@@ -24,7 +24,7 @@ from herl.rundir import SnapshotAlteredError, fingerprint, load_run, open_run
 from herl.task import check_pool_fits
 from herl.tiny import resolve_model_path
 from schemas.config import ConfigError, load_config
-from stages import advantages, grade, hindsight, rollout, train
+from stages import rollout, run_iteration, train
 from tests.helpers import ROOT, small_overrides
 
 
@@ -38,8 +38,7 @@ def two_iterations(tmp_path_factory):
     cfg = load_config(None, small_overrides(tmp_path_factory.mktemp("runs"), run_id="sec"))
     run = open_run(cfg)
     for k in range(2):
-        for mod in (rollout, grade, hindsight, advantages, train):
-            mod.run(run, k)
+        run_iteration(run, k)
     return run
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from herl.lora import engine_model, is_adapter
 from herl.rundir import open_run
 from schemas.config import load_config
-from stages import advantages, grade, hindsight, rollout, train
+from stages import advantages, grade, hindsight, rollout, run_iteration, train
 from stages.train import start_job
 from tests.helpers import small_overrides
 
@@ -181,3 +181,36 @@ def test_herl_run_with_lora_end_to_end(tmp_path):
     kl = [r["value"] for k in (0, 1) for r in read_table("metrics", run.table(k, "metrics", "train")).to_pylist()
           if r["name"] == "kl"]
     assert kl[1] > 0  # the policy has moved away from the base (the adapter-disabled reference)
+
+
+def _train_once(tmp_path, **extra):
+    cfg = load_config(None, small_overrides(tmp_path, iterations=1, **{"train.learning_rate": 1e-6, **extra}))
+    run = open_run(cfg)
+    run_iteration(run, 0)
+    before = load_file(run.snapshot(0) / "model.safetensors")
+    after = load_file(run.snapshot(1) / "model.safetensors")
+    # against the initial weights in the saved dtype: loading into bfloat16 rounds them first
+    changed = sum(int((before[k].to(after[k].dtype) != after[k]).sum()) for k in before)
+    total = sum(v.numel() for v in before.values())
+    return changed / total, after
+
+
+def test_a_small_update_survives_a_bfloat16_model_dtype(tmp_path):
+    """model.dtype = bfloat16 with lr 1e-6: training keeps float32 master weights, so the
+    update reaches the saved weights (stepping bfloat16 weights loses nearly all of it)."""
+    frac, after = _train_once(tmp_path / "mixed", **{"model.dtype": "bfloat16", "train.mixed_precision": "bf16"})
+    assert frac > 0.5 and all(v.dtype == torch.float32 for v in after.values())
+    with pytest.warns(UserWarning, match="pure_bf16"):
+        lost, after_bf16 = _train_once(tmp_path / "pure", **{"model.dtype": "bfloat16", "train.pure_bf16": True})
+    print(f"changed fraction: float32 master {frac:.4f}, pure bfloat16 {lost:.4f}")
+    assert lost < 0.2 * frac, (lost, frac)  # most of the update vanished below bfloat16's precision
+    assert all(v.dtype == torch.bfloat16 for v in after_bf16.values())
+
+
+def test_the_train_stage_with_gradient_checkpointing(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the current transformers API, not the deprecated one
+        frac, _ = _train_once(tmp_path, **{"train.gradient_checkpointing": True, "train.learning_rate": 1e-4})
+    assert frac > 0.5

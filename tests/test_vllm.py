@@ -15,11 +15,11 @@ import pytest
 
 from herl.engines import GenRequest, SamplingParams, find_vllm_python, load_engine, render_chat
 from herl.rundir import open_run
-from schemas.stages import STAGES
 from herl.tiny import resolve_model_path
 from schemas.config import VLLMConfig, load_config
+from schemas.stages import STAGES
 from schemas.tables import read_table
-from stages import advantages, grade, hindsight, rollout, train
+from stages import run_iteration
 from tests.helpers import free_port, small_overrides, wait_for_http
 
 VLLM_PYTHON = find_vllm_python()
@@ -73,8 +73,7 @@ def test_one_whole_iteration_with_vllm(tmp_path):
         "rollout.engine": "vllm", "vllm.enforce_eager": True, "vllm.cpu_kvcache_gib": 1,
         "train.is_correction": "truncated", "rollout.temperature": 0.7}))
     run = open_run(cfg)
-    for mod in (rollout, grade, hindsight, advantages, train):
-        assert mod.run(run, 0)["status"] == "done"
+    assert all(m["status"] == "done" for m in run_iteration(run, 0).values())
     rows = read_table("rollouts", run.table(0, "rollouts")).to_pylist()
     assert len(rows) == 16 and all(len(r["logprobs"]) == r["num_tokens"] for r in rows)
     m = {r["name"]: r["value"] for r in read_table("metrics", run.table(0, "metrics", "rollout")).to_pylist()}

@@ -17,19 +17,13 @@
 --                     the temperature each sequence was sampled at (log-probs are taken at it)
 with
 
--- the narrow columns of the graded rollouts, read once (three models use them)
+-- the narrow columns of the graded rollouts, read once (two models use them)
 graded as materialized (
     select rollout_id, prompt_id, sample_index, reward, items_met from originals
 ),
 
-groups as (
-    select prompt_id, max(reward) as best_reward
-    from graded
-    group by prompt_id
-),
-
-failed_groups as (
-    select * from groups where best_reward < $threshold
+failed as (
+    select * from failed_groups($threshold)  -- groups.sql
 ),
 
 -- step 6: the bonus. r_rev is the best reward among a candidate's revisions; the
@@ -75,7 +69,7 @@ qualifying as (
         c.sample_index as candidate_sample_index,
         case when h.reward > f.best_reward then 1 else 2 end as tier
     from usable_revisions as h
-    join failed_groups as f using (prompt_id)
+    join failed as f using (prompt_id)
     join graded as c on c.rollout_id = h.candidate_rollout_id
     where h.reward >= f.best_reward
 ),
@@ -102,7 +96,7 @@ revised_groups as (
 slots as (
     select g.prompt_id, s.slot
     from revised_groups as g
-    join failed_groups using (prompt_id)
+    join failed using (prompt_id)
     cross join range(1, $replace_top_n + 1) as s(slot)
 ),
 
@@ -110,7 +104,7 @@ slots as (
 best_original as (
     select *
     from shaped
-    join failed_groups using (prompt_id)
+    join failed using (prompt_id)
     where reward = best_reward
     qualify row_number() over (partition by prompt_id order by items_met desc, sample_index) = 1
 ),

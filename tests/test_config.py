@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from herl.importers import PromptFileError, load_prompts
-from herl.task import builtin_toy, sample_for_iteration
 from schemas.config import DEFAULT_CONFIG, ConfigError, HerlConfig, load_config, stage_config_hash
-from schemas.tables import SchemaError, read_table, write_table
 
 
 def test_reference_defaults():
@@ -60,68 +53,6 @@ def test_stage_hash_depends_only_on_its_sections():
     assert stage_config_hash(a, "train") != stage_config_hash(b, "train")
 
 
-def _metric_rows():
-    return [{"run_id": "r", "iteration": 0, "stage": "s", "name": "x", "value": 1.0}]
-
-
-def test_write_read_roundtrip_and_schema_errors(tmp_path):
-    p = tmp_path / "m.parquet"
-    assert write_table("metrics", _metric_rows(), p) == 1
-    assert read_table("metrics", p).to_pylist() == _metric_rows()
-    with pytest.raises(SchemaError, match="missing fields"):
-        write_table("metrics", [{"run_id": "r"}], tmp_path / "bad.parquet")
-    pq.write_table(pa.table({"run_id": ["r"]}), tmp_path / "alien.parquet")
-    with pytest.raises(SchemaError, match=r"alien.parquet: table 'metrics' has missing fields"):
-        read_table("metrics", tmp_path / "alien.parquet")
-    with pytest.raises(SchemaError, match="metrics.value"):
-        write_table("metrics", pa.table({"run_id": ["r"], "iteration": [0], "stage": ["s"], "name": ["x"],
-                                         "value": ["not a number"]}), tmp_path / "bad2.parquet")
-
-
-def test_failed_write_leaves_nothing(tmp_path):
-    bad = [{"run_id": "r", "iteration": "zero", "stage": "s", "name": "x", "value": 1.0}]
-    with pytest.raises(SchemaError):
-        write_table("metrics", bad, tmp_path / "m.parquet")
-    assert list(tmp_path.iterdir()) == []
-
-
-def _write_jsonl(path, rows):
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-
-
-def test_prompt_file_errors_name_file_line_field(tmp_path):
-    good = builtin_toy(2, 0)
-    p = tmp_path / "prompts.jsonl"
-    _write_jsonl(p, good)
-    assert [r["prompt_id"] for r in load_prompts(p)] == ["toy-0000", "toy-0001"]
-
-    bad = json.loads(json.dumps(good))
-    bad[1]["rubric"][0]["weight"] = "heavy"
-    _write_jsonl(p, bad)
-    with pytest.raises(PromptFileError, match=r"prompts.jsonl line 2: field 'rubric\[0\].weight'"):
-        load_prompts(p)
-    bad = json.loads(json.dumps(good))
-    bad[0]["rubric"][1]["kind"] = "telepathy"
-    _write_jsonl(p, bad)
-    with pytest.raises(PromptFileError, match=r"line 1: field 'rubric\[1\].kind': unknown kind 'telepathy'"):
-        load_prompts(p)
-    _write_jsonl(p, [good[0], good[0]])
-    with pytest.raises(PromptFileError, match="line 2: field 'prompt_id': duplicate"):
-        load_prompts(p)
-    p.write_text('{"prompt_id": \n')
-    with pytest.raises(PromptFileError, match="line 1: not valid JSON"):
-        load_prompts(p)
-
-
-def test_builtin_task_and_epoch_sampling():
-    pool = builtin_toy(10, 0)
-    assert pool == builtin_toy(10, 0) and pool != builtin_toy(10, 1)
-    assert all(3 <= len(p["rubric"]) <= 5 for p in pool)
-    seen = [p["prompt_id"] for k in range(5) for p in sample_for_iteration(pool, k, 2, 0)]
-    assert sorted(seen) == sorted(p["prompt_id"] for p in pool)  # one epoch = every prompt once
-    assert len(sample_for_iteration(pool, 0, 25, 0)) == 10  # no duplicates inside one iteration
-
-
 def test_flow_parameters_merge_over_overrides():
     from flows.iterate import flow_overrides
 
@@ -165,3 +96,5 @@ def test_a_changed_plugin_check_redoes_grading(tmp_path, monkeypatch):
     second = {s: stage_config_hash(cfg, s) for s in first}
     assert all(first[s] != second[s] for s in ("grade", "hindsight", "heldout"))
     assert first["rollout"] == second["rollout"]  # sampling does not depend on checks
+
+

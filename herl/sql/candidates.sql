@@ -3,19 +3,11 @@
 -- A group fails when its best reward is below $threshold; from it we take the answers
 -- whose reward equals the group's best, preferring more items met, at most
 -- $candidate_limit per group.
--- Inputs: originals (originals.sql over this iteration's rollouts and rewards).  Parameters: $threshold, $candidate_limit.
+-- Inputs: originals (originals.sql over this iteration's rollouts and rewards), rewards.  Parameters: $threshold, $candidate_limit.
 with
 
-groups as (
-    select
-        prompt_id,
-        max(reward) as best_reward
-    from originals
-    group by prompt_id
-),
-
-failed_groups as (
-    select * from groups where best_reward < $threshold
+failed as (
+    select * from failed_groups($threshold)  -- groups.sql
 ),
 
 ranked as (
@@ -31,7 +23,7 @@ ranked as (
             order by o.items_met desc, o.sample_index
         ) as candidate_rank
     from originals as o
-    join failed_groups as f using (prompt_id)
+    join failed as f using (prompt_id)
     where o.reward = f.best_reward
 ),
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from herl.grading import GradeInput, RubricGrader
 from herl.importers import PromptFileError, convert, read_records
-from herl.scoring import ifeval_metrics, mean_rewards, score_answers
+from herl.rubric import GradeInput, RubricGrader, ifeval_metrics, mean_rewards, score_answers
 from schemas.config import GradeConfig
 from schemas.tables import write_table
 
@@ -50,7 +49,7 @@ def grade_file(input_path: Path, output: Path, fmt: str = "auto", drop_unsupport
         for j, (item, v) in enumerate(zip(prompt["rubric"], verdicts)):
             item_rows.append({"input_row": i, "prompt_id": prompt["prompt_id"], "item_index": j,
                               "item_id": item["item_id"], "kind": item["kind"], "weight": item["weight"],
-                              "verdict_strict": v.verdict, "verdict_loose": v.loose_verdict,
+                              "verdict_strict": v.strict, "verdict_loose": v.loose_verdict,
                               "grader": v.grader, "detail": v.detail})
         row_rows.append({"input_row": i, "prompt_id": prompt["prompt_id"], **row})
     write_table("graded_items", item_rows, output)

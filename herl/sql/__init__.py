@@ -1,4 +1,12 @@
-"""Run the stages' .sql files in DuckDB over Arrow tables, with bound parameters."""
+"""The SQL models of the loop (the .sql files beside this module), run in DuckDB over
+Arrow tables or pyarrow datasets with bound parameters.
+
+- originals.sql  view: one row per rollout with its grade
+- groups.sql     table macro failed_groups(threshold): one row per failed group
+- candidates.sql hindsight candidates (the hindsight stage)
+- advantages.sql the training batch's advantages (the advantages stage)
+- sequences.sql  the batch joined to its token lists (the train job)
+"""
 
 from __future__ import annotations
 
@@ -8,17 +16,19 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "stages" / "sql"
+SQL_DIR = Path(__file__).resolve().parent
 
-
-# models other models select from, created as views first: {model: models it needs}
+# models other models select from, created first, like dbt's ref(): views {model: views
+# it needs} and table macros {model: [(macro, its file, its parameters)]}
 VIEWS = {"candidates": ["originals"], "advantages": ["originals"]}
+MACROS = {"candidates": [("failed_groups", "groups", ["threshold"])],
+          "advantages": [("failed_groups", "groups", ["threshold"])]}
 
 
 def run_sql_file(name: str, tables: dict, params: dict) -> pa.Table:
-    """Execute stages/sql/<name>.sql with `tables` visible by name and `params` bound ($name).
+    """Execute <name>.sql with `tables` visible by name and `params` bound ($name).
 
-    Shared models (VIEWS) are created as views over `tables` first, like dbt's ref()."""
+    Shared models (VIEWS, MACROS) are created over `tables` first."""
     with sql_file_reader(name, tables, params) as reader:
         return reader.read_all()
 
@@ -36,6 +46,8 @@ def sql_file_reader(name: str, tables: dict, params: dict, batch_rows: int = 131
         for view in VIEWS.get(name, []):
             # the view name is one of ours, never user input; its SQL takes no parameters
             con.execute(f"CREATE VIEW {view} AS " + (SQL_DIR / f"{view}.sql").read_text())
+        for macro, model, args in MACROS.get(name, []):  # names of ours, as above
+            con.execute(f"CREATE MACRO {macro}({', '.join(args)}) AS TABLE " + (SQL_DIR / f"{model}.sql").read_text())
         rel = con.sql(query, params=params)
         # the method's name differs across DuckDB versions
         yield rel.to_arrow_reader(batch_rows) if hasattr(rel, "to_arrow_reader") else rel.fetch_arrow_reader(batch_rows)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
+from herl.eval_command import run
 from schemas.config import load_config
-from stages.evaluate import run
 from tests.helpers import BENCHMARKS
 
 IFEVAL = BENCHMARKS / "ifeval_input_data.jsonl"

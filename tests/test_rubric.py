@@ -6,7 +6,16 @@ import json
 
 import pytest
 
-from herl.grading import CHECKS, MET, UNKNOWN, UNMET, VerifiableGrader, aggregate, describe_item, register_check
+from herl.rubric import (
+    CHECKS,
+    MET,
+    UNKNOWN,
+    UNMET,
+    VerifiableGrader,
+    aggregate,
+    describe_item,
+    register_check,
+)
 
 
 def item(kind, **params):
@@ -33,12 +42,12 @@ def item(kind, **params):
 ])
 def test_checks(kind, params, response, expected):
     (v,) = VerifiableGrader().grade([item(kind, **params)], response)
-    assert v.verdict == expected
+    assert v.strict == expected
 
 
 def test_unknown_kind_and_broken_check_give_unknown_not_a_verdict():
     vs = VerifiableGrader().grade([item("nope"), item("char_length", maximum=3)], "text")
-    assert [v.verdict for v in vs] == [UNKNOWN, UNKNOWN]
+    assert [v.strict for v in vs] == [UNKNOWN, UNKNOWN]
     assert "no check registered" in vs[0].detail and "TypeError" in vs[1].detail
 
 
@@ -48,7 +57,7 @@ def test_register_check_decorator():
         return response == response[::-1]
 
     try:
-        assert VerifiableGrader().grade([item("test_palindrome")], "abba")[0].verdict == MET
+        assert VerifiableGrader().grade([item("test_palindrome")], "abba")[0].strict == MET
         with pytest.raises(ValueError, match="already registered"):
             register_check("test_palindrome")(palindrome)
     finally:
@@ -79,7 +88,7 @@ def test_plugins_register_checks_for_runs_and_herl_grade(tmp_path, monkeypatch, 
     from herl.cli import main
 
     (tmp_path / "herl_test_plugin_checks.py").write_text(
-        "from herl.grading import register_check\n"
+        "from herl.rubric import register_check\n"
         "@register_check('test_max_lines', describe=lambda n: f'Use at most {n} lines.')\n"
         "def max_lines(response, *, n):\n    return len(response.strip().splitlines()) <= n\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -102,9 +111,9 @@ def test_plugins_register_checks_for_runs_and_herl_grade(tmp_path, monkeypatch, 
 
 
 def _grade_with(tmp_path, **grade_overrides):
+    from herl.rubric import grade_samples
     from herl.rundir import open_run
     from schemas.config import load_config
-    from herl.scoring import grade_samples
 
     cfg = load_config(None, {"runs_dir": str(tmp_path), "run_id": "r",
                              **{f"grade.{k}": v for k, v in grade_overrides.items()}})
@@ -120,13 +129,23 @@ def _grade_with(tmp_path, **grade_overrides):
 def test_grade_stage_follows_mode_reward_and_unknown_policy(tmp_path):
     rows, scores = _grade_with(tmp_path / "strict")
     assert [r["verdict"] for r in rows if r["sample_id"] == "a"] == [UNMET, MET, UNKNOWN]
-    assert scores["a"] == {"reward": pytest.approx(1 / 3), "items_met": 1, "items_total": 3, "items_unknown": 1}
+    assert scores["a"] == {"reward": pytest.approx(1 / 3), "items_met": 1, "items_scored": 3, "items_unknown": 1}
     rows, scores = _grade_with(tmp_path / "loose", mode="loose")
     assert [r["verdict"] for r in rows if r["sample_id"] == "a"] == [MET, MET, UNKNOWN]
     assert [r["verdict_strict"] for r in rows if r["sample_id"] == "a"] == [UNMET, MET, UNKNOWN]
     assert scores["a"]["reward"] == pytest.approx(2 / 3) and scores["a"]["items_met"] == 2
-    # unknown dropped: the reward is over the two graded items, and items_total says so
+    # unknown dropped: the reward is over the two graded items, and items_scored says so
     _, scores = _grade_with(tmp_path / "drop", mode="loose", unknown_policy="drop")
-    assert scores["a"] == {"reward": 1.0, "items_met": 2, "items_total": 2, "items_unknown": 1}
+    assert scores["a"] == {"reward": 1.0, "items_met": 2, "items_scored": 2, "items_unknown": 1}
     _, scores = _grade_with(tmp_path / "all", reward="all", unknown_policy="drop")
     assert scores["a"]["reward"] == 0.0 and scores["b"]["reward"] == 0.0
+
+
+def test_pitfalls_subtract_or_ignore():
+    from herl.rubric import aggregate
+
+    verdicts, weights = ["met", "met", "unmet"], [5.0, -2.0, 3.0]
+    assert aggregate(verdicts, weights)[0] == pytest.approx((5 - 2) / 8)  # HealthBench: the pitfall costs 2
+    assert aggregate(verdicts, weights, pitfalls="ignore")[0] == pytest.approx(5 / 8)  # the reference: weight 0
+    assert aggregate(["unmet", "met"], [1.0, -3.0])[0] == 0.0  # clipped at 0
+    assert aggregate(["unmet", "met"], [1.0, -3.0], pitfalls="ignore")[0] == 0.0

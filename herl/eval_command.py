@@ -4,7 +4,7 @@ no run folder, no manifest; the loop itself is herl.self_improve).
 Round 0 answers every prompt once; each later round revises the answers that do not yet
 meet every rubric item, with the same hindsight prompt training uses (the draft plus the
 items met / not met), and grades the revisions. A fully met answer is kept as it is.
-Scores mean what they mean in training (herl.scoring): rewards follow grade.reward, and
+Scores mean what they mean in training (herl.rubric): rewards follow grade.reward, and
 the verdicts a revision is shown, and whether an answer is fully met, follow grade.mode.
 
 Reads:  a prompts file in any supported format (herl.importers), a model folder
@@ -12,7 +12,7 @@ Writes: OUT/eval_answers.parquet  one row per (round, prompt)
         OUT/eval_metrics.parquet  one row per (round, metric): mean rewards, and IFEval's
                                   four accuracies when every rubric item is an IFEval instruction
 The same loop evaluates held-out prompts inside a training run (stages/heldout.py).
-Alone:  python -m stages.evaluate --prompts FILE --model DIR --rounds R --out DIR [--limit N]
+Alone:  python -m herl.eval_command --prompts FILE --model DIR --rounds R --out DIR [--limit N]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def metrics_markdown(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m stages.evaluate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m herl.eval_command", description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", required=True, type=Path)
     ap.add_argument("--model", default="builtin:tiny")
     ap.add_argument("--rounds", type=int, default=2)

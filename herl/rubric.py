@@ -1,4 +1,4 @@
-"""Rubric grading: the check registry, verifiable and judge graders, reward aggregation.
+"""Rubric grading: verdicts for (answer, rubric item) pairs, and the scores made of them.
 
 A rubric item is {item_id, description, weight, kind, params}. `kind` names a check in
 the registry (or `judge`, graded by an LLM judge, see herl.judge); `params` (a JSON
@@ -14,22 +14,47 @@ raises gives the verdict `unknown` with the error as detail; never a silent 0/1.
 Every verifiable item gets a strict and a loose verdict. Loose is IFEval's: the item is
 met if the check passes on the response or on any of its variants with the first line,
 the last line or both removed, each also with markdown asterisks stripped.
+
+## Scores
+
+Per-answer scores from rubric verdicts: one definition for the grade stage (training
+rewards), `herl grade` and `herl eval` / the held-out evaluation, so that a score means
+the same thing wherever it is reported.
+
+An answer's scores are its reward under its strict and under its loose verdicts
+(aggregated as `grade.reward` says; `implicit` takes the judge's holistic score, with the
+weighted item reward standing in where none could be had), the items met under each, the
+unknown items, and whether every item was met.
 """
 
 from __future__ import annotations
 
 import json
-import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING
+
+# the built-in and IFEval checks register themselves as kinds (both import only herl.checks)
+from herl import general_checks as _general_kinds  # noqa: F401
+from herl import ifeval as _ifeval_kinds  # noqa: F401
 
 # the registry and verdicts live in a leaf module; re-exported here for plugins and callers
 from herl.checks import (  # noqa: F401
-    CHECKS, JUDGE_KIND, MET, UNKNOWN, UNMET, Check, Verdict, check_params, describe_item, import_plugins,
-    is_known_kind, register_check,
+    CHECKS,
+    JUDGE_KIND,
+    MET,
+    UNKNOWN,
+    UNMET,
+    Check,
+    Verdict,
+    check_params,
+    describe_item,
+    import_plugins,
+    is_known_kind,
+    register_check,
 )
-# the IFEval instruction ids register themselves as kinds (herl.ifeval imports only herl.checks)
-from herl import ifeval as _ifeval_kinds  # noqa: F401
+from schemas.config import GradeConfig
+
 
 def loose_variants(response: str) -> list[str]:
     """IFEval's loose variants: first / last / both lines removed, asterisks stripped."""
@@ -167,158 +192,103 @@ def aggregate(verdicts: Iterable[str], weights: Iterable[float], mode: str = "we
     return reward, n_met, len(pairs), n_unknown
 
 
-# ---- general checks ---------------------------------------------------------------
+# ---- scores ---------------------------------------------------------------------
 
 
-def _range_text(unit: str, min=None, max=None) -> str:
-    if min is not None and max is not None:
-        return f"Use between {min} and {max} {unit}."
-    if min is not None:
-        return f"Use at least {min} {unit}."
-    return f"Use at most {max} {unit}."
 
 
-def _in_range(n: int, min, max) -> bool:
-    return (min is None or n >= min) and (max is None or n <= max)
+if TYPE_CHECKING:
+    from herl.rundir import Run
 
 
-@register_check("no_capitals", describe=lambda: "Use no capital letters.")
-def no_capitals(response: str) -> tuple[bool, str]:
-    caps = [c for c in response if c.isupper()]
-    return not caps, f"capitals: {''.join(caps[:10])!r}" if caps else ""
+def used_verdicts(verdicts: list[Verdict], mode: str) -> list[str]:
+    """The verdicts rewards and hindsight prompts use: strict, or IFEval's loose (grade.mode)."""
+    return [v.loose_verdict if mode == "loose" else v.strict for v in verdicts]
 
 
-@register_check("no_digits", describe=lambda: "Use no digits.")
-def no_digits(response: str) -> tuple[bool, str]:
-    digits = [c for c in response if c.isdigit()]
-    return not digits, f"digits: {''.join(digits[:10])!r}" if digits else ""
+def row_scores(verdicts: list[Verdict], weights: list[float], reward: str, unknown_policy: str,
+               pitfalls: str = "subtract") -> dict:
+    """One answer's scores from its verdicts: strict and loose rewards, items met, all met.
+
+    `reward` is an item aggregation (weighted, fraction, all); an implicit reward is put in
+    by score_answers."""
+    strict = used_verdicts(verdicts, "strict")
+    loose = used_verdicts(verdicts, "loose")
+    r_strict, met_strict, _, _ = aggregate(strict, weights, reward, unknown_policy, pitfalls)
+    r_loose, met_loose, _, _ = aggregate(loose, weights, reward, unknown_policy, pitfalls)
+    return {"items_total": len(verdicts), "items_met_strict": met_strict, "items_met_loose": met_loose,
+            "items_unknown": sum(v == UNKNOWN for v in strict), "reward_strict": r_strict, "reward_loose": r_loose,
+            "all_met_strict": all(v == MET for v in strict), "all_met_loose": all(v == MET for v in loose)}
 
 
-@register_check("include", describe=lambda text, case_sensitive=False: f"Include {text!r}.")
-def include(response: str, *, text: str, case_sensitive: bool = False) -> bool:
-    return (text in response) if case_sensitive else (text.lower() in response.lower())
+def score_answers(grader: RubricGrader, inputs: list[GradeInput],
+                  cfg: GradeConfig) -> tuple[list[list[Verdict]], list[dict], int]:
+    """Grade `inputs` and score each answer as `cfg.reward` says.
+
+    Returns (verdicts per answer, row_scores per answer, implicit fallbacks): with
+    reward = implicit the judge's holistic score replaces both rewards, and where none could
+    be had the weighted item reward stands in and is counted as a fallback."""
+    implicit = cfg.reward == "implicit"
+    graded = grader.grade_many(inputs)  # item verdicts: hindsight prompts need them whatever the reward
+    holistic = grader.score_many(inputs) if implicit else [(None, "")] * len(inputs)
+    rows, fallbacks = [], 0
+    for inp, verdicts, (score, _reason) in zip(inputs, graded, holistic, strict=True):
+        scores = row_scores(verdicts, [it["weight"] for it in inp.rubric], "weighted" if implicit else cfg.reward,
+                            cfg.unknown_policy, cfg.pitfalls)
+        if implicit:
+            if score is None:
+                fallbacks += 1
+            else:
+                scores["reward_strict"] = scores["reward_loose"] = score
+        rows.append(scores)
+    return graded, rows, fallbacks
 
 
-@register_check("exclude", describe=lambda text, case_sensitive=False: f"Do not use {text!r}.")
-def exclude(response: str, *, text: str, case_sensitive: bool = False) -> bool:
-    return not include(response, text=text, case_sensitive=case_sensitive)
+def mean_rewards(rows: list[dict]) -> dict[str, float]:
+    n = max(1, len(rows))
+    return {"mean_reward_strict": sum(r["reward_strict"] for r in rows) / n,
+            "mean_reward_loose": sum(r["reward_loose"] for r in rows) / n}
 
 
-@register_check("char_length", describe=lambda min=None, max=None: _range_text("characters", min, max))
-def char_length(response: str, *, min: int | None = None, max: int | None = None) -> tuple[bool, str]:
-    n = len(response.strip())
-    return _in_range(n, min, max), f"{n} characters"
+def ifeval_metrics(rows: list[dict], items: list[dict]) -> dict[str, float]:
+    """IFEval's accuracies: prompt-level (all instructions followed) and instruction-level."""
+    n_rows, n_items = max(1, len(rows)), max(1, len(items))
+    return {
+        "prompt_level_strict": sum(r["all_met_strict"] for r in rows) / n_rows,
+        "prompt_level_loose": sum(r["all_met_loose"] for r in rows) / n_rows,
+        "instruction_level_strict": sum(i["verdict_strict"] == MET for i in items) / n_items,
+        "instruction_level_loose": sum(i["verdict_loose"] == MET for i in items) / n_items,
+    }
 
 
-@register_check("word_length", describe=lambda min=None, max=None: _range_text("words", min, max))
-def word_length(response: str, *, min: int | None = None, max: int | None = None) -> tuple[bool, str]:
-    n = len(re.findall(r"\w+", response))
-    return _in_range(n, min, max), f"{n} words"
+def grade_samples(run: Run, k: int, prompts: dict[str, dict], samples: list[tuple[str, str, str]],
+                  cfg: GradeConfig) -> tuple[list[dict], dict[str, dict], dict[str, float]]:
+    """Grade (sample_id, prompt_id, response) triples against their prompt's rubric.
 
-
-@register_check("token_length", describe=lambda min=None, max=None, tokenizer=None: _range_text("tokens", min, max))
-def token_length(response: str, *, min: int | None = None, max: int | None = None,
-                 tokenizer: str | None = None) -> tuple[bool, str]:
-    """Tokens of a local tokenizer folder if given, else words and punctuation marks."""
-    if tokenizer:
-        n = len(_tokenizer(tokenizer)(response, add_special_tokens=False)["input_ids"])
-    else:
-        n = len(re.findall(r"\w+|[^\w\s]", response))
-    return _in_range(n, min, max), f"{n} tokens"
-
-
-_TOKENIZERS: dict[str, object] = {}
-
-
-def _tokenizer(path: str):
-    if path not in _TOKENIZERS:
-        from transformers import AutoTokenizer
-
-        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path)
-    return _TOKENIZERS[path]
-
-
-@register_check("ends_with", describe=lambda text: f"End with {text!r}.")
-def ends_with(response: str, *, text: str) -> bool:
-    return response.rstrip().endswith(text)
-
-
-@register_check("starts_with", describe=lambda text: f"Start with {text!r}.")
-def starts_with(response: str, *, text: str) -> bool:
-    return response.lstrip().startswith(text)
-
-
-@register_check("regex", describe=lambda pattern, must_match=True, flags="":
-                f"{'Match' if must_match else 'Do not match'} the pattern /{pattern}/{flags}.")
-def regex(response: str, *, pattern: str, must_match: bool = True, flags: str = "") -> bool:
-    fl = 0
-    for ch in flags:
-        fl |= {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL}[ch]
-    return bool(re.search(pattern, response, fl)) == must_match
-
-
-_FINAL_ANSWER = re.compile(r"(?:\\boxed\{([^{}]*)\}|(?:final answer|answer)\s*(?:is|:)\s*([^\n]+))", re.IGNORECASE)
-
-
-def _extract_answer(response: str) -> str:
-    """The answer part of a response: \\boxed{...}, "answer: ..." / "answer is ...", or the last line."""
-    found = _FINAL_ANSWER.findall(response)
-    if found:
-        boxed, stated = found[-1]
-        return (boxed or stated).strip()
-    lines = [ln for ln in response.strip().splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else ""
-
-
-def _normalise(text: str) -> str:
-    text = text.strip().lower().rstrip(".")
-    text = re.sub(r"[\s]+", " ", text)
-    return text.strip("*`\"' ")
-
-
-@register_check("exact_answer", describe=lambda answer, **_: f"Give the answer {answer!r}.")
-def exact_answer(response: str, *, answer: str | list[str], extract: bool = True) -> tuple[bool, str]:
-    """Match after normalisation (case, surrounding space/quotes/markdown, a final period)."""
-    got = _normalise(_extract_answer(response) if extract else response)
-    accepted = [answer] if isinstance(answer, str) else list(answer)
-    return got in {_normalise(a) for a in accepted}, f"answer {got!r}"
-
-
-_NUMBER = re.compile(r"-?\d[\d,]*\.?\d*(?:e-?\d+)?|-?\.\d+")
-
-
-@register_check("numeric_answer", describe=lambda answer, **_: f"Give the numeric answer {answer}.")
-def numeric_answer(response: str, *, answer: float, rel_tol: float = 1e-6, abs_tol: float = 1e-9,
-                   extract: bool = True) -> tuple[bool, str]:
-    """The last number of the answer part (commas and a trailing % ignored) equals `answer`."""
-    import math
-
-    text = _extract_answer(response) if extract else response
-    numbers = _NUMBER.findall(text.replace("%", ""))
-    if not numbers:
-        return False, "no number found"
-    got = float(numbers[-1].replace(",", ""))
-    return math.isclose(got, float(answer), rel_tol=rel_tol, abs_tol=abs_tol), f"number {got}"
-
-
-def _strip_fence(text: str) -> str:
-    text = text.strip()
-    m = re.fullmatch(r"```[a-zA-Z]*\s*\n?(.*?)\n?```", text, re.DOTALL)
-    return m.group(1).strip() if m else text
-
-
-@register_check("json", describe=lambda schema=None: "Answer in valid JSON" + (" following the given schema." if schema else "."))
-def json_valid(response: str, *, schema: dict | None = None) -> tuple[bool, str]:
-    """The response (optionally in a ``` fence) parses as JSON and, if given, satisfies the JSON Schema."""
+    Returns verdict rows (verdicts schema), {sample_id: {reward, items_met, items_scored,
+    items_unknown}} and grader statistics. Shared by the grade and hindsight stages so
+    that answers and revisions are scored by the same grader.
+    """
+    grader = RubricGrader(cfg, cache_path=run.path / "judge_cache.sqlite")
+    inputs = [GradeInput(prompts[pid]["rubric"], response, prompts[pid]["messages"]) for _, pid, response in samples]
     try:
-        value = json.loads(_strip_fence(response))
-    except ValueError as exc:
-        return False, f"invalid JSON: {exc}"
-    if schema is not None:
-        import jsonschema
-
-        errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(value), key=lambda e: list(e.path))
-        if errors:
-            return False, f"schema: {errors[0].message}"
-    return True, ""
-
+        graded, rows, fallbacks = score_answers(grader, inputs, cfg)
+    finally:
+        grader.close()
+    verdict_rows, scores = [], {}
+    for (sample_id, prompt_id, _), verdicts, row in zip(samples, graded, rows):
+        rubric = prompts[prompt_id]["rubric"]
+        for j, (item, v, u) in enumerate(zip(rubric, verdicts, used_verdicts(verdicts, cfg.mode))):
+            verdict_rows.append({
+                "run_id": run.run_id, "iteration": k, "sample_id": sample_id, "prompt_id": prompt_id,
+                "item_index": j, "item_id": item["item_id"], "verdict": u, "verdict_strict": v.strict,
+                "verdict_loose": v.loose_verdict, "weight": item["weight"], "grader": v.grader, "detail": v.detail,
+            })
+        # items_scored counts the items the reward is over: unknown ones leave it under unknown_policy = drop
+        dropped = row["items_unknown"] if cfg.unknown_policy == "drop" else 0
+        scores[sample_id] = {"reward": row[f"reward_{cfg.mode}"], "items_met": row[f"items_met_{cfg.mode}"],
+                             "items_scored": row["items_total"] - dropped, "items_unknown": row["items_unknown"]}
+    stats = grader.stats()
+    if cfg.reward == "implicit":
+        stats["implicit_fallbacks"] = fallbacks
+    return verdict_rows, scores, stats

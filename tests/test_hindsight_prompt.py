@@ -1,0 +1,85 @@
+"""The hindsight prompt (herl/hindsight_prompt.py): its text, full and naive, pitfalls, and
+the reference wording rendered through the chat template."""
+
+from __future__ import annotations
+
+import pytest
+
+RUBRIC = [{"description": "Use no commas.", "weight": 1.0}, {"description": "End with a period.", "weight": 1.0},
+          {"description": "Be short.", "weight": 1.0}]
+HEAD = "Here is an instruction, a draft answer to it, and a check of the draft against a rubric.\n\n## Instruction\nWrite.\n\n"
+TAIL = ("## Draft\ndraft, text\n\n## Task\nRevise the draft. Keep everything that satisfies the rubric, fix every "
+        "item that is not\nsatisfied, do not add new facts, and reply with the revised answer only.")
+
+
+def test_hindsight_prompt_text_full_and_naive():
+    from herl.hindsight_prompt import build_hindsight_prompt
+
+    msgs = [{"role": "user", "content": "Write."}]
+    full = build_hindsight_prompt(msgs, RUBRIC, ["met", "unmet", "unknown"], "draft, text")
+    assert full == HEAD + ("## Rubric status\nSatisfied:\n- Use no commas.\n\nNot satisfied:\n- End with a period.\n\n"
+                           "Unclear:\n- Be short.\n\n") + TAIL
+    naive = build_hindsight_prompt(msgs, RUBRIC, ["met", "unmet", "unknown"], "draft, text", naive=True)
+    assert naive == HEAD + "## Rubric\n- Use no commas.\n- End with a period.\n- Be short.\n\n" + TAIL
+    weighted = build_hindsight_prompt(msgs, [dict(r, weight=w) for r, w in zip(RUBRIC, [5.0, -2.0, 1.5])],
+                                      ["met", "unmet", "met"], "d")
+    assert "Satisfied:\n- Use no commas. (weight 5)\n- Be short. (weight 1.5)\n\nNot satisfied:\n- none\n\n" \
+           "Mistakes the draft avoids (keep avoiding them):\n- End with a period. (weight -2)\n\n## Draft" in weighted
+
+
+def test_hindsight_prompt_puts_committed_pitfalls_with_what_to_fix():
+    """A met pitfall is a mistake the draft made: never listed as satisfied (HealthBench-style rubric)."""
+    from herl.hindsight_prompt import build_hindsight_prompt
+
+    rubric = [{"description": "Advises urgent care if red flags.", "weight": 5.0},
+              {"description": "Recommends antibiotics for a viral infection.", "weight": -8.0},
+              {"description": "Mentions hydration.", "weight": 2.0},
+              {"description": "Gives a dangerous dose.", "weight": -10.0},
+              {"description": "Asks about allergies.", "weight": -1.0}]
+    text = build_hindsight_prompt([{"role": "user", "content": "I have a cold."}], rubric,
+                                  ["met", "met", "unmet", "unmet", "unknown"], "Take antibiotics and see a doctor.")
+    assert text == (
+        "Here is an instruction, a draft answer to it, and a check of the draft against a rubric.\n\n"
+        "## Instruction\nI have a cold.\n\n"
+        "## Rubric status\n"
+        "Satisfied:\n- Advises urgent care if red flags. (weight 5)\n\n"
+        "Not satisfied:\n- Mentions hydration. (weight 2)\n\n"
+        "Mistakes the draft makes (remove them):\n- Recommends antibiotics for a viral infection. (weight -8)\n\n"
+        "Mistakes the draft avoids (keep avoiding them):\n- Gives a dangerous dose. (weight -10)\n\n"
+        "Unclear:\n- Asks about allergies. (weight -1)\n\n"
+        "## Draft\nTake antibiotics and see a doctor.\n\n"
+        "## Task\nRevise the draft. Keep everything that satisfies the rubric, fix every item that is not\n"
+        "satisfied, do not add new facts, and reply with the revised answer only.")
+
+
+def test_reference_wording_and_raw_rendering(tmp_path):
+    """hindsight.template = reference: the authors' constraint template, verbatim in shape;
+    hindsight.chat_template = false: the text is tokenized as is; a user's own template."""
+    from herl.engines import load_tokenizer, render_chat
+    from herl.hindsight_prompt import build_hindsight_prompt, encode_prompt
+    from herl.tiny import resolve_model_path
+
+    rubric = [{"description": "Use no commas.", "weight": 1.0}, {"description": "End with a period.", "weight": 1.0},
+              {"description": "Mentions a dangerous dose.", "weight": -2.0}, {"description": "Be short.", "weight": 1.0}]
+    text = build_hindsight_prompt([{"role": "user", "content": "Write."}], rubric, ["met", "unmet", "met", "unknown"],
+                                  "draft, text", wording="reference")
+    assert text == (
+        "You are a revise assistant. Keep all already satisfied constraints intact and fix the unmet ones. "
+        "Avoid adding new facts.\n\n[Instruction]\nWrite.\n\n[Candidate]\nSatisfied: 1. Use no commas.\n"
+        "Unmet: 2. End with a period., 3. Mentions a dangerous dose., 4. Be short.\nDraft:\ndraft, text\n\n"
+        "Return only the revised answer that satisfies the unmet constraints while preserving the satisfied ones.")
+    tok = load_tokenizer(resolve_model_path("builtin:tiny"))
+    raw_text, raw_ids = encode_prompt(tok, text, chat_template=False)
+    chat_text, chat_ids = encode_prompt(tok, text, chat_template=True)
+    assert raw_text == text and raw_ids == tok(text, add_special_tokens=False)["input_ids"]
+    assert (chat_text, chat_ids) == render_chat(tok, [{"role": "user", "content": text}]) and len(chat_ids) > len(raw_ids)
+
+    own = tmp_path / "mine.j2"
+    own.write_text("Fix: {{ (unmet + committed) | map(attribute='description') | join('; ') }}\n{{ draft }}")
+    assert build_hindsight_prompt([{"role": "user", "content": "W"}], rubric, ["met", "unmet", "met", "unknown"],
+                                  "d", wording=str(own)) == "Fix: End with a period.; Mentions a dangerous dose.\nd"
+    from schemas.config import ConfigError, load_config
+
+    assert load_config(None, {"hindsight.template": str(own)}).hindsight.template == str(own)
+    with pytest.raises(ConfigError, match="hindsight.template"):
+        load_config(None, {"hindsight.template": str(tmp_path / "missing.j2")})

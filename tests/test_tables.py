@@ -1,0 +1,57 @@
+"""Config validation, table contracts and atomic writes, prompts-file errors, sampling."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from schemas.config import HerlConfig
+from schemas.tables import SchemaError, read_table, write_table
+
+
+def _metric_rows():
+    return [{"run_id": "r", "iteration": 0, "stage": "s", "name": "x", "value": 1.0}]
+
+
+def test_write_read_roundtrip_and_schema_errors(tmp_path):
+    p = tmp_path / "m.parquet"
+    assert write_table("metrics", _metric_rows(), p) == 1
+    assert read_table("metrics", p).to_pylist() == _metric_rows()
+    with pytest.raises(SchemaError, match="missing fields"):
+        write_table("metrics", [{"run_id": "r"}], tmp_path / "bad.parquet")
+    pq.write_table(pa.table({"run_id": ["r"]}), tmp_path / "alien.parquet")
+    with pytest.raises(SchemaError, match=r"alien.parquet: table 'metrics' has missing fields"):
+        read_table("metrics", tmp_path / "alien.parquet")
+    with pytest.raises(SchemaError, match="metrics.value"):
+        write_table("metrics", pa.table({"run_id": ["r"], "iteration": [0], "stage": ["s"], "name": ["x"],
+                                         "value": ["not a number"]}), tmp_path / "bad2.parquet")
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    bad = [{"run_id": "r", "iteration": "zero", "stage": "s", "name": "x", "value": 1.0}]
+    with pytest.raises(SchemaError):
+        write_table("metrics", bad, tmp_path / "m.parquet")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_renamed_column_reads_from_an_older_runs_files(tmp_path):
+    """rewards.items_total became items_scored: a file written before reads (read_table,
+    open_dataset, herl sql) under the new name, with its values."""
+    from herl.query import query_run
+    from schemas.tables import open_dataset
+
+    row = {"run_id": "r", "iteration": 0, "rollout_id": "a", "prompt_id": "p", "reward": 0.5,
+           "items_met": 1, "items_scored": 2, "items_unknown": 0}
+    old = pa.Table.from_pylist([row]).rename_columns(
+        ["items_total" if n == "items_scored" else n for n in row])
+    (tmp_path / "iter-0").mkdir()
+    pq.write_table(old, tmp_path / "iter-0" / "rewards.parquet")
+    (tmp_path / "config.json").write_text(HerlConfig().model_dump_json())
+    new = {**row, "iteration": 1, "rollout_id": "b", "items_scored": 3}
+    (tmp_path / "iter-1").mkdir()
+    write_table("rewards", [new], tmp_path / "iter-1" / "rewards.parquet")
+    assert read_table("rewards", tmp_path / "iter-0" / "rewards.parquet").to_pylist() == [row]
+    assert open_dataset("rewards", tmp_path / "iter-0" / "rewards.parquet").to_table().to_pylist() == [row]
+    got = query_run(tmp_path, "SELECT rollout_id, items_scored FROM rewards ORDER BY 1").fetchall()
+    assert got == [("a", 2), ("b", 3)]
