@@ -1,7 +1,7 @@
 """The check registry and the verdict type: the leaf every grader builds on.
 
 herl.rubric (verifiable and judge graders), herl.ifeval (IFEval's checks, registered
-here), herl.judge and the importers use it; it imports nothing of herl's. Plugins
+here), herl.judge and the importers use it; it imports nothing of herl's but its errors. Plugins
 register checks with `herl.rubric.register_check` (re-exported there).
 """
 
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+
+from schemas.errors import UserError
 
 MET, UNMET, UNKNOWN = "met", "unmet", "unknown"
 JUDGE_KIND = "judge"
@@ -36,6 +38,10 @@ def register_check(kind: str, describe: Callable[..., str] | None = None, needs_
     return deco
 
 
+class PluginImportError(UserError, ImportError):
+    """A plugin module named in the config (or by --plugin) cannot be imported."""
+
+
 def import_plugins(modules: Iterable[str]) -> None:
     """Import modules that register checks (config `plugins`, `herl grade --plugin`)."""
     import importlib
@@ -44,7 +50,7 @@ def import_plugins(modules: Iterable[str]) -> None:
         try:
             importlib.import_module(name)
         except ImportError as exc:
-            raise ImportError(f"cannot import plugin module {name!r} (config 'plugins'): {exc}") from exc
+            raise PluginImportError(f"cannot import plugin module {name!r} (config 'plugins'): {exc}") from exc
 
 
 def is_known_kind(kind: str) -> bool:

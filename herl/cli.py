@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,30 +14,81 @@ from herl.rundir import load_run
 from herl.sql import to_arrow
 from herl.status import disk_line, stage_status
 from schemas.config import parse_overrides
+from schemas.errors import UserError, disk_error
+
+
+def _flow_arguments(args) -> dict:
+    """The `herl` flow's parameters for `herl run` / `herl resume`."""
+    if args.cmd == "resume":
+        run = load_run(args.run_dir)
+        return {"config": str(run.path / "config.json"), "run_id": run.run_id, "runs_dir": str(run.path.parent),
+                "iterations": args.iterations, "overrides": parse_overrides(args.set)}
+    if args.config and args.config_opt:
+        raise UserError("give the config once (positional or --config)")
+    return {"config": args.config or args.config_opt, "run_id": args.run_id, "iterations": args.iterations,
+            "model_path": args.model_path, "runs_dir": args.runs_dir, "overrides": parse_overrides(args.set)}
+
+
+def preflight(args) -> dict:
+    """Check everything that can be checked before Prefect starts or a run folder is made:
+    the config with its overrides, the prompt pool (every row, and that each prompt fits the
+    model), the model path. Returns the flow's parameters, with the run id fixed (a new run
+    gets its id here, so an interrupted start can name the folder to resume)."""
+    from flows.iterate import flow_overrides
+    from herl.rundir import new_run_id
+    from herl.task import check_pool_fits
+    from schemas.config import load_config
+
+    params = _flow_arguments(args)
+    named = {k: params.get(k) for k in ("run_id", "iterations", "model_path", "runs_dir")}
+    cfg = load_config(params["config"], flow_overrides(overrides=params["overrides"], **named))
+    check_pool_fits(cfg)
+    params["run_id"], params["runs_dir"] = cfg.run_id or new_run_id(), cfg.runs_dir
+    _check_writable(Path(cfg.runs_dir) / params["run_id"])
+    return params
+
+
+def _check_writable(folder: Path) -> None:
+    """Refuse a run folder on a read-only or forbidden file system before anything starts."""
+
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "permission denied"
+        raise UserError(f"{what}: cannot write the run folder {folder}; make {existing} writable "
+                        "or choose another --runs-dir")
 
 
 def cmd_run(args) -> int:
+    """`herl run` and `herl resume`: the `herl` flow in this process (Prefect's temporary server)."""
+    params = preflight(args)
+    from flows import hide_user_error_tracebacks
     from flows.iterate import iterate
 
-    if args.config and args.config_opt:
-        print("herl run: give the config once (positional or --config)", file=sys.stderr)
-        return 2
-    path = iterate(config=args.config or args.config_opt, run_id=args.run_id, iterations=args.iterations, model_path=args.model_path,
-                   runs_dir=args.runs_dir, overrides=parse_overrides(args.set))
+    hide_user_error_tracebacks()
+    runs_dir = Path(params["runs_dir"])
+    try:
+        path = iterate(**params)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 130
+        print(f"herl {args.cmd}: stopped ({_signal_name(code)}); finished stages are kept. "
+              f"Resume with: herl resume {runs_dir / params['run_id']}", file=sys.stderr)
+        return code
     print(f"run directory: {path}")
-    print(f"inspect it:    herl status {path}")
-    print(f'               herl sql {path} "SELECT iteration, avg(reward) FROM rewards GROUP BY 1 ORDER BY 1"')
+    if args.cmd == "run":
+        print(f"inspect it:    herl status {path}")
+        print(f'               herl sql {path} "SELECT iteration, avg(reward) FROM rewards GROUP BY 1 ORDER BY 1"')
     return 0
 
 
-def cmd_resume(args) -> int:
-    from flows.iterate import iterate
+def _signal_name(code: int) -> str:
+    import signal
 
-    run = load_run(args.run_dir)
-    path = iterate(config=str(run.path / "config.json"), run_id=run.run_id, runs_dir=str(run.path.parent),
-                   iterations=args.iterations, overrides=parse_overrides(args.set))
-    print(f"run directory: {path}")
-    return 0
+    try:
+        return signal.Signals(code - 128).name if code > 128 else "interrupted"
+    except ValueError:
+        return f"exit {code}"
 
 
 def cmd_status(args) -> int:
@@ -52,7 +104,7 @@ def cmd_status(args) -> int:
     print(disk_line(Path(args.run_dir)))
     for r in rows:
         if r["error"]:
-            print(f"iteration {r['iteration']} {r['stage']} failed: {r['error']}")
+            print(f"iteration {r['iteration']} {r['stage']} {r['status']}: {r['error']}")
     return 0
 
 
@@ -85,17 +137,12 @@ def cmd_sql(args) -> int:
 def cmd_grade(args) -> int:
     from herl.checks import import_plugins
     from herl.grade_command import grade_file
-    from herl.importers import PromptFileError
-    from schemas.config import ConfigError, load_config
+    from schemas.config import load_config
 
-    try:
-        import_plugins(args.plugin)
-        cfg = load_config(args.config, parse_overrides(args.set)).grade if (args.config or args.set) else None
-        summary = grade_file(Path(args.input), Path(args.output), args.format, args.drop_unsupported, cfg,
-                             Path(args.judge_cache) if args.judge_cache else None)
-    except (PromptFileError, ConfigError, ImportError) as exc:
-        print(f"herl grade: {exc}", file=sys.stderr)
-        return 2
+    import_plugins(args.plugin)
+    cfg = load_config(args.config, parse_overrides(args.set)).grade if (args.config or args.set) else None
+    summary = grade_file(Path(args.input), Path(args.output), args.format, args.drop_unsupported, cfg,
+                         Path(args.judge_cache) if args.judge_cache else None)
     print(f"graded {summary['graded_rows']} rows, {summary['graded_items']} items ({summary['format']} format)"
           + (f"; dropped {summary['dropped_prompts']} prompts without supported items" if summary["dropped_prompts"] else ""))
     for name, value in summary["metrics"].items():
@@ -108,8 +155,15 @@ def cmd_grade(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from herl.eval_command import load_inputs, metrics_markdown
+    from schemas.config import load_config
+
+    load_config(args.config, parse_overrides(args.set))  # checked before Prefect starts
+    load_inputs(Path(args.prompts), args.model, args.limit)
+    from flows import hide_user_error_tracebacks
     from flows.evaluate import evaluate
-    from herl.eval_command import metrics_markdown
+
+    hide_user_error_tracebacks()
 
     summary = evaluate(prompts=args.prompts, model=args.model, out=args.out, rounds=args.rounds, limit=args.limit,
                        config=args.config, overrides=parse_overrides(args.set))
@@ -173,6 +227,7 @@ def cmd_export(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="herl", description="HeRL: RL from rubric rewards with hindsight experience.")
+    ap.add_argument("--debug", action="store_true", help="show the Python traceback of a user error too")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("run", help="run the herl flow in-process (Prefect's ephemeral API)")
@@ -192,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.add_argument("--iterations", type=int, default=None, help="extend the run to this many iterations")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.set_defaults(fn=cmd_resume)
+    p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("status", help="stages per iteration: done / failed / missing, rows, seconds")
     p.add_argument("run_dir")
@@ -254,15 +309,29 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_export)
 
     args = ap.parse_args(argv)
-    if args.fn in (cmd_run, cmd_resume, cmd_eval):
+    if args.fn in (cmd_run, cmd_eval):
         # these start Prefect's temporary server and engine processes: run them under a
-        # supervisor so that a SIGTERM or an OOM kill leaves no process behind
+        # supervisor so that a SIGTERM or an OOM kill leaves no process behind. What can be
+        # checked is checked first, in the worker, before Prefect starts.
         from herl.supervise import run_supervised, stop_on_sigterm, supervised
 
         if not supervised():
             return run_supervised(sys.argv[1:] if argv is None else list(argv))
         stop_on_sigterm()
-    return args.fn(args)
+    return _report_user_errors(args)
+
+
+def _report_user_errors(args) -> int:
+    """Run the command; a user error (or a full / read-only disk) is one line on stderr and
+    exit status 2, with no traceback unless --debug. Anything else is a bug: it propagates."""
+    try:
+        return args.fn(args)
+    except Exception as exc:
+        err = exc if isinstance(exc, UserError) else disk_error(exc)
+        if err is None or args.debug:
+            raise
+        print(f"herl {args.cmd}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from schemas.errors import UserError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -84,7 +86,7 @@ def render_chat(tokenizer, messages: list[dict]) -> tuple[str, list[int]]:
     return text, list(ids)
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(UserError, ValueError):
     """A prompt plus its answer budget does not fit the model's context window."""
 
 

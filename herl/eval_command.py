@@ -22,11 +22,22 @@ import json
 from pathlib import Path
 
 from herl.engines import release_engines
-from herl.importers import convert, read_records
+from herl.importers import PromptFileError, convert, read_records
 from herl.self_improve import self_improve
 from herl.tiny import resolve_model_path
 from schemas.config import HerlConfig, load_config
 from schemas.tables import write_table
+
+
+def load_inputs(prompts_path: Path, model: str, limit: int | None = None, fmt: str = "auto",
+                drop_unsupported: bool = False) -> tuple[list[dict], Path]:
+    """The prompts to evaluate (checked row by row) and the model's folder; raises a
+    PromptFileError naming the file, row and field, or FileNotFoundError for the model."""
+    rows, _ = convert(read_records(prompts_path), prompts_path, fmt, drop_unsupported)
+    prompts = [r for r in rows if r is not None][:limit]
+    if not prompts:
+        raise PromptFileError(f"{prompts_path}: no prompts to evaluate")
+    return prompts, resolve_model_path(model)
 
 
 def run(prompts_path: Path, model: str, out_dir: Path, rounds: int = 2, limit: int | None = None,
@@ -39,14 +50,11 @@ def run(prompts_path: Path, model: str, out_dir: Path, rounds: int = 2, limit: i
     cfg = cfg or load_config(None)
     temperature = cfg.evaluation.temperature if temperature is None else temperature
     max_tokens = max_tokens or cfg.evaluation.max_tokens or cfg.rollout.max_tokens
-    prompts_path, out_dir = Path(prompts_path), Path(out_dir)
-    rows, _ = convert(read_records(prompts_path), prompts_path, fmt, drop_unsupported)
-    prompts = [r for r in rows if r is not None][:limit]
-    if not prompts:
-        raise ValueError(f"{prompts_path}: no prompts to evaluate")
+    out_dir = Path(out_dir)
+    prompts, model_path = load_inputs(Path(prompts_path), model, limit, fmt, drop_unsupported)
     try:
         answer_rows, metric_rows, summary = self_improve(
-            prompts, resolve_model_path(model), cfg, rounds, temperature, max_tokens, out_dir / "judge_cache.sqlite")
+            prompts, model_path, cfg, rounds, temperature, max_tokens, out_dir / "judge_cache.sqlite")
     finally:
         release_engines()
     write_table("eval_answers", answer_rows, out_dir / "eval_answers.parquet")

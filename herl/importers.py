@@ -26,17 +26,19 @@ from collections import Counter
 from pathlib import Path
 from typing import NoReturn
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 # through herl.rubric: importing it registers the built-in and IFEval checks
 from herl.rubric import CHECKS, JUDGE_KIND, check_params, describe_item, is_known_kind
+from schemas.errors import UserError, read_utf8
 
 FORMATS = ("auto", "herl", "ifeval", "rar", "healthbench")
 # RaR's rubric-writing guide names categories; numbers are what its data uses
 RAR_CATEGORY_WEIGHTS = {"essential": 5.0, "important": 3.0, "optional": 1.0, "pitfall": -1.0}
 
 
-class PromptFileError(ValueError):
+class PromptFileError(UserError, ValueError):
     """A prompts file row is invalid; the message names file, line or row, and field."""
 
 
@@ -58,10 +60,14 @@ def read_records(path: Path) -> list[tuple[str, dict]]:
     if not path.exists():
         raise PromptFileError(f"{path}: file not found")
     if path.suffix == ".parquet":
-        return [(f"{path} row {i}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
+        try:
+            table = pq.read_table(path)
+        except (OSError, pa.ArrowException) as exc:
+            raise PromptFileError(f"{path}: not a readable Parquet file: {exc}") from None
+        return [(f"{path} row {i}", r) for i, r in enumerate(table.to_pylist())]
     if path.suffix not in (".jsonl", ".json"):
         raise PromptFileError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json or .parquet")
-    text = path.read_text()
+    text = read_utf8(path, PromptFileError)
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             return [(f"{path} item {i}", r) for i, r in enumerate(json.loads(text))]

@@ -258,19 +258,18 @@ class Judge:
             try:
                 self.stats.add(calls=1)
                 text = self.backend.complete_one(prompt)
+                value = parse(text)
             except TransientError as exc:
                 reason = f"judge call failed: {exc}"
                 continue
-            except Exception as exc:  # a permanent error (4xx, bad config): no point retrying
-                return None, f"judge call failed: {type(exc).__name__}: {exc}", False
-            try:
-                value = parse(text)
-            except ParseError as exc:
+            except ParseError as exc:  # the reply's text, or the reply itself (not text)
                 reason = f"unparseable judge reply: {exc}"
                 parse_failures += 1
                 if parse_failures > self.cfg.parse_retries:
                     break
                 continue
+            except Exception as exc:  # a permanent error (4xx, bad config): no point retrying
+                return None, f"judge call failed: {type(exc).__name__}: {exc}", False
             self.cache.put(key, value)
             return value, "", False
         return None, reason, False
@@ -350,10 +349,23 @@ class OpenAIBackend:
         content = resp.choices[0].message.content if resp.choices else None
         if content is None:
             raise TransientError("empty completion")
-        return content
+        return message_text(content)
 
     def close(self) -> None:
         self.client.close()
+
+
+def message_text(content: object) -> str:
+    """A reply message's text: a string, or a list of content parts (some OpenAI-compatible
+    servers send [{"type": "text", "text": ...}, ...]) whose text parts are joined. Anything
+    else is an unparseable reply (ParseError): retried, then `unknown`."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") in ("text", "output_text")]
+        if texts and all(isinstance(t, str) for t in texts):
+            return "".join(texts)  # type: ignore[arg-type]
+    raise ParseError(f"message content is {type(content).__name__} {str(content)[:60]!r}, not text")
 
 
 class LocalBackend:

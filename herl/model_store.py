@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from herl.tiny import herl_home
+from schemas.errors import MissingError
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
 
     gguf = Path(gguf).resolve()
     if not gguf.is_file():
-        raise FileNotFoundError(f"{gguf}: no such GGUF file")
+        raise MissingError(f"{gguf}: no such GGUF file")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -111,6 +112,6 @@ def resolve_named(name: str) -> Path:
     """The folder of a named model, which `herl init-model NAME` must have made."""
     out = named_model_dir(name)
     if not (out / "config.json").exists():
-        raise FileNotFoundError(f"model builtin:{name} is not installed: run `herl init-model {name}` once "
+        raise MissingError(f"model builtin:{name} is not installed: run `herl init-model {name}` once "
                                 "(it fetches and converts the model; runs never download anything)")
     return out

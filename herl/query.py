@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from schemas.errors import MissingError, UserError
 from schemas.tables import TABLES, needs_migration, read_table
 
 
-class ReadOnlyQueryError(ValueError):
+class ReadOnlyQueryError(UserError, ValueError):
     """`herl sql` accepts one plain SELECT statement only."""
 
 
@@ -47,8 +48,9 @@ def _node_types(tree) -> set[str]:
     return found
 
 
-def check_select(sql: str) -> None:
-    """Raise ReadOnlyQueryError unless `sql` is exactly one plain SELECT."""
+def check_select(sql: str) -> set[str]:
+    """Raise ReadOnlyQueryError unless `sql` is exactly one plain SELECT; returns the names
+    of the tables it reads."""
     import duckdb
 
     con = duckdb.connect()
@@ -71,6 +73,37 @@ def check_select(sql: str) -> None:
     bad = _node_types(tree["statements"]) - _QUERY_NODES
     if bad:
         raise ReadOnlyQueryError(f"only plain SELECT statements are allowed; the query holds {', '.join(sorted(bad))}")
+    return _base_tables(tree["statements"])
+
+
+def _base_tables(tree) -> set[str]:
+    found: set[str] = set()
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("type") == "BASE_TABLE" and isinstance(node.get("table_name"), str):
+                found.add(node["table_name"].lower())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
+
+
+class DamagedTableError(UserError):
+    """A table file of the run cannot be read (truncated, overwritten)."""
+
+
+def _readable(name: str, path: Path) -> str | None:
+    """Why the Parquet file of table `name` at `path` cannot be read (None when it can)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_metadata(path)
+    except (OSError, pa.ArrowException) as exc:
+        return str(exc).split(". ")[0]
+    return None
 
 
 def connect_run(run_dir: str | Path):
@@ -80,7 +113,7 @@ def connect_run(run_dir: str | Path):
 
     run_path = Path(run_dir).resolve()
     if not (run_path / "config.json").is_file():
-        raise FileNotFoundError(f"{run_path} is not a herl run directory (no config.json)")
+        raise MissingError(f"{run_path} is not a herl run directory (no config.json)")
     con = duckdb.connect(":memory:")
     # no spill folder ($PWD/.tmp by default), no file system, and nothing can be switched back
     con.execute("SET temp_directory = ''")
@@ -89,6 +122,8 @@ def connect_run(run_dir: str | Path):
     for name, spec in TABLES.items():
         pattern = "metrics-*.parquet" if spec.per_stage else spec.filename()
         files = sorted(str(p) for p in run_path.glob(f"iter-*/{pattern}") if p.resolve().is_relative_to(run_path))
+        # a damaged file is left out here; query_run refuses a query that reads its table
+        files = [f for f in files if _readable(name, Path(f)) is None]
         # the table's own schema: files of older herl versions missing a column read it as
         # null; ones with a renamed column are read whole, renamed (schemas.tables.RENAMED)
         old = [f for f in files if needs_migration(name, Path(f))]
@@ -100,5 +135,14 @@ def connect_run(run_dir: str | Path):
 
 def query_run(run_dir: str | Path, sql: str):
     """Run a read-only query over a run; returns the DuckDB relation (executed when fetched)."""
-    check_select(sql)
+    tables = check_select(sql)
+    run_path = Path(run_dir).resolve()
+    for name in sorted(tables & set(TABLES)):
+        spec = TABLES[name]
+        pattern = "metrics-*.parquet" if spec.per_stage else spec.filename()
+        for p in sorted(run_path.glob(f"iter-*/{pattern}")):
+            why = _readable(name, p)
+            if why:
+                raise DamagedTableError(f"table {name}: {p} cannot be read ({why}); run `herl resume {run_path}` "
+                                        "to rebuild it (the stage that wrote it is redone)")
     return connect_run(run_dir).sql(sql)

@@ -31,13 +31,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from schemas.config import HerlConfig, load_config, stage_config_hash
+from schemas.errors import MissingError, UserError
 from schemas.stages import iteration_stages
 from schemas.tables import TABLES, atomic_write
 
 SNAPSHOT_META = "herl_snapshot.json"
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError, RuntimeError):
     """Another process is writing this run."""
 
 
@@ -46,7 +47,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
         json.dump(data, fh, indent=2, sort_keys=True)
 
 
-class SnapshotAlteredError(RuntimeError):
+class SnapshotAlteredError(UserError, RuntimeError):
     """A snapshot's files no longer match the digests recorded when it was saved."""
 
 
@@ -79,7 +80,7 @@ def seal_snapshot(folder: Path, meta: dict) -> None:
     write_json_atomic(folder / SNAPSHOT_META, {**meta, "files": snapshot_files(folder)})
 
 
-class SnapshotPrunedError(RuntimeError):
+class SnapshotPrunedError(UserError, RuntimeError):
     """A stage must be redone but the snapshot it starts from was pruned (train.keep_snapshots)."""
 
 
@@ -107,8 +108,17 @@ def prune_snapshot(folder: Path, optimizer_only: bool) -> int:
 
 
 def snapshot_meta(folder: Path) -> dict:
+    """A snapshot's herl_snapshot.json ({} when absent). An unreadable one reads as
+    {"files": {}}: the snapshot then does not verify (every file is 'not part of it'), so
+    the train stage that wrote it is redone."""
     p = folder / SNAPSHOT_META
-    return json.loads(p.read_text()) if p.exists() else {}
+    if not p.exists():
+        return {}
+    try:
+        meta = json.loads(p.read_bytes())
+    except (ValueError, OSError):
+        return {"files": {}, "corrupt": True}
+    return meta if isinstance(meta, dict) else {"files": {}, "corrupt": True}
 
 
 def snapshot_problems(folder: Path, meta: dict | None = None) -> list[str]:
@@ -198,8 +208,40 @@ class Run:
         return fingerprint(self.snapshot(k))
 
     def read_manifest(self, k: int, stage: str) -> dict | None:
+        """The stage's manifest; None when it never ran. One that cannot be read (broken
+        JSON, a damaged disk) reads as status `corrupt`, so the stage is redone."""
         p = self.manifest_path(k, stage)
-        return json.loads(p.read_text()) if p.exists() else None
+        if not p.exists():
+            return None
+        try:
+            m = json.loads(p.read_bytes())
+        except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            return {"status": "corrupt", "error": f"{p} cannot be read ({exc}); the stage is redone on resume"}
+        if not isinstance(m, dict) or not isinstance(m.get("status"), str):
+            return {"status": "corrupt", "error": f"{p} is not a herl manifest; the stage is redone on resume"}
+        return m
+
+    def output_problems(self, k: int, stage: str, deep: bool = True) -> list[str]:
+        """What is wrong with the outputs of a stage marked done ([] when nothing): a file
+        missing, or not what the stage wrote (fingerprint; for snapshots, when not `deep`,
+        only the file sizes recorded at their save, which costs no hashing)."""
+        m = self.read_manifest(k, stage) or {}
+        problems = []
+        for out in m.get("outputs", {}).values():
+            p = self.path / out["path"]
+            if not p.exists():
+                problems.append(f"{out['path']} is missing")
+            elif p.is_dir() and not deep:
+                from herl.tiny import weights_problems
+
+                meta = snapshot_meta(p)
+                sizes = {n: f["bytes"] for n, f in meta.get("files", {}).items()}
+                if meta.get("corrupt") or (not meta.get("pruned") and (weights_problems(p) or any(
+                        not (p / n).is_file() or (p / n).stat().st_size != b for n, b in sizes.items()))):
+                    problems.append(f"{out['path']} does not match what was saved")
+            elif fingerprint(p) != out["fingerprint"]:
+                problems.append(f"{out['path']} is not what the stage wrote")
+        return problems
 
     # ---- locking -----------------------------------------------------------
     @contextmanager
@@ -265,11 +307,7 @@ class Run:
             return False
         if m.get("config_hash") != stage_config_hash(self.cfg, stage) or m.get("inputs") != inputs:
             return False
-        for out in m.get("outputs", {}).values():
-            p = self.path / out["path"]
-            if not p.exists() or fingerprint(p) != out["fingerprint"]:
-                return False
-        return True
+        return not self.output_problems(k, stage)
 
     def run_stage(self, k: int, stage: str, inputs: dict[str, Path],
                   body: Callable[[], dict[str, tuple[Path, int]]]) -> dict:
@@ -380,5 +418,5 @@ def load_run(path: str | Path) -> Run:
     path = Path(path).resolve()
     cfg_path = path / "config.json"
     if not cfg_path.exists():
-        raise FileNotFoundError(f"{path} is not a herl run directory (no config.json)")
+        raise MissingError(f"{path} is not a herl run directory (no config.json)")
     return Run(path=path, cfg=load_config(cfg_path))

@@ -9,7 +9,8 @@ from schemas.stages import STAGES, iteration_stages
 
 
 def stage_status(run_dir: str | Path) -> list[dict]:
-    """One row per (iteration, stage): status done / failed / running / interrupted / missing, rows, seconds."""
+    """One row per (iteration, stage): status done / failed / running / interrupted /
+    corrupt (its manifest or outputs do not verify) / missing, rows, seconds."""
     run = load_run(run_dir)
     locked = run.is_locked()
     iters = sorted(int(p.name.split("-")[1]) for p in run.path.glob("iter-*") if p.name.split("-")[1].isdigit())
@@ -23,6 +24,9 @@ def stage_status(run_dir: str | Path) -> list[dict]:
             status = "missing" if m is None else m["status"]
             if status == "running" and not locked:
                 status = "interrupted"
+            problems = run.output_problems(k, stage, deep=False) if status == "done" else []
+            if problems:  # marked done, but what it wrote is gone or damaged: redone on resume
+                status, m = "corrupt", {**(m or {}), "error": "; ".join(problems) + "; `herl resume` redoes it"}
             out_rows = sum(o["rows"] for name, o in (m or {}).get("outputs", {}).items() if name != "metrics")
             rows.append({"iteration": k, "stage": stage, "status": status,
                          "rows": out_rows if status == "done" else None,

@@ -10,10 +10,12 @@ So the command runs in a worker process under a small supervisor:
 - The supervisor is a Linux child subreaper: whatever the worker started is re-parented
   to it, not to init, when the worker dies. When the worker exits, for any reason
   (including SIGKILL), the supervisor terminates every process left under it.
-- SIGTERM / SIGHUP to the supervisor are passed to the worker, which stops cleanly (its
-  stage is marked failed, Prefect stops its server); leftovers are then terminated as
-  above. Ctrl-C reaches the worker directly (one process group), and a worker that has
-  not stopped 60 s after any of these is killed.
+- SIGINT (Ctrl-C), SIGTERM and SIGHUP to the supervisor are passed to the worker alone
+  (it runs in its own session, so a terminal's Ctrl-C does not also hit Prefect's server
+  or the training job), which stops cleanly: the stage's children are stopped, the stage
+  is marked failed, the lock released, Prefect stops its server, and one line says how to
+  resume. Leftovers are then terminated as above; a worker that has not stopped 60 s
+  after a signal is killed.
 - The worker dies with the supervisor (PR_SET_PDEATHSIG), so a SIGKILL of the
   supervisor itself ends the worker, whose exit handlers stop the server.
 
@@ -85,16 +87,17 @@ def run_supervised(argv: list[str]) -> int:
     """Run `herl <argv>` as a supervised worker; returns its exit status (128 + signal when killed)."""
     become_subreaper()
     env = {**os.environ, SUPERVISED_ENV: "1"}
-    # same process group: a terminal's Ctrl-C (SIGINT to the whole group) reaches the worker
-    # directly, so the supervisor does not pass SIGINT on a second time
-    worker = subprocess.Popen([sys.executable, "-m", "herl.cli", *argv], env=env, preexec_fn=_die_with_parent)
+    # its own session: a terminal's Ctrl-C (SIGINT to the foreground group) reaches only the
+    # supervisor, which passes it to the worker alone. Prefect's temporary server and the
+    # training job's fork server, children of the worker, must not get it: a server that
+    # died first would leave the stopping worker retrying a dead connection.
+    worker = subprocess.Popen([sys.executable, "-m", "herl.cli", *argv], env=env, preexec_fn=_die_with_parent,
+                              start_new_session=True)
     deadline: list[float] = []
 
     def forward(signum, _frame):
         if not deadline:
             deadline.append(time.monotonic() + STOP_GRACE_S)
-        if signum == signal.SIGINT:
-            return
         try:
             worker.send_signal(signum)
         except ProcessLookupError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from schemas.errors import MissingError, UserError
 from schemas.tables import atomic_directory
 
 TINY_VERSION = "v1"
@@ -69,6 +70,29 @@ def build_tiny_model(out_dir: Path, *, hidden: int = 128, layers: int = 2, heads
     return out_dir
 
 
+def weights_problems(folder: Path) -> list[str]:
+    """Damaged safetensors files of a model folder ([] when none), read from their headers
+    only (8 bytes of length, then a JSON table of tensors that must fit the file), so a
+    check costs no hashing of weights."""
+    import json
+
+    problems = []
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            size = f.stat().st_size
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if not 2 <= n <= size - 8:
+                    raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+                header = json.loads(fh.read(n))
+            ends = [t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"]
+            if 8 + n + max(ends, default=0) > size:
+                raise ValueError("tensors run past the end of the file (truncated)")
+        except (OSError, ValueError, TypeError, KeyError, IndexError) as exc:
+            problems.append(f"{f} is damaged ({exc})")
+    return problems
+
+
 def model_location(path: str) -> Path:
     """Where a config's model.path lives on disk, without building or checking anything."""
     if path == "builtin:tiny":
@@ -82,10 +106,12 @@ def model_location(path: str) -> Path:
 
 def resolve_model_path(path: str) -> Path:
     """Turn a config's model.path into a local folder that holds a model: builds
-    `builtin:tiny` on first use; a named model must be installed, a path must exist."""
+    `builtin:tiny` on first use (and again if its weights were damaged: it is made from a
+    seed); a named model must be installed, a path must exist; damaged weights of either
+    raise a DamagedModelError that names the file and what to do."""
     if path == "builtin:tiny":
         out = default_tiny_dir()
-        if not (out / "config.json").exists():
+        if not (out / "config.json").exists() or weights_problems(out):
             # several processes may need it at once (parallel runs on a fresh machine): one
             # builds it, the others wait and use that copy. Two builds would each replace the
             # folder, changing its fingerprint under a run that had already recorded it.
@@ -94,7 +120,7 @@ def resolve_model_path(path: str) -> Path:
             out.parent.mkdir(parents=True, exist_ok=True)
             with open(out.parent / f".{out.name}.lock", "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-                if not (out / "config.json").exists():
+                if not (out / "config.json").exists() or weights_problems(out):
                     build_tiny_model(out)
         return out
     if path.startswith("builtin:"):
@@ -102,13 +128,24 @@ def resolve_model_path(path: str) -> Path:
 
         name = path.removeprefix("builtin:")
         if name not in NAMED_MODELS:
-            raise FileNotFoundError(f"model.path {path!r}: unknown built-in model; use builtin:tiny or one of "
+            raise MissingError(f"model.path {path!r}: unknown built-in model; use builtin:tiny or one of "
                                     + ", ".join(f"builtin:{n}" for n in NAMED_MODELS))
-        return resolve_named(name)
+        out = resolve_named(name)
+        if weights_problems(out):
+            raise DamagedModelError(f"model.path {path!r}: {'; '.join(weights_problems(out))}: "
+                                    f"reinstall it with `herl init-model {name}`")
+        return out
     p = Path(path).expanduser()
     if not (p / "config.json").exists():
-        raise FileNotFoundError(
+        raise MissingError(
             f"model.path {path!r} is not a local Hugging Face model folder (no config.json); "
             "herl loads models from local paths only, or use 'builtin:tiny'"
         )
+    if weights_problems(p):
+        raise DamagedModelError(f"model.path {path!r}: {'; '.join(weights_problems(p))}: restore the model's "
+                                "files (herl cannot rebuild a model it did not make)")
     return p.resolve()
+
+
+class DamagedModelError(UserError):
+    """The initial model's weights cannot be read, and herl cannot rebuild them."""

@@ -41,6 +41,7 @@ from herl.lora import is_adapter
 from herl.loss import loss_denominators, policy_loss, truncated_is_weight
 from herl.procs import die_with_parent
 from schemas.config import TrainConfig
+from schemas.errors import disk_error, no_space, out_of_space
 
 METRICS_FILE = "train_metrics.json"  # written into OUT_DIR by the main process, taken out by the stage
 
@@ -300,10 +301,17 @@ def main(argv: list[str] | None = None) -> int:
     state = {name.removeprefix("model."): value for name, value in accelerator.get_state_dict(model).items()}
     optim_state = optimizer.state_dict()
     if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _policy(accelerator.unwrap_model(model)).save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
-        torch.save(optim_state, out_dir / "optimizer.pt")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _policy(accelerator.unwrap_model(model)).save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(out_dir)
+            torch.save(optim_state, out_dir / "optimizer.pt")
+        except (OSError, RuntimeError) as exc:
+            # torch reports a full disk as "[enforce fail at inline_container.cc] unexpected pos"
+            if disk_error(exc) is None and not out_of_space(out_dir):
+                raise
+            print(f"herl.trainer: {disk_error(exc, out_dir) or no_space(out_dir)}", file=sys.stderr, flush=True)
+            return DISK_FULL_EXIT
         metrics["seconds"] = time.perf_counter() - t0
         metrics["learning_rate"] = t.learning_rate
         tmp = out_dir / (METRICS_FILE + ".tmp")
@@ -312,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
+
+
+DISK_FULL_EXIT = 28  # the job's exit code when the snapshot did not fit on the disk (ENOSPC's number)
 
 
 def run_job(run_dir: str, k: int, out_dir: str) -> None:

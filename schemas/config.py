@@ -8,6 +8,7 @@ which reads a TOML (or the JSON a run saves), applies dotted overrides
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -17,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from schemas.errors import UserError, read_utf8
 from schemas.stages import SPECS
 
 PRESETS = Path(__file__).parent / "presets"
@@ -430,7 +432,7 @@ def stage_config_hash(cfg: HerlConfig, stage: str) -> str:
     return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """The configuration cannot be loaded; the message names the file and field."""
 
 
@@ -469,24 +471,43 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if not path.exists() and path.suffix == "" and (PRESETS / f"{path}.toml").is_file():
         path = PRESETS / f"{path}.toml"  # a shipped preset by name: smollm2, medical, instruction_following, tiny
     try:
-        text = path.read_text()
+        text = read_utf8(path, ConfigError)
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from exc
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(data, key, value)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    base = copy.deepcopy(data)
+    for key, value in given.items():
+        _set_dotted(data, key, value)
     try:
         return HerlConfig.model_validate(data)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-            lines.append(f"  field {loc}: {err['msg'].removeprefix('Value error, ')}")
-        raise ConfigError(f"config file {path} is invalid:\n" + "\n".join(lines)) from None
+        errors = exc.errors()
+    # blame what the user gave: an override whose key the error is about, else the file
+    # itself when it fails alone, else the overrides together (a cross-field check)
+    file_ok = True
+    if given:
+        try:
+            HerlConfig.model_validate(base)
+        except ValidationError:
+            file_ok = False
+    lines = []
+    for err in errors:
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        blamed = next((k for k in given if loc == k or loc.startswith(k + ".") or (loc and k.startswith(loc + "."))
+                       or (not loc and re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", msg))), None)
+        if blamed is not None:
+            lines.append(f"  --set {blamed}={json.dumps(given[blamed])}: {msg if not loc else f'field {loc}: {msg}'}")
+        elif given and file_ok:
+            sets = " ".join(f"--set {k}={json.dumps(v)}" for k, v in given.items())
+            lines.append(f"  field {loc or '(top level)'}: {msg} (the file alone is valid; with {sets} it is not)")
+        else:
+            lines.append(f"  field {loc or '(top level)'}: {msg}")
+    raise ConfigError(f"config file {path} is invalid:\n" + "\n".join(lines))
 
 
 def reference_markdown() -> str:

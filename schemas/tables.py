@@ -24,6 +24,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from schemas.errors import DiskError, UserError, disk_error, no_space, out_of_space
+
 _ids = [("run_id", pa.string()), ("iteration", pa.int32())]
 _tokens = pa.list_(pa.int32())
 _generation = [
@@ -214,7 +216,7 @@ GRADE_TABLES: dict[str, Table] = {
 _ALL = {**TABLES, **GRADE_TABLES}
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError, ValueError):
     """A table on disk or about to be written does not match its contract."""
 
 
@@ -267,22 +269,40 @@ def from_rows(name: str, rows: list[dict]) -> pa.Table:
         raise SchemaError(f"table '{name}': {exc}") from exc
 
 
+def _disk_error(exc: BaseException, path: Path) -> DiskError | None:
+    """The DiskError naming `path` for a write that failed for want of room or permission
+    (pyarrow's write errors carry no errno: a disk left full says it); None otherwise."""
+    if isinstance(exc, DiskError):
+        return None  # already says which file
+    err = disk_error(exc, path)
+    if err is None and isinstance(exc, (OSError, pa.ArrowException)) and out_of_space(path):
+        err = no_space(path)
+    return err
+
+
 @contextmanager
 def atomic_write(path: Path, mode: str = "wb"):
     """Open a temporary file beside `path`; on success fsync it and rename it to `path`.
 
     Readers see the old file or the complete new one, never a partial one; on error
     (or a kill) only a `.<name>.*.tmp` file remains, which the next attempt removes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise disk_error(exc, path) or exc from None
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        # a full or read-only disk, said with the file meant (not the temporary one)
+        err = _disk_error(exc, path)
+        if err is not None:
+            raise err from None
         raise
 
 
@@ -292,15 +312,21 @@ def atomic_directory(dest: Path):
     folder replaces `dest` (one rename), on any error it is removed. A kill midway leaves a
     `.<name>.*` folder, never a half-written `dest`."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    except OSError as exc:
+        raise disk_error(exc, dest) or exc from None
     try:
         yield tmp
         if dest.exists():  # an earlier attempt got this far (a killed run, or a stale copy)
             shutil.rmtree(dest)
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        err = _disk_error(exc, dest)
+        if err is not None:
+            raise err from None
         raise
 
 

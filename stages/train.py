@@ -29,8 +29,9 @@ import torch
 
 from herl.engines import release_engines
 from herl.rundir import Run, SnapshotPrunedError, seal_snapshot, snapshot_meta
-from herl.trainer import METRICS_FILE, precision_warning
+from herl.trainer import DISK_FULL_EXIT, METRICS_FILE, precision_warning
 from schemas.config import HerlConfig, stage_config_hash
+from schemas.errors import UserError, no_space, out_of_space
 from schemas.tables import atomic_directory
 from stages.common import stage_main, write_metrics
 
@@ -38,7 +39,7 @@ STAGE = "train"
 STOP_GRACE_S = 30.0  # how long a training job asked to stop may take before it is killed
 
 
-class TrainJobError(RuntimeError):
+class TrainJobError(UserError, RuntimeError):
     """The training job exited with an error (its own output says why)."""
 
 
@@ -156,6 +157,8 @@ def run(run: Run, k: int) -> dict:
         with atomic_directory(out_dir) as tmp:  # the job writes into tmp; renamed into place when sealed
             job, what = start_job(cfg, run.path.resolve(), k, tmp)
             rc = _wait(job, cfg.train.launcher.timeout_s)
+            if rc == DISK_FULL_EXIT or (rc != 0 and out_of_space(tmp)):
+                raise no_space(out_dir)
             if rc != 0 or not (tmp / METRICS_FILE).exists():
                 raise TrainJobError(f"iteration {k}: the training job ({what}) exited with code {rc}; "
                                     "its output above says why")

@@ -40,7 +40,8 @@ class ScriptedJudge:
         self.server.server_close()
 
     def reply(self, case: str, n_items: int, attempt: int) -> tuple[int, str | None]:
-        """(HTTP status, completion text) for this case and attempt (1-based)."""
+        """(HTTP status, message content) for this case and attempt (1-based); the content is
+        text, or for the content_* cases what a non-conforming server puts there."""
         if case.startswith("score"):  # holistic prompts: CASE:score7 -> "7"
             return 200, f"Overall: {case[5:]}"
         ones = json.dumps([1] * n_items)
@@ -62,6 +63,12 @@ class ScriptedJudge:
             return 200, json.dumps([1] * (n_items + 1))
         if case == "not_binary":
             return 200, json.dumps([2] * n_items)
+        if case == "content_parts":  # a list of content parts, as some servers send
+            return 200, [{"type": "text", "text": "Grading: "}, {"type": "text", "text": ones}]  # type: ignore[return-value]
+        if case == "content_int":
+            return 200, 1  # type: ignore[return-value]
+        if case == "content_image_part":
+            return 200, [{"type": "image_url", "image_url": {"url": "x"}}]  # type: ignore[return-value]
         if case == "http400":
             return 400, None
         if case in ("echo_auth400", "echo_auth500"):  # a server that echoes the request's headers in its error

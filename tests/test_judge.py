@@ -74,6 +74,8 @@ def test_timeout_and_http500_are_retried():
     ("wrong_length", 2, "4 values for 3 rubric items"),
     ("not_binary", 2, "values other than 0/1"),
     ("http400", 1, "judge call failed: BadRequestError"),  # permanent: not retried
+    ("content_int", 2, "message content is int"),  # not text: unparseable, retried once
+    ("content_image_part", 2, "message content is list"),
 ])
 def test_failures_become_unknown_never_a_verdict(case, calls, reason):
     with ScriptedJudge() as server:
@@ -81,6 +83,13 @@ def test_failures_become_unknown_never_a_verdict(case, calls, reason):
     assert [v.strict for v in out[0]] == [UNKNOWN] * 3
     assert reason in out[0][0].detail
     assert server.calls[case] == calls and stats["judge_failures"] == 1
+
+
+def test_a_reply_of_content_parts_is_read_as_its_text():
+    with ScriptedJudge() as server:
+        out, stats = grade(server, ["CASE:content_parts"])
+    assert [v.strict for v in out[0]] == [MET] * 3
+    assert server.calls["content_parts"] == 1 and stats["judge_failures"] == 0
 
 
 def test_response_cannot_break_out_of_its_fence():
