@@ -1,0 +1,223 @@
+"""A hostile user: bad config and prompt files, a damaged run folder, a full or read-only
+disk, Ctrl-C and SIGTERM. Each user error is one message naming what is wrong (file, line,
+field or path), exit status 2 and no traceback; a failed start leaves no run folder; after
+a recoverable fault, `herl resume` ends with tables identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from herl.rundir import load_run, open_run
+from herl.status import stage_status
+from schemas.config import load_config
+from stages import run_iteration
+from tests.helpers import ROOT, small_overrides
+
+RUN_ID = "h"
+TABLE_FILES = ("prompts", "rollouts", "verdicts", "rewards", "hindsight", "hindsight_verdicts", "batch")
+
+
+def _herl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "herl.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _set_args(overrides: dict) -> list[str]:
+    return [a for k, v in overrides.items() if k not in ("run_id", "runs_dir", "iterations")
+            for a in ("--set", f"{k}={json.dumps(v)}")]
+
+
+def _assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    for needle in needles:
+        assert needle in proc.stderr, (needle, proc.stderr[-2000:])
+
+
+def _assert_same_tables(run_dir: Path, reference: Path) -> None:
+    """Every table of every iteration, and the final weights, byte for byte."""
+    for k in (0, 1):
+        for name in TABLE_FILES:
+            a, b = run_dir / f"iter-{k}" / f"{name}.parquet", reference / f"iter-{k}" / f"{name}.parquet"
+            assert a.read_bytes() == b.read_bytes(), f"iteration {k} {name}"
+    final = "snapshots/policy-2/model.safetensors"
+    assert (run_dir / final).read_bytes() == (reference / final).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """An uninterrupted two-iteration run: what every recovered run must equal."""
+    run = open_run(load_config(None, small_overrides(tmp_path_factory.mktemp("reference"), run_id=RUN_ID)))
+    for k in range(2):
+        run_iteration(run, k)
+    return run.path
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 5 MB tmpfs (a disk that fills); skipped where mounting is not allowed."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("this machine does not allow mounting a tmpfs")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+# ---- bad input: one message, exit 2, no traceback, no run folder ----------------------
+
+def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """{case: (herl run arguments, what the message must name)}."""
+    (tmp / "syntax.toml").write_text('seed = 1\n[train\nlearning_rate = 1e-6\n')
+    (tmp / "unknown.toml").write_text("[train]\nlearnin_rate = 1e-6\n")
+    (tmp / "latin1.toml").write_bytes(b'seed = 1\nrun_id = "caf\xe9"\n')
+    good = {"prompt_id": "a", "messages": [{"role": "user", "content": "Hi."}],
+            "rubric": [{"item_id": "x", "kind": "punctuation:no_comma"}]}
+    (tmp / "rows.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "prompt_id": "b", "rubric": []}) + "\n")
+    (tmp / "latin1.jsonl").write_bytes((json.dumps(good) + "\n").encode() * 2 + b'{"prompt_id": "\xe9"}\n')
+    return {
+        "toml syntax": ([str(tmp / "syntax.toml")], ["syntax.toml", "line 2"]),
+        "unknown key": ([str(tmp / "unknown.toml")], ["unknown.toml", "train.learnin_rate"]),
+        "negative size": (["--set", "task.prompts_per_iteration=-4"], ["--set task.prompts_per_iteration=-4"]),
+        "not KEY=VALUE": (["--set", "rollout.n"], ["--set expects KEY=VALUE", "'rollout.n'"]),
+        "config not UTF-8": ([str(tmp / "latin1.toml")], ["latin1.toml", "line 2", "byte offset 22"]),
+        "prompt row": (["--set", f"task.source={tmp / 'rows.jsonl'}"], ["rows.jsonl line 2", "'rubric'"]),
+        "prompts not UTF-8": (["--set", f"task.source={tmp / 'latin1.jsonl'}"], ["latin1.jsonl", "line 3"]),
+        "no model": (["--model-path", str(tmp / "nowhere")], ["model.path", "nowhere"]),
+    }
+
+
+CASES = ["toml syntax", "unknown key", "negative size", "not KEY=VALUE", "config not UTF-8", "prompt row",
+         "prompts not UTF-8", "no model"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_message_and_leaves_nothing(tmp_path, case):
+    args, needles = _bad_inputs(tmp_path)[case]
+    runs = tmp_path / "runs"
+    t0 = time.perf_counter()
+    proc = _herl("run", *args, "--runs-dir", str(runs), "--run-id", "bad")
+    _assert_user_error(proc, *needles)
+    assert not runs.exists(), "a failed start left a run folder"
+    assert time.perf_counter() - t0 < 60  # found before Prefect's server starts
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = _herl("--debug", "run", "--set", "rollout.n=1", "--runs-dir", str(tmp_path / "runs"))
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+
+
+def test_a_read_only_run_folder_is_refused_before_anything_starts(tmpfs):
+    assert subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)]).returncode == 0
+    proc = _herl("run", "--runs-dir", str(tmpfs / "runs"), "--run-id", "ro")
+    _assert_user_error(proc, "read-only file system", str(tmpfs / "runs" / "ro"))
+
+
+# ---- a damaged run folder --------------------------------------------------------------
+
+def test_damaged_state_shows_as_corrupt_and_resume_rebuilds_it(finished, tmp_path):
+    run_dir = tmp_path / RUN_ID
+    shutil.copytree(finished, run_dir)
+    (run_dir / "iter-0" / "_manifests" / "grade.json").write_text('{"status": "do')  # a torn manifest
+    (run_dir / "iter-1" / "batch.parquet").unlink()  # an output of a stage marked done
+    weights = run_dir / "snapshots" / "policy-1" / "model.safetensors"
+    weights.write_bytes(b"\xff" * 8 + weights.read_bytes()[8:])  # a bad safetensors header
+    rewards = run_dir / "iter-1" / "rewards.parquet"
+    rewards.write_bytes(rewards.read_bytes()[:300])  # a truncated table
+
+    status = {(r["iteration"], r["stage"]): r for r in stage_status(run_dir)}
+    for key in ((0, "grade"), (0, "train"), (1, "grade"), (1, "advantages")):
+        assert status[key]["status"] == "corrupt", (key, status[key])
+    assert "batch.parquet is missing" in status[(1, "advantages")]["error"]
+    shown = _herl("status", str(run_dir))
+    assert shown.returncode == 0 and shown.stdout.count(" corrupt ") == 4
+
+    _assert_user_error(_herl("sql", str(run_dir), "SELECT count(*) FROM rewards"),
+                       "table rewards", "iter-1/rewards.parquet", f"herl resume {run_dir}")
+    assert _herl("sql", str(run_dir), "SELECT count(*) FROM rollouts").returncode == 0  # other tables still answer
+
+    run = load_run(run_dir)
+    redone = {(k, s): m["skipped"] for k in (0, 1) for s, m in run_iteration(run, k).items()}
+    assert not redone[(0, "grade")] and not redone[(0, "train")] and not redone[(1, "advantages")]
+    assert redone[(0, "rollout")] and redone[(1, "rollout")]  # what verified was kept
+    assert all(r["status"] == "done" for r in stage_status(run_dir))
+    _assert_same_tables(run_dir, finished)
+
+
+def test_damaged_initial_weights_name_the_file_and_the_fix(tmp_path):
+    from herl.tiny import DamagedModelError, build_tiny_model, resolve_model_path
+
+    model = build_tiny_model(tmp_path / "model")
+    (model / "model.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(DamagedModelError, match="model.safetensors is damaged.*restore"):
+        resolve_model_path(str(model))
+
+
+# ---- disks and signals (through `herl run` / `herl resume`) ----------------------------
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_resumably(finished, tmpfs):
+    """5 MB hold iteration 0's tables but not its snapshot: train stops with the path, the
+    run resumes once there is room, and ends as if nothing had happened."""
+    args = ["--runs-dir", str(tmpfs), "--run-id", RUN_ID, "--iterations", "2", *_set_args(small_overrides(tmpfs))]
+    proc = _herl("run", *args)
+    _assert_user_error(proc, "no space left on device while writing", str(tmpfs / RUN_ID / "snapshots"))
+    assert not list((tmpfs / RUN_ID / "snapshots").iterdir())  # nothing half-written
+    assert subprocess.run(["mount", "-o", "remount,size=64m", str(tmpfs)]).returncode == 0
+    res = _herl("resume", str(tmpfs / RUN_ID))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    _assert_same_tables(tmpfs / RUN_ID, finished)
+
+
+def _stop_at(proc: subprocess.Popen, run_dir: Path, stage: tuple[int, str], signum: int, log: Path) -> float:
+    """Send `signum` to the job's process group (Ctrl-C's way) once `stage` is running; the
+    seconds the run then took to stop."""
+    manifest = run_dir / f"iter-{stage[0]}" / "_manifests" / f"{stage[1]}.json"
+    deadline = time.time() + 300
+    while not (manifest.exists() and '"running"' in manifest.read_text()):
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.01)
+    t0 = time.perf_counter()
+    os.killpg(proc.pid, signum)
+    proc.wait(timeout=90)
+    return time.perf_counter() - t0
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_sigterm_stop_in_seconds_and_resume_identically(finished, tmp_path):
+    import psutil
+
+    runs = tmp_path / "runs"
+    run_dir = runs / RUN_ID
+    args = ["--runs-dir", str(runs), "--run-id", RUN_ID, "--iterations", "2", *_set_args(small_overrides(runs))]
+    for command, stage, signum in ((["run", *args], (0, "train"), signal.SIGINT),
+                                   (["resume", str(run_dir)], (1, "rollout"), signal.SIGTERM)):
+        log = tmp_path / f"{signum}.log"
+        with open(log, "w") as fh:
+            proc = subprocess.Popen([sys.executable, "-m", "herl.cli", *command], cwd=ROOT, stdout=fh,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            seconds = _stop_at(proc, run_dir, stage, signum, log)
+        out = log.read_text()
+        assert seconds < 20, (seconds, out[-3000:])
+        assert proc.returncode == 128 + signum, out[-3000:]
+        assert f"Resume with: herl resume {run_dir}" in out and "Traceback" not in out, out[-3000:]
+        assert not load_run(run_dir).is_locked()
+        status = {(r["iteration"], r["stage"]): r["status"] for r in stage_status(run_dir)}
+        assert status[stage] == "failed"
+        left = [p for p in psutil.process_iter(["cmdline"]) if str(run_dir) in " ".join(p.info["cmdline"] or [])]
+        assert not left, [p.info["cmdline"] for p in left]
+    res = _herl("resume", str(run_dir))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    _assert_same_tables(run_dir, finished)
