@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows import artifact_key
+from flows import artifact_key, hide_user_error_tracebacks
 from herl.engines import release_engines
 from herl.rundir import Run, load_run, open_run
 from herl.task import check_pool_fits
@@ -63,6 +63,7 @@ def iterate(config: str | None = None, run_id: str | None = None, iterations: in
     resume; iterations, model_path, runs_dir: common overrides; overrides: any dotted
     config keys, e.g. {"train.learning_rate": 1e-5, "algorithm": "grpo"}.
     """
+    hide_user_error_tracebacks()  # also where a deployment's worker runs the flow
     cfg = load_config(config, flow_overrides(run_id, iterations, model_path, runs_dir, overrides))
     check_pool_fits(cfg)  # a bad prompts file or a prompt the model cannot hold fails here, before the run folder exists
     run = open_run(cfg)

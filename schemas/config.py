@@ -278,7 +278,7 @@ class HerlConfig(_Section):
     stage_retries: int = 0
     """Prefect retries per stage task; a retried stage reruns from its inputs."""
     plugins: list[str] = []
-    """Python modules imported when a run opens, e.g. ones that register checks with herl.rubric.register_check."""
+    """Python modules imported when a run opens, e.g. ones that register checks with herl.checks.register_check."""
     model: ModelConfig = ModelConfig()
     """The initial policy."""
     task: TaskConfig = TaskConfig()

@@ -99,11 +99,8 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
     }
 
 
-CASES = ["toml syntax", "unknown key", "negative size", "not KEY=VALUE", "config not UTF-8", "prompt row",
-         "prompts not UTF-8", "no model"]
-
-
-@pytest.mark.parametrize("case", CASES)
+# through the real command (supervisor and worker): the whole output has no traceback
+@pytest.mark.parametrize("case", ["toml syntax", "prompt row", "no model"])
 def test_bad_input_is_one_message_and_leaves_nothing(tmp_path, case):
     args, needles = _bad_inputs(tmp_path)[case]
     runs = tmp_path / "runs"
@@ -112,6 +109,22 @@ def test_bad_input_is_one_message_and_leaves_nothing(tmp_path, case):
     _assert_user_error(proc, *needles)
     assert not runs.exists(), "a failed start left a run folder"
     assert time.perf_counter() - t0 < 60  # found before Prefect's server starts
+
+
+# the rest in this process (as the worker runs it): exit 2, the message, no run folder
+@pytest.mark.parametrize("case", ["unknown key", "negative size", "not KEY=VALUE", "config not UTF-8",
+                                  "prompts not UTF-8"])
+def test_bad_input_in_process(tmp_path, case, capsys, monkeypatch):
+    from herl.cli import main
+    from herl.supervise import SUPERVISED_ENV
+
+    monkeypatch.setenv(SUPERVISED_ENV, "1")
+    args, needles = _bad_inputs(tmp_path)[case]
+    runs = tmp_path / "runs"
+    assert main(["run", *args, "--runs-dir", str(runs), "--run-id", "bad"]) == 2
+    err = capsys.readouterr().err
+    assert all(n in err for n in needles), (needles, err)
+    assert not runs.exists()
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -181,18 +194,22 @@ def test_a_full_disk_stops_the_run_resumably(finished, tmpfs):
     _assert_same_tables(tmpfs / RUN_ID, finished)
 
 
-def _stop_at(proc: subprocess.Popen, run_dir: Path, stage: tuple[int, str], signum: int, log: Path) -> float:
-    """Send `signum` to the job's process group (Ctrl-C's way) once `stage` is running; the
-    seconds the run then took to stop."""
+def _stop_at(proc: subprocess.Popen, run_dir: Path, stage: tuple[int, str], signum: int, log: Path):
+    """Send `signum` to the job's process group (Ctrl-C's way) once `stage` is running;
+    (the seconds the run then took to stop, every process it had started)."""
+    import psutil
+
     manifest = run_dir / f"iter-{stage[0]}" / "_manifests" / f"{stage[1]}.json"
     deadline = time.time() + 300
     while not (manifest.exists() and '"running"' in manifest.read_text()):
         assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
         time.sleep(0.01)
+    tree = psutil.Process(proc.pid).children(recursive=True)  # worker, Prefect's server, the stage's job
+    assert any("prefect.server" in " ".join(p.cmdline()) for p in tree), [p.cmdline() for p in tree]
     t0 = time.perf_counter()
     os.killpg(proc.pid, signum)
     proc.wait(timeout=90)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, tree
 
 
 @pytest.mark.slow
@@ -208,7 +225,7 @@ def test_ctrl_c_and_sigterm_stop_in_seconds_and_resume_identically(finished, tmp
         with open(log, "w") as fh:
             proc = subprocess.Popen([sys.executable, "-m", "herl.cli", *command], cwd=ROOT, stdout=fh,
                                     stderr=subprocess.STDOUT, start_new_session=True)
-            seconds = _stop_at(proc, run_dir, stage, signum, log)
+            seconds, tree = _stop_at(proc, run_dir, stage, signum, log)
         out = log.read_text()
         assert seconds < 20, (seconds, out[-3000:])
         assert proc.returncode == 128 + signum, out[-3000:]
@@ -216,8 +233,8 @@ def test_ctrl_c_and_sigterm_stop_in_seconds_and_resume_identically(finished, tmp
         assert not load_run(run_dir).is_locked()
         status = {(r["iteration"], r["stage"]): r["status"] for r in stage_status(run_dir)}
         assert status[stage] == "failed"
-        left = [p for p in psutil.process_iter(["cmdline"]) if str(run_dir) in " ".join(p.info["cmdline"] or [])]
-        assert not left, [p.info["cmdline"] for p in left]
+        _, alive = psutil.wait_procs(tree, timeout=15)  # nothing outlives the command
+        assert not alive, [p.cmdline() for p in alive]
     res = _herl("resume", str(run_dir))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     _assert_same_tables(run_dir, finished)
