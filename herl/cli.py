@@ -93,6 +93,10 @@ def _signal_name(code: int) -> str:
 
 def cmd_status(args) -> int:
     rows = stage_status(args.run_dir)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return 0
     header = f"{'iter':>4}  {'stage':<11} {'status':<12} {'rows':>7} {'seconds':>8} {'attempts':>8}"
     print(header)
     print("-" * len(header))
@@ -249,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("status", help="stages per iteration: done / failed / missing, rows, seconds")
+    p = sub.add_parser("status", help="stages per iteration: done / failed / corrupt / missing, rows, seconds")
     p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="one JSON object per (iteration, stage), for scripts")
     p.set_defaults(fn=cmd_status)
 
     p = sub.add_parser("sql", help="read-only DuckDB SQL over the run's tables (one view per table)")
@@ -326,6 +331,15 @@ def _report_user_errors(args) -> int:
     exit status 2, with no traceback unless --debug. Anything else is a bug: it propagates."""
     try:
         return args.fn(args)
+    except BrokenPipeError:  # `herl status RUN | head`: the reader left, which is no error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's exit flush must not fail again
+        return 0
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"herl {args.cmd}: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:
         err = exc if isinstance(exc, UserError) else disk_error(exc)
         if err is None or args.debug:

@@ -238,3 +238,17 @@ def test_ctrl_c_and_sigterm_stop_in_seconds_and_resume_identically(finished, tmp
     res = _herl("resume", str(run_dir))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     _assert_same_tables(run_dir, finished)
+
+
+def test_a_closed_pipe_is_no_error_and_status_speaks_json(finished):
+    """`herl sql RUN ... | head -1`: the reader leaves early; herl exits 0, no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "herl.cli", "sql", str(finished),
+                             "SELECT * FROM verdicts CROSS JOIN verdicts AS again", "--format", "csv"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline().startswith(b"run_id,")
+    proc.stdout.close()  # as `head -1` does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and b"Traceback" not in err, err.decode()[-2000:]
+    rows = [json.loads(line) for line in _herl("status", str(finished), "--json").stdout.splitlines()]
+    assert len(rows) == 10 and {r["status"] for r in rows} == {"done"}
+    assert set(rows[0]) == {"iteration", "stage", "status", "rows", "seconds", "attempts", "error"}
