@@ -50,7 +50,6 @@ def preflight(args) -> dict:
 
 def _check_writable(folder: Path) -> None:
     """Refuse a run folder on a read-only or forbidden file system before anything starts."""
-
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

@@ -14,8 +14,9 @@ So the command runs in a worker process under a small supervisor:
   (it runs in its own session, so a terminal's Ctrl-C does not also hit Prefect's server
   or the training job), which stops cleanly: the stage's children are stopped, the stage
   is marked failed, the lock released, Prefect stops its server, and one line says how to
-  resume. Leftovers are then terminated as above; a worker that has not stopped 60 s
-  after a signal is killed.
+  resume. Leftovers are then terminated as above. A worker still running 10 s after the
+  signal gets it again (a handler's exception can be dropped when it lands in a __del__),
+  and one that has not stopped 60 s after the first is killed.
 - The worker dies with the supervisor (PR_SET_PDEATHSIG), so a SIGKILL of the
   supervisor itself ends the worker, whose exit handlers stop the server.
 
@@ -34,6 +35,7 @@ from herl.procs import become_subreaper, die_with_parent
 
 SUPERVISED_ENV = "HERL_SUPERVISED"
 STOP_GRACE_S = 60.0  # how long a worker asked to stop may take before it is killed
+RESEND_S = 10.0  # a worker still running this long after a signal gets it again
 
 
 def supervised() -> bool:
@@ -49,8 +51,7 @@ def stop_on_sigterm() -> None:
     """In the worker: SIGTERM raises SystemExit, so the stage is marked failed, locks are
     released and Prefect's exit handler stops its server (Python's default dies at once)."""
     def handler(signum, _frame):
-        signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process outright
-        raise SystemExit(128 + signum)
+        raise SystemExit(128 + signum)  # again for a repeated SIGTERM: the first may have been dropped
 
     signal.signal(signal.SIGTERM, handler)
 
@@ -94,10 +95,12 @@ def run_supervised(argv: list[str]) -> int:
     worker = subprocess.Popen([sys.executable, "-m", "herl.cli", *argv], env=env, preexec_fn=_die_with_parent,
                               start_new_session=True)
     deadline: list[float] = []
+    asked: dict[str, float] = {}  # the signal passed on, and when
 
     def forward(signum, _frame):
         if not deadline:
             deadline.append(time.monotonic() + STOP_GRACE_S)
+        asked.update(signum=signum, at=time.monotonic())
         try:
             worker.send_signal(signum)
         except ProcessLookupError:
@@ -112,6 +115,15 @@ def run_supervised(argv: list[str]) -> int:
             except subprocess.TimeoutExpired:
                 if deadline and time.monotonic() > deadline[0]:  # asked to stop and still running
                     worker.kill()
+                elif asked and time.monotonic() - asked["at"] > RESEND_S:
+                    # Python runs a signal handler between bytecodes; if the exception it raises
+                    # lands in a __del__ or a callback it is printed and dropped ("Exception
+                    # ignored"), and the worker carries on. Asking again stops it.
+                    asked["at"] = time.monotonic()
+                    try:
+                        worker.send_signal(int(asked["signum"]))
+                    except ProcessLookupError:
+                        pass
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

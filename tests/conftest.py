@@ -15,3 +15,18 @@ def _isolated_homes(tmp_path_factory):
     os.environ["DO_NOT_TRACK"] = "1"
     os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
     yield
+
+
+@pytest.fixture(scope="session")
+def done_run(tmp_path_factory):
+    """A finished two-iteration run of the small test config (tests.helpers.small_overrides,
+    run id "t"), shared read-only: a test that changes it works on a copy."""
+    from herl.rundir import open_run
+    from schemas.config import load_config
+    from stages import run_iteration
+    from tests.helpers import small_overrides
+
+    run = open_run(load_config(None, small_overrides(tmp_path_factory.mktemp("done"))))
+    for k in range(2):
+        run_iteration(run, k)
+    return run

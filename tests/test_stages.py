@@ -28,14 +28,6 @@ def run_iterations(run, iterations):
     return [m for k in range(iterations) for m in run_iteration(run, k).values()]
 
 
-@pytest.fixture(scope="module")
-def done_run(tmp_path_factory):
-    cfg = load_config(None, small_overrides(tmp_path_factory.mktemp("runs")))
-    run = open_run(cfg)
-    run_iterations(run, 2)
-    return run
-
-
 def test_every_table_for_every_iteration_with_unique_keys(done_run):
     run = done_run
     for k in range(2):
