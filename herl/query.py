@@ -15,6 +15,7 @@ Two locks, either of which alone stops a write:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from schemas.errors import MissingError, UserError
@@ -31,20 +32,26 @@ class ReadOnlyQueryError(UserError, ValueError):
 _QUERY_NODES = {"SELECT_NODE", "SET_OPERATION_NODE", "RECURSIVE_CTE_NODE", "CTE_NODE"}
 
 
-def _node_types(tree) -> set[str]:
-    found: set[str] = set()
+def _objects(tree) -> Iterator[dict]:
+    """Every JSON object of a serialized syntax tree, at any depth."""
     stack = [tree]
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
-            t = node.get("type")
-            if isinstance(t, str) and t.endswith("_NODE"):
-                found.add(t)
-            if "info_type" in node:  # a statement's info block (COPY_INFO, ...) never belongs in a SELECT
-                found.add(str(node["info_type"]))
+            yield node
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
+
+
+def _node_types(tree) -> set[str]:
+    found: set[str] = set()
+    for node in _objects(tree):
+        t = node.get("type")
+        if isinstance(t, str) and t.endswith("_NODE"):
+            found.add(t)
+        if "info_type" in node:  # a statement's info block (COPY_INFO, ...) never belongs in a SELECT
+            found.add(str(node["info_type"]))
     return found
 
 
@@ -77,17 +84,8 @@ def check_select(sql: str) -> set[str]:
 
 
 def _base_tables(tree) -> set[str]:
-    found: set[str] = set()
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            if node.get("type") == "BASE_TABLE" and isinstance(node.get("table_name"), str):
-                found.add(node["table_name"].lower())
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return found
+    return {node["table_name"].lower() for node in _objects(tree)
+            if node.get("type") == "BASE_TABLE" and isinstance(node.get("table_name"), str)}
 
 
 class DamagedTableError(UserError):
