@@ -70,6 +70,12 @@ def cmd_run(args) -> int:
     try:
         path = iterate(**params)
     except (KeyboardInterrupt, SystemExit) as exc:
+        import signal
+
+        # stopping now: a repeated signal (the supervisor asks again after a while) must not
+        # break Prefect's own shutdown that follows
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 130
         print(f"herl {args.cmd}: stopped ({_signal_name(code)}); finished stages are kept. "
               f"Resume with: herl resume {runs_dir / params['run_id']}", file=sys.stderr)

@@ -14,7 +14,7 @@ So the command runs in a worker process under a small supervisor:
   (it runs in its own session, so a terminal's Ctrl-C does not also hit Prefect's server
   or the training job), which stops cleanly: the stage's children are stopped, the stage
   is marked failed, the lock released, Prefect stops its server, and one line says how to
-  resume. Leftovers are then terminated as above. A worker still running 10 s after the
+  resume. Leftovers are then terminated as above. A worker still running 20 s after the
   signal gets it again (a handler's exception can be dropped when it lands in a __del__),
   and one that has not stopped 60 s after the first is killed.
 - The worker dies with the supervisor (PR_SET_PDEATHSIG), so a SIGKILL of the
@@ -35,7 +35,7 @@ from herl.procs import become_subreaper, die_with_parent
 
 SUPERVISED_ENV = "HERL_SUPERVISED"
 STOP_GRACE_S = 60.0  # how long a worker asked to stop may take before it is killed
-RESEND_S = 10.0  # a worker still running this long after a signal gets it again
+RESEND_S = 20.0  # a worker still running this long after a signal gets it again
 
 
 def supervised() -> bool:

@@ -223,7 +223,7 @@ def test_ctrl_c_and_sigterm_stop_in_seconds_and_resume_identically(finished, tmp
                                     stderr=subprocess.STDOUT, start_new_session=True)
             seconds, tree = _stop_at(proc, run_dir, stage, signum, log)
         out = log.read_text()
-        assert seconds < 30, (seconds, out[-3000:])  # about 5 s; 10 more when the signal is sent again
+        assert seconds < 40, (seconds, out[-3000:])  # about 5 s; 20 more when the signal is sent again
         assert proc.returncode == 128 + signum, out[-3000:]
         assert f"Resume with: herl resume {run_dir}" in out and "Traceback" not in out, out[-3000:]
         assert not load_run(run_dir).is_locked()
