@@ -14,7 +14,7 @@ from herl.rundir import load_run
 from herl.sql import to_arrow
 from herl.status import disk_line, stage_status
 from schemas.config import parse_overrides
-from schemas.errors import UserError, disk_error
+from schemas.errors import UserError, disk_error, existing_parent
 
 
 def _flow_arguments(args) -> dict:
@@ -50,9 +50,7 @@ def preflight(args) -> dict:
 
 def _check_writable(folder: Path) -> None:
     """Refuse a run folder on a read-only or forbidden file system before anything starts."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = existing_parent(folder)
     if not os.access(existing, os.W_OK | os.X_OK):
         what = "read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "permission denied"
         raise UserError(f"{what}: cannot write the run folder {folder}; make {existing} writable "

@@ -71,14 +71,19 @@ class MissingError(UserError, FileNotFoundError):
     """A file or folder the user named (a model, a run, a prompts file) is not there."""
 
 
-def out_of_space(path: str | Path, margin: int = 1 << 20) -> bool:
-    """Whether the file system holding `path` (or its nearest existing parent) has less
-    than `margin` bytes free: what a write that failed for want of room leaves behind."""
+def existing_parent(path: str | Path) -> Path:
+    """`path` itself when it exists, else its nearest existing parent folder."""
     p = Path(path)
     while not p.exists() and p != p.parent:
         p = p.parent
+    return p
+
+
+def out_of_space(path: str | Path, margin: int = 1 << 20) -> bool:
+    """Whether the file system holding `path` (or its nearest existing parent) has less
+    than `margin` bytes free: what a write that failed for want of room leaves behind."""
     try:
-        st = os.statvfs(p)
+        st = os.statvfs(existing_parent(path))
     except OSError:
         return False
     return st.f_bavail * st.f_frsize < margin

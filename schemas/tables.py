@@ -233,8 +233,8 @@ def _migrate(table: pa.Table, spec: Table) -> pa.Table:
 
 def needs_migration(name: str, path: Path) -> bool:
     """Whether the Parquet file at `path` still has a renamed column of table `name`."""
-    spec = _ALL[name]
-    return _migrate(pq.read_schema(path).empty_table(), spec).column_names != pq.read_schema(path).names
+    schema = pq.read_schema(path)  # the footer, read once
+    return _migrate(schema.empty_table(), _ALL[name]).column_names != schema.names
 
 
 def _check(table: pa.Table, spec: Table, where: str) -> pa.Table:
