@@ -149,7 +149,8 @@ def cmd_grade(args) -> int:
     import_plugins(args.plugin)
     cfg = load_config(args.config, parse_overrides(args.set)).grade if (args.config or args.set) else None
     summary = grade_file(Path(args.input), Path(args.output), args.format, args.drop_unsupported, cfg,
-                         Path(args.judge_cache) if args.judge_cache else None)
+                         Path(args.judge_cache) if args.judge_cache else None,
+                         Path(args.responses) if args.responses else None)
     print(f"graded {summary['graded_rows']} rows, {summary['graded_items']} items ({summary['format']} format)"
           + (f"; dropped {summary['dropped_prompts']} prompts without supported items" if summary["dropped_prompts"] else ""))
     for name, value in summary["metrics"].items():
@@ -270,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("grade", help="grade a file of prompts with responses (IFEval, IFBench, RaR, HealthBench, herl)")
     p.add_argument("--input", required=True, help=".jsonl / .json / .parquet; each row a prompt plus a 'response' field")
+    p.add_argument("--responses", default=None, metavar="FILE.jsonl",
+                   help="responses in their own file, {prompt, response} per line, matched by prompt "
+                        "(IFEval's and IFBench's --input_response_data)")
     p.add_argument("--output", required=True, help="OUT.parquet (items); rewards per row go to OUT.rows.parquet")
     p.add_argument("--format", default="auto", choices=["auto", "herl", "ifeval", "rar", "healthbench"])
     p.add_argument("--drop-unsupported", action="store_true", help="skip instruction ids with no registered check")

@@ -69,8 +69,10 @@ def split_sentences(text: str) -> list[str]:
     t = re.sub(r" (Inc|Ltd|Jr|Sr|Co)[.] " + starters, r" \1" + _STOP + r" \2", t)
     t = re.sub(r" (Inc|Ltd|Jr|Sr|Co)[.]", r" \1" + _PERIOD, t)
     t = re.sub(r" ([A-Za-z])[.]", r" \1" + _PERIOD, t)
-    for mark in (".", "!", "?"):  # a closing quote belongs to its sentence
-        t = t.replace(mark + "\u201d", "\u201d" + mark).replace(mark + '"', '"' + mark)
+    # a closing quote belongs to its sentence (IFEval moves a curly one past a period only)
+    t = t.replace(".\u201d", "\u201d.")
+    for mark in (".", "!", "?"):
+        t = t.replace(mark + '"', '"' + mark)
     for mark in (".", "?", "!"):
         t = t.replace(mark, mark + _STOP)
     parts = [s.replace(_PERIOD, ".").strip() for s in t.split(_STOP)]

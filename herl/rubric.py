@@ -34,8 +34,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-# the built-in and IFEval checks register themselves as kinds (both import only herl.checks)
+# the built-in, IFEval and IFBench checks register themselves as kinds (on herl.checks)
 from herl import general_checks as _general_kinds  # noqa: F401
+from herl import ifbench as _ifbench_kinds  # noqa: F401
 from herl import ifeval as _ifeval_kinds  # noqa: F401
 
 # the registry and verdicts live in a leaf module; re-exported here for plugins and callers
