@@ -10,6 +10,7 @@ from pathlib import Path
 
 from herl.engines import GenRequest, SamplingParams, derive_seed, render_chat, shared_engine
 from herl.hindsight_prompt import build_hindsight_prompt, encode_prompt
+from herl.ifbench import IFBENCH_IDS
 from herl.ifeval import IFEVAL_IDS
 from herl.rubric import (
     GradeInput,
@@ -27,13 +28,15 @@ def self_improve(prompts: list[dict], model: Path, cfg: HerlConfig, rounds: int,
     """Answer `prompts` with `model`, grade, and revise for `rounds` rounds.
 
     Returns (answer rows, metric rows, {round: {metric: value}}): one answer row per
-    (round, prompt) and one metric row per (round, metric). IFEval's four accuracies are
-    added when every rubric item is an IFEval instruction."""
+    (round, prompt) and one metric row per (round, metric). IFEval's four accuracies
+    (prompt- and instruction-level, strict and loose; IFBench reports the same four) are
+    added when every rubric item is an IFEval or IFBench instruction."""
     engine = shared_engine(cfg.rollout.engine, model, cfg.model.dtype, cfg.rollout.batch_size, cfg.vllm)
     grader = RubricGrader(cfg.grade, cache_path=cache_path)
     params = SamplingParams(temperature, cfg.rollout.top_p, cfg.rollout.top_k, max_tokens)
     mode = cfg.grade.mode  # the verdicts revisions are shown and stopping follows, as in training
-    ifeval = all(it["kind"] in IFEVAL_IDS for p in prompts for it in p["rubric"])
+    instruction_ids = set(IFEVAL_IDS) | set(IFBENCH_IDS)
+    ifeval = all(it["kind"] in instruction_ids for p in prompts for it in p["rubric"])
     answers: dict[str, str] = {}
     graded: dict[str, list] = {}
     scores: dict[str, dict] = {}

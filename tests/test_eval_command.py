@@ -81,3 +81,20 @@ def test_scores_follow_the_training_reward(tmp_path):
     assert every[0]["mean_reward_strict"] == 0.0 and every[1]["mean_reward_strict"] == 0.0
     rows = pq.read_table(tmp_path / "a" / "eval_answers.parquet").to_pylist()
     assert all(r["reward_strict"] == 0.0 and r["items_met_strict"] == 1 for r in rows)
+
+
+IFBENCH = BENCHMARKS / "ifbench_test.jsonl"
+
+
+@pytest.mark.skipif(not IFBENCH.exists(), reason=f"IFBench sample not found at {BENCHMARKS}")
+def test_ifbench_prompts_end_to_end(tmp_path):
+    """IFBench prompts answered, graded by the IFBench checks and revised, reporting the
+    same four accuracies as IFEval."""
+    cfg = load_config(None, {"rollout.engine": "transformers", "rollout.max_tokens": 12})
+    summary = run(IFBENCH, "builtin:tiny", tmp_path, rounds=1, limit=5, cfg=cfg, temperature=1.0)
+    for m in summary.values():
+        assert {"prompt_level_strict", "prompt_level_loose", "instruction_level_strict",
+                "instruction_level_loose"} <= set(m)
+    answers = pq.read_table(tmp_path / "eval_answers.parquet").to_pylist()
+    assert len(answers) == 10 and all(a["prompt_id"].startswith("ifbench-") for a in answers)
+    assert all(a["items_unknown"] == 0 for a in answers)  # every item had a check that ran
