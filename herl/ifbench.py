@@ -735,6 +735,17 @@ def _csv_rows(text: str, delimiter: str = ",") -> list[list[str]]:
     return list(csv.reader(io.StringIO(text), delimiter=delimiter))
 
 
+def _quoted_table(response: str, cols: tuple[str, ...], between: str, delimiter: str) -> list[list[str]] | str:
+    """The rows of a table whose header line names `cols` (each bare or in double quotes,
+    `between` the separator pattern), with every field's quotes kept in its text; or why
+    the header is wrong."""
+    header = response.split("\n")[0].strip()
+    if not re.match("^" + between.join(f'({c}|"{c}")' for c in cols) + "$", header):
+        return f"header {header!r}"
+    # tripling each quote makes the csv reader keep the quotes in the field's text
+    return _csv_rows(response.replace('"', '"""'), delimiter)
+
+
 @_ifbench("custom:csv_city",
           describe=_fixed('Generate CSV data: The column names are ["ID", "Country", "City", "Year", "Count"], the '
                           "data should be comma delimited. Please generate 7 rows."))
@@ -752,12 +763,9 @@ def csv_city(response: str) -> tuple[bool, str]:
                           '"Stock"], the data should be comma delimited. Please generate 14 rows. Add one field '
                           "which contains a special character and enclose it in double quotes."))
 def csv_special_character(response: str) -> tuple[bool, str]:
-    header = response.split("\n")[0].strip()
-    cols = ("ProductID", "Category", "Brand", "Price", "Stock")
-    if not re.match("^" + r",[ \t]*".join(f'({c}|"{c}")' for c in cols) + "$", header):
-        return False, f"header {header!r}"
-    # tripling each quote makes the csv reader keep the quotes in the field's text
-    rows = _csv_rows(response.replace('"', '"""'))
+    rows = _quoted_table(response, ("ProductID", "Category", "Brand", "Price", "Stock"), r",[ \t]*", ",")
+    if isinstance(rows, str):
+        return False, rows
     if len(rows) != 15:
         return False, f"{len(rows)} rows with the header"
     for row in rows[1:]:
@@ -773,11 +781,9 @@ def csv_special_character(response: str) -> tuple[bool, str]:
                           '"Score"], the data should be tab delimited. Please generate 3 rows and enclose each '
                           "single field in double quotes."))
 def csv_quotes(response: str) -> tuple[bool, str]:
-    header = response.split("\n")[0].strip()
-    cols = ("StudentID", "Subject", "Grade", "Semester", "Score")
-    if not re.match("^" + r"\t *".join(f'({c}|"{c}")' for c in cols) + "$", header):
-        return False, f"header {header!r}"
-    rows = _csv_rows(response.replace('"', '"""'), delimiter="\t")
+    rows = _quoted_table(response, ("StudentID", "Subject", "Grade", "Semester", "Score"), r"\t *", "\t")
+    if isinstance(rows, str):
+        return False, rows
     if len(rows) != 4:
         return False, f"{len(rows)} rows with the header"
     for row in rows:

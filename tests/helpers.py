@@ -41,3 +41,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def item_verdict(kind: str, response: str, **kwargs) -> tuple[str, str]:
+    """(strict, loose) verdict of one rubric item of `kind` with these params; a check that
+    could not run (verdict unknown) fails the calling test with its reason."""
+    import json
+
+    from herl.rubric import VerifiableGrader
+
+    item = {"item_id": kind, "description": "", "weight": 1.0, "kind": kind, "params": json.dumps(kwargs)}
+    (v,) = VerifiableGrader().grade([item], response)
+    assert v.strict != "unknown", v.detail
+    return v.strict, v.loose_verdict

@@ -14,14 +14,9 @@ from herl.english import is_verb_word, punkt_sentences, tokens
 from herl.ifbench import IFBENCH_IDS, sentences
 from herl.importers import load_prompts
 from herl.rubric import MET, UNMET, VerifiableGrader, describe_item
-from tests.helpers import BENCHMARKS
+from tests.helpers import BENCHMARKS, item_verdict
 
-
-def verdict(kind: str, response: str, **kwargs) -> tuple[str, str]:
-    item = {"item_id": kind, "description": "", "weight": 1.0, "kind": kind, "params": json.dumps(kwargs)}
-    (v,) = VerifiableGrader().grade([item], response)
-    assert v.strict != "unknown", v.detail
-    return v.strict, v.loose_verdict
+verdict = item_verdict
 
 
 M, U = MET, UNMET

@@ -3,19 +3,13 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from herl.ifeval import IFEVAL_IDS, count_sentences
-from herl.rubric import MET, UNMET, VerifiableGrader, describe_item
+from herl.rubric import MET, UNMET, describe_item
+from tests.helpers import item_verdict
 
-
-def verdict(kind: str, response: str, **kwargs) -> tuple[str, str]:
-    item = {"item_id": kind, "description": "", "weight": 1.0, "kind": kind, "params": json.dumps(kwargs)}
-    (v,) = VerifiableGrader().grade([item], response)
-    assert v.strict != "unknown", v.detail
-    return v.strict, v.loose_verdict
+verdict = item_verdict
 
 
 M, U = MET, UNMET
