@@ -125,7 +125,10 @@ def from_ifeval(row: dict, where: str, source: str, drop_unsupported: bool, drop
         if iid not in CHECKS:
             dropped[iid] += 1
             continue
-        params = {k: v for k, v in (kw or {}).items() if v is not None}
+        # IFBench writes counts as floats (N: 3.0); a whole number reads as an int, so
+        # descriptions say "3 numbers" and positions index lists
+        params = {k: int(v) if isinstance(v, float) and v.is_integer() else v
+                  for k, v in (kw or {}).items() if v is not None}
         try:
             check_params(iid, params)
             description = describe_item(iid, params)
