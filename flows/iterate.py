@@ -22,6 +22,7 @@ from flows import artifact_key, hide_user_error_tracebacks
 from herl.engines import release_engines
 from herl.rundir import Run, load_run, open_run
 from herl.task import check_pool_fits
+from herl.tracking import check_trackers, sync_trackers
 from schemas.config import load_config
 from schemas.stages import iteration_stages
 from schemas.tables import read_table
@@ -66,6 +67,7 @@ def iterate(config: str | None = None, run_id: str | None = None, iterations: in
     hide_user_error_tracebacks()  # also where a deployment's worker runs the flow
     cfg = load_config(config, flow_overrides(run_id, iterations, model_path, runs_dir, overrides))
     check_pool_fits(cfg)  # a bad prompts file or a prompt the model cannot hold fails here, before the run folder exists
+    check_trackers(cfg)
     run = open_run(cfg)
     logger = get_run_logger()
     logger.info("run directory: %s", run.path)
@@ -81,6 +83,7 @@ def iterate(config: str | None = None, run_id: str | None = None, iterations: in
                     continue
                 create_markdown_artifact(key=artifact_key("herl", run.run_id, f"iter-{k}"), markdown=metrics_markdown(run, k),
                                          description=f"herl {run.run_id} iteration {k} metrics")
+                sync_trackers(run, k, logger)
         finally:
             release_engines()
     return str(run.path)

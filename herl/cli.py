@@ -1,4 +1,4 @@
-"""The `herl` command: run, resume, status, sql, grade, eval, export, install-vllm, init-model."""
+"""The `herl` command: run, resume, status, sql, plot, grade, eval, export, install-vllm, init-model."""
 
 from __future__ import annotations
 
@@ -162,6 +162,15 @@ def cmd_grade(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from herl.plot import plot_run
+    from herl.rundir import load_run
+
+    run = load_run(args.run_dir)  # a clear error for a folder that is not a run
+    print(plot_run(run.path, args.out))
+    return 0
+
+
 def cmd_eval(args) -> int:
     from herl.eval_command import load_inputs, metrics_markdown
     from schemas.config import load_config
@@ -284,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="import a module that registers checks before grading")
     p.set_defaults(fn=cmd_grade)
+
+    p = sub.add_parser("plot", help="draw a run's curves (reward, items met, loss, clip fraction, KL, hindsight) to a PNG")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="the PNG to write (default: RUN_DIR/plot.png)")
+    p.set_defaults(fn=cmd_plot)
 
     p = sub.add_parser("eval", help="test-time self-improvement: answer, grade, revise for R rounds (Prefect flow herl-eval)")
     p.add_argument("--prompts", required=True, help="prompts file in any supported format (IFEval, RaR, HealthBench, herl)")

@@ -264,6 +264,19 @@ class EvaluationConfig(_Section):
     """Evaluate a seeded subset of this many prompts (fits a CPU budget); None evaluates all."""
 
 
+class TrackingConfig(_Section):
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = ["tensorboard"]
+    """Experiment trackers that get every metric of the metrics tables, stepped by iteration, with the config as hyperparameters (TRL's `report_to`): `tensorboard` (event files in runs/<id>/tracking/tensorboard), `wandb`, `mlflow`; [] for none. wandb and mlflow need `pip install 'herl[tracking]'`."""
+    project: str = "herl"
+    """W&B project and MLflow experiment name."""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """W&B mode: `offline` writes runs/<id>/tracking/wandb (upload later with `wandb sync`); `online` sends to the server WANDB_BASE_URL / WANDB_API_KEY name."""
+    wandb_entity: str | None = None
+    """W&B entity (team or user); unset: the account's default."""
+    mlflow_uri: str | None = None
+    """MLflow tracking URI, e.g. http://127.0.0.1:5000; unset: a file store in runs/<id>/tracking/mlruns."""
+
+
 class HerlConfig(_Section):
     run_id: str | None = None
     """Run name; the run lives in runs_dir/run_id. None makes a timestamped id."""
@@ -297,6 +310,8 @@ class HerlConfig(_Section):
     """The vLLM engine (rollout.engine = vllm or auto), run in its own environment and process."""
     evaluation: EvaluationConfig = EvaluationConfig()
     """Held-out evaluation during training: the policy answers prompts it never trains on, then revises them from the grader's verdicts."""
+    tracking: TrackingConfig = TrackingConfig()
+    """Experiment tracking: TensorBoard, W&B, MLflow."""
 
     @model_validator(mode="after")
     def _check(self) -> HerlConfig:

@@ -104,3 +104,12 @@ def test_sigkill_during_a_stage_then_resume(tmp_path):
     out = subprocess.run(_herl("sql", str(run_dir), "SELECT iteration, avg(reward) FROM rewards GROUP BY 1 ORDER BY 1",
                                "--format", "csv"), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.splitlines()[1].startswith("0,")
+
+    # the default tracker: every metric of every iteration (the final held-out evaluation
+    # included) is in TensorBoard's event files once, although iteration 0 ended in a kill
+    from herl.rundir import load_run
+    from tests.test_tracking import expected_points, tensorboard_points
+
+    run = load_run(run_dir)
+    want = expected_points(run)
+    assert {k for _, k, _ in want} == {0, 1, 2} and tensorboard_points(run) == want
