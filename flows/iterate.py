@@ -15,11 +15,12 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import artifact_key, hide_user_error_tracebacks
 from herl.engines import release_engines
+from herl.plot import plot_run
 from herl.rundir import Run, load_run, open_run
 from herl.task import check_pool_fits
 from herl.tracking import check_trackers, sync_trackers
@@ -38,14 +39,38 @@ def run_stage(run_dir: str, stage: str, iteration: int) -> dict:
     return {k: m.get(k) for k in ("stage", "iteration", "status", "skipped", "seconds", "outputs")}
 
 
-def metrics_markdown(run: Run, k: int) -> str:
-    lines = [f"# herl run `{run.run_id}`, iteration {k}", "", "| stage | metric | value |", "|---|---|---|"]
+def metrics_rows(run: Run, k: int) -> list[dict]:
+    """Iteration k's metrics: one {stage, metric, value} per metric of each stage."""
+    rows = []
     for stage in iteration_stages(run.cfg, k):
         path = run.table(k, "metrics", stage)
         if path.exists():
-            for row in read_table("metrics", path).to_pylist():
-                lines.append(f"| {stage} | {row['name']} | {row['value']:.4g} |")
+            rows += [{"stage": stage, "metric": r["name"], "value": r["value"]}
+                     for r in read_table("metrics", path).to_pylist()]
+    return rows
+
+
+def metrics_markdown(run: Run, k: int) -> str:
+    lines = [f"# herl run `{run.run_id}`, iteration {k}", "", "| stage | metric | value |", "|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['metric']} | {r['value']:.4g} |" for r in metrics_rows(run, k)]
     return "\n".join(lines)
+
+
+def publish_plot(run: Run, k: int, logger) -> None:
+    """The run's curves so far as one artifact (key herl-<run>-plot, a new version each
+    iteration): the PNG inline, and where it lies. A plot that fails costs a warning."""
+    import base64
+
+    try:
+        png = plot_run(run.path)
+    except Exception as exc:  # noqa: BLE001 (drawing must not stop training)
+        logger.warning("plot: %s: %s", type(exc).__name__, exc)
+        return
+    data = base64.b64encode(png.read_bytes()).decode("ascii")
+    create_markdown_artifact(key=artifact_key("herl", run.run_id, "plot"),
+                             markdown=f"# herl run `{run.run_id}` after iteration {k}\n\n"
+                                      f"![curves](data:image/png;base64,{data})\n\n`{png}` (`herl plot {run.path}`)",
+                             description=f"herl {run.run_id} curves after iteration {k}")
 
 
 def flow_overrides(run_id, iterations, model_path, runs_dir, overrides) -> dict[str, Any]:
@@ -83,7 +108,10 @@ def iterate(config: str | None = None, run_id: str | None = None, iterations: in
                     continue
                 create_markdown_artifact(key=artifact_key("herl", run.run_id, f"iter-{k}"), markdown=metrics_markdown(run, k),
                                          description=f"herl {run.run_id} iteration {k} metrics")
+                create_table_artifact(key=artifact_key("herl", run.run_id, f"iter-{k}-table"),
+                                      table=metrics_rows(run, k), description=f"herl {run.run_id} iteration {k} metrics")
                 sync_trackers(run, k, logger)
+                publish_plot(run, k, logger)
         finally:
             release_engines()
     return str(run.path)

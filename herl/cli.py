@@ -223,6 +223,7 @@ def cmd_init_model(args) -> int:
 
 def cmd_export(args) -> int:
     from herl.lora import export_policy
+    from herl.model_card import model_card
     from herl.rundir import snapshot_meta
 
     try:
@@ -234,7 +235,7 @@ def cmd_export(args) -> int:
                 break
         else:
             raise FileNotFoundError(f"{args.run_dir}: no snapshot with weights to export")
-        out = export_policy(snap, Path(args.dest), run.cfg.model.dtype)
+        out = export_policy(snap, Path(args.dest), run.cfg.model.dtype, {"README.md": model_card(run, k)})
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"herl export: {exc}", file=sys.stderr)
         return 2

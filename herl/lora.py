@@ -35,8 +35,9 @@ def adapter_base(snapshot: Path) -> Path:
     return Path(json.loads((Path(snapshot) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
 
 
-def write_merged(snapshot: Path, dest: Path, dtype: str = "float32") -> Path:
-    """Write base + adapter, merged, as a plain HF model folder at `dest` (atomically)."""
+def write_merged(snapshot: Path, dest: Path, dtype: str = "float32", extra: dict[str, str] | None = None) -> Path:
+    """Write base + adapter, merged, as a plain HF model folder at `dest` (atomically),
+    with `extra` text files (name: text) beside it."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -51,6 +52,8 @@ def write_merged(snapshot: Path, dest: Path, dtype: str = "float32") -> Path:
         load_tokenizer(snapshot).save_pretrained(tmp)
         (tmp / MERGED_STAMP).write_text(json.dumps({"adapter": str(Path(snapshot).resolve()),
                                                     "stamp": _stamp(snapshot), "base": str(base)}))
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
     return dest
 
 
@@ -77,21 +80,23 @@ def engine_model(snapshot: Path, dtype: str = "float32") -> Path:
     return write_merged(snapshot, dest, dtype)
 
 
-def export_policy(snapshot: Path, dest: Path, dtype: str = "float32") -> Path:
+def export_policy(snapshot: Path, dest: Path, dtype: str = "float32", extra: dict[str, str] | None = None) -> Path:
     """Write a snapshot as a plain HF model folder at `dest` (a new folder, atomically):
     a LoRA snapshot merged into its base, a full one without herl's optimizer state and
-    metadata."""
+    metadata; `extra` text files (a model card) go in with it."""
     from herl.rundir import SNAPSHOT_META
 
     snapshot, dest = Path(snapshot), Path(dest)
     if dest.exists():
         raise FileExistsError(f"{dest} exists; export writes a new folder (remove it or choose another)")
     if is_adapter(snapshot):
-        write_merged(snapshot, dest, dtype)
+        write_merged(snapshot, dest, dtype, extra)
         (dest / MERGED_STAMP).unlink()
         return dest
     with atomic_directory(dest) as tmp:
         for f in snapshot.iterdir():
             if f.is_file() and f.name not in ("optimizer.pt", SNAPSHOT_META):
                 shutil.copy2(f, tmp / f.name)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
     return dest

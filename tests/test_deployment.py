@@ -60,6 +60,13 @@ def test_deployment_run_watch_completes(tmp_path):
                       cwd=tmp_path, timeout=600)
         assert "Completed" in out
         assert [r["status"] for r in stage_status(runs / "served")] == ["done"] * 5
+        # per iteration a markdown and a table artifact; the curves so far as one more; the
+        # default tracker's event files
+        artifacts = prefect("artifact", "ls")
+        for key in ("herl-served-iter-0", "herl-served-iter-0-table", "herl-served-plot"):
+            assert key in artifacts, artifacts
+        assert (runs / "served" / "plot.png").stat().st_size > 10_000
+        assert list((runs / "served" / "tracking" / "tensorboard").glob("events.out.tfevents.*"))
 
         # the evaluate deployment on the policy that run just trained, with per-round scores
         prompts = tmp_path / "prompts.jsonl"

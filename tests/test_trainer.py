@@ -125,8 +125,28 @@ def test_herl_export_writes_the_final_policy_as_one_hf_folder(tmp_path):
     for name, p in model.state_dict().items():
         if name in merged:
             assert torch.allclose(p, merged[name]), name
+    card = (dest / "README.md").read_text()
+    assert f"# {run.run_id}: policy 1" in card and "rank 4, merged into the base" in card
     # exporting onto an existing folder is refused rather than mixing two models
     assert cli(["export", str(run.path), str(dest)]) == 2
+
+
+def test_export_of_an_earlier_policy_carries_a_model_card(done_run, tmp_path):
+    from herl.cli import main as cli
+    from schemas.tables import read_table
+
+    dest = tmp_path / "policy-1"
+    assert cli(["export", str(done_run.path), str(dest), "--iteration", "1"]) == 0
+    assert sorted(p.name for p in dest.iterdir()) == ["README.md", "chat_template.jinja", "config.json",
+                                                      "generation_config.json", "model.safetensors",
+                                                      "tokenizer.json", "tokenizer_config.json"]
+    card = (dest / "README.md").read_text()
+    train0 = {r["name"]: r["value"] for r in read_table("metrics", done_run.table(0, "metrics", "train")).to_pylist()}
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert "| run id | `t` |" in card and "| base model | `builtin:tiny` |" in card
+    assert "## Metrics of the iteration that made it (iteration 0)" in card
+    assert f"| train | loss | {train0['loss']:.4g} |" in card
+    assert f'"learning_rate": {json.dumps(done_run.cfg.train.learning_rate)}' in card  # the whole config
 
 
 @pytest.mark.parametrize("name, kind", [("fsdp", "FSDP"), ("deepspeed_zero3", "DEEPSPEED"),
