@@ -15,6 +15,12 @@ run_id / iteration). Formats (detected from the first row's fields when fmt="aut
   judge items weighted by points (negative points are pitfalls).
 - `herl` (JSONL or Parquet): the prompts schema itself; kinds must be registered.
 
+Besides one .jsonl / .json / .parquet file, `path` can be a Hugging Face `datasets` folder
+(`Dataset.save_to_disk`; of a DatasetDict, the split `split`) or a glob of .jsonl / .json /
+.parquet files (`data/train-*.parquet`), both read through `datasets`, offline.
+`columns` ({field: column}) reads each field a format expects from a column of another
+name, as TRL users map their data: {"prompt": "instruction"}.
+
 Every error names the file, the line (or row) and the field; nothing is returned on error.
 """
 
@@ -55,8 +61,74 @@ def detect_format(row: dict) -> str:
                      + "; expected IFEval/IFBench, RaR, HealthBench or the herl prompts schema")
 
 
-def read_records(path: Path) -> list[tuple[str, dict]]:
-    """(where, record) pairs from .jsonl, .json (a list or one object per line) or .parquet."""
+def read_records(path: Path, columns: dict[str, str] | None = None, split: str = "train") -> list[tuple[str, dict]]:
+    """(where, record) pairs from .jsonl, .json (a list or one object per line) or .parquet,
+    a `datasets` folder or a glob of such files, with `columns` renamed to their fields."""
+    path = Path(path)
+    if path.is_dir() or any(ch in path.name for ch in "*?["):
+        records = _read_with_datasets(path, split)
+    else:
+        records = _read_file(path)
+    return _rename(records, columns) if columns else records
+
+
+def _rename(records: list[tuple[str, dict]], columns: dict[str, str]) -> list[tuple[str, dict]]:
+    out = []
+    for where, rec in records:
+        if isinstance(rec, dict):
+            missing = [c for c in columns.values() if c not in rec]
+            if missing:
+                raise PromptFileError(f"{where}: no column {missing[0]!r} (task.columns maps "
+                                      f"{next(f for f, c in columns.items() if c == missing[0])!r} to it); "
+                                      f"columns here: {', '.join(sorted(rec))}")
+            rec = {**{k: v for k, v in rec.items() if k not in columns.values()},
+                   **{field: rec[column] for field, column in columns.items()}}
+        out.append((where, rec))
+    return out
+
+
+def _read_with_datasets(path: Path, split: str) -> list[tuple[str, dict]]:
+    """A `save_to_disk` folder, or a glob of JSON Lines / JSON / Parquet files, through
+    Hugging Face `datasets` (offline: nothing is downloaded)."""
+    import os
+    import tempfile
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    try:
+        import datasets
+    except ImportError as exc:
+        raise PromptFileError(f"{path}: reading a datasets folder or a glob of files needs the datasets package "
+                              f"({exc}); pip install 'herl[datasets]'") from None
+    if path.is_dir():
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as exc:
+            raise PromptFileError(f"{path}: not a folder written by datasets' save_to_disk ({exc})") from None
+        where = str(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise PromptFileError(f"{path}: no split {split!r} (task.split); splits: {', '.join(ds)}")
+            ds, where = ds[split], f"{path} split {split}"
+    else:
+        import glob
+
+        files = sorted(glob.glob(str(path)))
+        if not files:
+            raise PromptFileError(f"{path}: no file matches")
+        kinds = {Path(f).suffix for f in files}
+        if len(kinds) != 1 or not kinds <= {".jsonl", ".json", ".parquet"}:
+            raise PromptFileError(f"{path}: the files must all be .jsonl / .json or all .parquet, got {sorted(kinds)}")
+        builder = "parquet" if kinds == {".parquet"} else "json"
+        with tempfile.TemporaryDirectory() as cache:
+            try:
+                ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache, keep_in_memory=True)
+            except Exception as exc:  # noqa: BLE001 (datasets raises many kinds for a bad file)
+                raise PromptFileError(f"{path}: datasets cannot read these files ({type(exc).__name__}: {exc})") from None
+        where = str(path)
+    return [(f"{where} row {i}", r) for i, r in enumerate(ds.to_list())]
+
+
+def _read_file(path: Path) -> list[tuple[str, dict]]:
     if not path.exists():
         raise PromptFileError(f"{path}: file not found")
     if path.suffix == ".parquet":
@@ -267,10 +339,11 @@ def convert(records: list[tuple[str, dict]], path: Path, fmt: str = "auto",
     return rows, report
 
 
-def load_prompts(path: str | Path, fmt: str = "auto", drop_unsupported: bool = False) -> list[dict]:
-    """Read and validate a prompts file in any supported format."""
+def load_prompts(path: str | Path, fmt: str = "auto", drop_unsupported: bool = False,
+                 columns: dict[str, str] | None = None, split: str = "train") -> list[dict]:
+    """Read and validate a prompts file (or datasets folder, or glob) in any supported format."""
     path = Path(path)
-    rows, _ = convert(read_records(path), path, fmt, drop_unsupported)
+    rows, _ = convert(read_records(path, columns, split), path, fmt, drop_unsupported)
     kept = [r for r in rows if r is not None]
     if not kept:
         raise PromptFileError(f"{path}: no prompts left to use")

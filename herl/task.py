@@ -57,14 +57,33 @@ def builtin_toy(num_prompts: int, seed: int) -> list[dict]:
 
 
 def load_pool(source: str, num_prompts: int, seed: int, fmt: str = "auto",
-              drop_unsupported: bool = False) -> list[dict]:
+              drop_unsupported: bool = False, columns: dict[str, str] | None = None,
+              split: str = "train") -> list[dict]:
     if source == "builtin:toy":
         return builtin_toy(num_prompts, seed)
     if source == "builtin:ifgen":
         from herl.ifgen import builtin_ifgen
 
         return builtin_ifgen(num_prompts, seed)
-    return load_prompts(Path(source), fmt, drop_unsupported)
+    return load_prompts(Path(source), fmt, drop_unsupported, columns, split)
+
+
+def task_pool(cfg) -> list[dict]:
+    """The whole prompt pool of a config's task section (before the held-out split)."""
+    t = cfg.task
+    return load_pool(t.source, t.num_prompts, cfg.seed, t.format, t.drop_unsupported, t.columns, t.split)
+
+
+def task_files(source: str) -> list[Path]:
+    """The files (or datasets folder) a task.source reads: the rollout stage's inputs, so
+    a changed prompts file redoes it."""
+    if source.startswith("builtin:"):
+        return []
+    if any(ch in Path(source).name for ch in "*?["):
+        import glob
+
+        return [Path(f) for f in sorted(glob.glob(source))]
+    return [Path(source)]
 
 
 def split_pool(pool: list[dict], holdout: int, seed: int, where: str = "task.source") -> tuple[list[dict], list[dict]]:
@@ -110,7 +129,7 @@ def evaluation_prompts(cfg) -> list[dict]:
     if ev.source is not None:
         prompts = load_prompts(Path(ev.source))
     else:
-        pool = load_pool(cfg.task.source, cfg.task.num_prompts, cfg.seed, cfg.task.format, cfg.task.drop_unsupported)
+        pool = task_pool(cfg)
         _, prompts = split_pool(pool, cfg.task.holdout, cfg.seed, cfg.task.source)
     if ev.limit is not None and len(prompts) > ev.limit:
         keep = set(sorted(range(len(prompts)),
@@ -133,7 +152,7 @@ def check_pool_fits(cfg) -> int:
     )
     from herl.tiny import resolve_model_path
 
-    pool = load_pool(cfg.task.source, cfg.task.num_prompts, cfg.seed, cfg.task.format, cfg.task.drop_unsupported)
+    pool = task_pool(cfg)
     split_pool(pool, cfg.task.holdout, cfg.seed, cfg.task.source)
     model = resolve_model_path(cfg.model.path)
     limit = context_length(model, cfg.vllm.max_model_len)

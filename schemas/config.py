@@ -41,11 +41,15 @@ class ModelConfig(_Section):
 
 class TaskConfig(_Section):
     source: str = "builtin:toy"
-    """Prompt pool: `builtin:toy` (short lines with 3-5 character-level checks, generated from `seed`), `builtin:ifgen` (natural requests with 1-3 IFEval constraints, generated from `seed`; disjoint from IFEval) or a prompts file (.jsonl or .parquet; IFEval/IFBench, RaR, HealthBench or herl format)."""
+    """Prompt pool: `builtin:toy` (short lines with 3-5 character-level checks, generated from `seed`), `builtin:ifgen` (natural requests with 1-3 IFEval constraints, generated from `seed`; disjoint from IFEval) or a prompts file (.jsonl or .parquet; IFEval/IFBench, RaR, HealthBench or herl format), a Hugging Face `datasets` folder (`save_to_disk`) or a glob of .jsonl/.parquet files (read through `datasets`)."""
     format: Literal["auto", "herl", "ifeval", "rar", "healthbench"] = "auto"
     """Format of a prompts file: IFEval/IFBench, RaR, HealthBench or the herl prompts schema; auto detects it."""
     drop_unsupported: bool = False
     """Drop IFEval/IFBench instructions that have no registered check (else the import fails, naming them)."""
+    columns: dict[str, str] = {}
+    """Read each field the format expects from a column of another name, {field: column}, e.g. {prompt = "instruction"} (TRL-style column mapping; any source)."""
+    split: str = "train"
+    """The split to read when task.source is a `datasets` DatasetDict folder."""
     num_prompts: int = 64
     """Size of a generated pool (`builtin:toy`, `builtin:ifgen`); ignored for files."""
     prompts_per_iteration: int = 64

@@ -11,11 +11,10 @@ Alone:  python -m stages.rollout runs/<run_id> --iteration K
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from herl.engines import GenRequest, SamplingParams, derive_seed, render_chat, shared_engine
 from herl.rundir import Run
-from herl.task import load_pool, sample_for_iteration, split_pool
+from herl.task import sample_for_iteration, split_pool, task_files, task_pool
 from schemas.tables import write_table
 from stages.common import stage_main, write_metrics
 
@@ -26,11 +25,11 @@ def run(run: Run, k: int) -> dict:
     cfg = run.cfg
     snapshot = run.snapshot(k)
     inputs = {"snapshot": snapshot}
-    if not cfg.task.source.startswith("builtin:"):
-        inputs["task"] = Path(cfg.task.source)
+    for i, path in enumerate(task_files(cfg.task.source)):
+        inputs["task" if i == 0 else f"task-{i}"] = path
 
     def body():
-        pool = load_pool(cfg.task.source, cfg.task.num_prompts, cfg.seed, cfg.task.format, cfg.task.drop_unsupported)
+        pool = task_pool(cfg)
         pool, _ = split_pool(pool, cfg.task.holdout, cfg.seed, cfg.task.source)  # held-out prompts never train
         prompts = sample_for_iteration(pool, k, cfg.task.prompts_per_iteration, cfg.seed)
         snapshot_id = run.snapshot_id(k)

@@ -185,3 +185,40 @@ def test_prompt_file_errors_name_file_line_field(tmp_path):
     p.write_text('{"prompt_id": \n')
     with pytest.raises(PromptFileError, match="line 1: not valid JSON"):
         load_prompts(p)
+
+
+def test_hugging_face_datasets_folder_and_glob_with_column_mapping(tmp_path):
+    """A TRL user's data: a `save_to_disk` DatasetDict, and Parquet shards, with their own
+    column names mapped to the format's fields (task.columns)."""
+    import datasets
+
+    def herl_row(i):
+        return {"id": f"q{i}", "conversation": [{"role": "user", "content": f"Say {i}."}],
+                "checks": [{"item_id": "nd", "kind": "no_digits", "description": "Use no digits."}]}
+
+    columns = {"prompt_id": "id", "messages": "conversation", "rubric": "checks"}
+    folder = tmp_path / "ds"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([herl_row(i) for i in range(3)]),
+                          "test": datasets.Dataset.from_list([herl_row(9)])}).save_to_disk(str(folder))
+    rows = load_prompts(folder, columns=columns)
+    assert [r["prompt_id"] for r in rows] == ["q0", "q1", "q2"] and rows[1]["messages"][0]["content"] == "Say 1."
+    assert rows[0]["rubric"][0]["kind"] == "no_digits"
+    assert [r["prompt_id"] for r in load_prompts(folder, columns=columns, split="test")] == ["q9"]
+    with pytest.raises(PromptFileError, match="no split 'dev' .*splits: train, test"):
+        load_prompts(folder, columns=columns, split="dev")
+    datasets.Dataset.from_list([{"id": "q", "checks": herl_row(0)["checks"]}]).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(PromptFileError, match=r"bad row 0: no column 'conversation' \(task.columns maps "
+                                              r"'messages' to it\); columns here: checks, id"):
+        load_prompts(tmp_path / "bad", columns=columns)
+
+    # IFBench-style rows in two Parquet shards, read as one pool through a glob
+    ifeval_rows = [{"key": i, "instruction": f"Write {i} words.", "instruction_id_list": ["count:numbers"],
+                    "kwargs": [{"N": 1}]} for i in range(4)]
+    (tmp_path / "shards").mkdir()
+    datasets.Dataset.from_list(ifeval_rows[:2]).to_parquet(str(tmp_path / "shards" / "train-0.parquet"))
+    datasets.Dataset.from_list(ifeval_rows[2:]).to_parquet(str(tmp_path / "shards" / "train-1.parquet"))
+    rows = load_prompts(tmp_path / "shards" / "train-*.parquet", columns={"prompt": "instruction"})
+    assert len(rows) == 4 and rows[3]["messages"][0]["content"] == "Write 3 words."
+    assert rows[0]["rubric"][0]["description"] == "Include exactly 1 numbers in the response."
+    with pytest.raises(PromptFileError, match="no file matches"):
+        load_prompts(tmp_path / "shards" / "dev-*.parquet")
