@@ -15,7 +15,12 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 
 from flows import artifact_key, hide_user_error_tracebacks
@@ -100,10 +105,16 @@ def iterate(config: str | None = None, run_id: str | None = None, iterations: in
     # that generate share one engine, which closes before train and at the end
     with run.lock():
         try:
+            plan = [(k, stage) for k in range(cfg.iterations + 1) for stage in iteration_stages(cfg, k)]
+            progress: Any = create_progress_artifact(0.0, key=artifact_key("herl", run.run_id, "progress"),
+                                                description=f"herl {run.run_id}: stages done of {len(plan)}")
+            done = 0
             for k in range(cfg.iterations + 1):
                 stages = iteration_stages(cfg, k)
                 for stage in stages:
                     run_stage.with_options(retries=cfg.stage_retries)(str(run.path), stage, k)
+                    done += 1
+                    update_progress_artifact(progress, 100.0 * done / len(plan))
                 if not stages:
                     continue
                 create_markdown_artifact(key=artifact_key("herl", run.run_id, f"iter-{k}"), markdown=metrics_markdown(run, k),

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from herl.progress import Progress
 from schemas.errors import UserError
 
 
@@ -155,10 +156,13 @@ class TransformersEngine:
         results: list[list[Completion]] = [[] for _ in requests]
         # expand to one entry per sequence, then pack into batches
         seqs = [(i, r) for i, r in enumerate(requests) for _ in range(r.n)]
-        for start in range(0, len(seqs), self.batch_size):
-            chunk = seqs[start:start + self.batch_size]
-            for (i, _), comp in zip(chunk, self._generate_batch([r for _, r in chunk], params)):
-                results[i].append(comp)
+        with Progress("generate", len(seqs), "sequences") as progress:
+            for start in range(0, len(seqs), self.batch_size):
+                chunk = seqs[start:start + self.batch_size]
+                comps = self._generate_batch([r for _, r in chunk], params)
+                for (i, _), comp in zip(chunk, comps):
+                    results[i].append(comp)
+                progress.update(len(chunk), tokens=sum(len(c.token_ids) for c in comps))
         return results
 
     def _generate_batch(self, reqs: list[GenRequest], params: SamplingParams) -> list[Completion]:
@@ -346,8 +350,12 @@ class VLLMEngine:
         out_path.unlink()
         self.last_stats = lines[-1]["stats"]
         by_id = {row["request_id"]: row["completions"] for row in lines[:-1]}
-        return [[Completion(token_ids=x["token_ids"], text=x["text"], finish_reason=x["finish_reason"],
-                            logprobs=x["logprobs"]) for x in by_id[r.request_id]] for r in requests]
+        out = [[Completion(token_ids=x["token_ids"], text=x["text"], finish_reason=x["finish_reason"],
+                           logprobs=x["logprobs"]) for x in by_id[r.request_id]] for r in requests]
+        # the engine process answers once per job: its progress shows when the job is done
+        with Progress("generate (vLLM)", sum(r.n for r in requests), "sequences") as progress:
+            progress.update(sum(r.n for r in requests), tokens=sum(len(c.token_ids) for cs in out for c in cs))
+        return out
 
     def close(self) -> None:
         """End the engine process (its input closes; killed if it does not exit) and free its memory."""

@@ -203,8 +203,15 @@ class Judge:
             return []
         if getattr(self.backend, "batched", False):
             return self._grade_batched(tasks)
-        with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
-            return list(pool.map(self._grade_one, tasks))
+        from herl.progress import Progress
+
+        with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool, \
+                Progress("judge", len(tasks), "answers") as progress:
+            out = []
+            for verdicts in pool.map(self._grade_one, tasks):  # in order, as they finish
+                out.append(verdicts)
+                progress.update(1)
+            return out
 
     def _verdicts(self, values: list[int], detail: str = "") -> list[Verdict]:
         return [Verdict(MET if v else UNMET, self.name, detail) for v in values]

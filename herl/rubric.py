@@ -122,16 +122,20 @@ class RubricGrader:
 
     def grade_many(self, inputs: list[GradeInput]) -> list[list[Verdict]]:
         from herl.judge import JudgeTask, conversation_text, make_judge
+        from herl.progress import Progress
 
         results, tasks, slots = [], [], []
+        progress = Progress("grade", len(inputs), "answers")
         for i, inp in enumerate(inputs):
             results.append(self.verifiable.grade(inp.rubric, inp.response, inp.prompt))
+            progress.update(1)
             idx = [j for j, it in enumerate(inp.rubric) if it["kind"] == JUDGE_KIND]
             if idx:
                 tasks.append(JudgeTask(conversation_text(inp.messages), inp.response,
                                        tuple(inp.rubric[j]["description"] for j in idx),
                                        tuple(float(inp.rubric[j]["weight"]) for j in idx)))
                 slots.append((i, idx))
+        progress.close()
         if tasks:
             if self.judge is None:
                 self.judge = make_judge(self.cfg.judge, self.cache_path)

@@ -115,6 +115,11 @@ def train_on_batch(model, optimizer, accelerator, batch: Sequences | list[dict],
     for i in order:
         groups.setdefault(seqs.prompt_id[i], []).append(i)
     steps, grad_norm = 0, 0.0
+    from herl.progress import Progress
+
+    total_steps = cfg.ppo_epochs * min(cfg.mini_batches, len(groups))
+    # one process draws the line (the others would repeat it)
+    progress = Progress("train", total_steps if accelerator.is_main_process else 0, "optimizer steps")
     for epoch in range(cfg.ppo_epochs):
         group_order = sorted(groups)
         random.Random(f"{seed}:{epoch}").shuffle(group_order)
@@ -145,6 +150,8 @@ def train_on_batch(model, optimizer, accelerator, batch: Sequences | list[dict],
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             steps += 1
+            progress.update(1, loss=totals["loss"] / steps)
+    progress.close()
     totals = _sum_over_processes(accelerator, totals)
     tokens = int(totals["on_tokens"] + totals["off_tokens"])
     return {

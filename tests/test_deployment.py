@@ -63,7 +63,7 @@ def test_deployment_run_watch_completes(tmp_path):
         # per iteration a markdown and a table artifact; the curves so far as one more; the
         # default tracker's event files
         artifacts = prefect("artifact", "ls")
-        for key in ("herl-served-iter-0", "herl-served-iter-0-table", "herl-served-plot"):
+        for key in ("herl-served-iter-0", "herl-served-iter-0-table", "herl-served-plot", "herl-served-progress"):
             assert key in artifacts, artifacts
         assert (runs / "served" / "plot.png").stat().st_size > 10_000
         assert list((runs / "served" / "tracking" / "tensorboard").glob("events.out.tfevents.*"))

@@ -1,0 +1,15 @@
+"""`herl plot`: one PNG of a run's curves, from its tables."""
+
+from __future__ import annotations
+
+from herl.cli import main
+
+
+def test_plot_of_a_finished_run(done_run, tmp_path, capsys):
+    out = tmp_path / "curves.png"
+    assert main(["plot", str(done_run.path), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # six panels with lines, not a blank canvas
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert main(["plot", str(tmp_path)]) == 2  # not a run: one line, exit 2
