@@ -1,4 +1,4 @@
-"""The `herl` command: run, resume, status, sql, plot, grade, eval, export, install-vllm, init-model."""
+"""The `herl` command: run, resume, status, sql, plot, report, view, grade, eval, export, install-vllm, init-model."""
 
 from __future__ import annotations
 
@@ -171,6 +171,22 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from herl.report import write_report
+    from herl.rundir import load_run
+
+    run = load_run(args.run_dir)
+    iterations = None
+    if getattr(args, "iterations", None):
+        try:
+            iterations = [int(x) for x in args.iterations.split(",")]
+        except ValueError:
+            raise UserError(f"--iterations takes whole numbers separated by commas, got {args.iterations!r}") from None
+    out = write_report(run.path, getattr(args, "out", None), iterations)
+    print(out.resolve().as_uri() if args.cmd == "view" else out)
+    return 0
+
+
 def cmd_eval(args) -> int:
     from herl.eval_command import load_inputs, metrics_markdown
     from schemas.config import load_config
@@ -299,6 +315,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="the PNG to write (default: RUN_DIR/plot.png)")
     p.set_defaults(fn=cmd_plot)
+
+    p = sub.add_parser("report", help="write a run as one self-contained HTML page (curves, groups, verdicts, revisions)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="the HTML file (default: RUN_DIR/report.html)")
+    p.add_argument("--iterations", default=None, metavar="K,K,...", help="only these iterations (default: all)")
+    p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("view", help="write RUN_DIR/report.html (herl report) and print its file:// address")
+    p.add_argument("run_dir")
+    p.add_argument("--iterations", default=None, metavar="K,K,...", help="only these iterations (default: all)")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("eval", help="test-time self-improvement: answer, grade, revise for R rounds (Prefect flow herl-eval)")
     p.add_argument("--prompts", required=True, help="prompts file in any supported format (IFEval, RaR, HealthBench, herl)")
