@@ -37,12 +37,14 @@ def preflight(args) -> dict:
     from flows.iterate import flow_overrides
     from herl.rundir import new_run_id
     from herl.task import check_pool_fits
+    from herl.tracking import check_trackers
     from schemas.config import load_config
 
     params = _flow_arguments(args)
     named = {k: params.get(k) for k in ("run_id", "iterations", "model_path", "runs_dir")}
     cfg = load_config(params["config"], flow_overrides(overrides=params["overrides"], **named))
     check_pool_fits(cfg)
+    check_trackers(cfg)
     params["run_id"], params["runs_dir"] = cfg.run_id or new_run_id(), cfg.runs_dir
     _check_writable(Path(cfg.runs_dir) / params["run_id"])
     return params
