@@ -332,10 +332,12 @@ def main(argv: list[str] | None = None) -> int:
 DISK_FULL_EXIT = 28  # the job's exit code when the snapshot did not fit on the disk (ENOSPC's number)
 
 
-def run_job(run_dir: str, k: int, out_dir: str) -> None:
+def run_job(run_dir: str, k: int, out_dir: str, progress: bool = False) -> None:
     """The job as a forked child (stages/train.py, one process): its own process group, so
-    the stage can stop it and whatever it starts; its exit code is main's."""
+    the stage can stop it and whatever it starts; its exit code is main's. `progress`:
+    whether the stage's process shows progress lines (herl.progress.enabled there)."""
     os.setsid()
+    os.environ["HERL_PROGRESS"] = "1" if progress else "0"
     code = main([run_dir, str(k), out_dir])
     sys.stdout.flush()
     sys.stderr.flush()

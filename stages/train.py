@@ -78,11 +78,15 @@ class _ForkedJob:
     def __init__(self, run_dir: Path, k: int, out_dir: Path):
         import multiprocessing
 
+        from herl.progress import enabled
         from herl.trainer import run_job
 
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(["herl.trainer", "transformers.modeling_utils", "accelerate"])
-        self.proc = ctx.Process(target=run_job, args=(str(run_dir), k, str(out_dir)), name=f"herl-train-{k}")
+        # the fork server may have started before this process's HERL_PROGRESS was set: the
+        # progress choice travels with the job
+        self.proc = ctx.Process(target=run_job, args=(str(run_dir), k, str(out_dir), enabled()),
+                                name=f"herl-train-{k}")
         self.proc.start()
         self.pid = self.proc.pid
 

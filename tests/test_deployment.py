@@ -62,9 +62,10 @@ def test_deployment_run_watch_completes(tmp_path):
         assert [r["status"] for r in stage_status(runs / "served")] == ["done"] * 5
         # per iteration a markdown and a table artifact; the curves so far as one more; the
         # default tracker's event files
-        artifacts = prefect("artifact", "ls")
-        for key in ("herl-served-iter-0", "herl-served-iter-0-table", "herl-served-plot", "herl-served-progress"):
-            assert key in artifacts, artifacts
+        for key, kind in (("herl-served-iter-0", "markdown"), ("herl-served-iter-0-table", "table"),
+                          ("herl-served-plot", "markdown"), ("herl-served-progress", "progress")):
+            shown = prefect("artifact", "inspect", key)  # `ls` cuts long keys to its table's width
+            assert f"'key': '{key}'" in shown and f"'type': '{kind}'" in shown, shown[:2000]
         assert (runs / "served" / "plot.png").stat().st_size > 10_000
         assert list((runs / "served" / "tracking" / "tensorboard").glob("events.out.tfevents.*"))
 

@@ -28,7 +28,12 @@ def test_forced_lines_at_each_tenth(capsys, monkeypatch):
 
 
 def test_an_iteration_shows_generation_grading_and_training(tmp_path, capfd, monkeypatch):
-    monkeypatch.setenv("HERL_PROGRESS", "1")  # the train job, a child process, inherits it
+    from multiprocessing import forkserver
+
+    monkeypatch.setenv("HERL_PROGRESS", "1")
+    # the train job is forked from a fork server, whose stderr is the one it started with:
+    # a fresh one, started under this test's capture, so the job's lines are captured too
+    forkserver._forkserver._stop()
     run = open_run(load_config(None, small_overrides(tmp_path, iterations=1)))
     run_iteration(run, 0)
     err = capfd.readouterr().err
