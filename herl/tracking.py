@@ -81,11 +81,7 @@ class TensorBoard:
     name = "tensorboard"
 
     def __init__(self, run: Run, state: dict):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:
-            raise TrackingError(f"tracking.report_to has tensorboard, but it cannot be imported ({exc}); "
-                                "pip install tensorboard") from None
+        from torch.utils.tensorboard import SummaryWriter
         self.dir = run.path / "tracking" / "tensorboard"
         fresh = not self.dir.exists()
         self.writer = SummaryWriter(str(self.dir))
@@ -114,11 +110,7 @@ class Wandb:
     name = "wandb"
 
     def __init__(self, run: Run, state: dict):
-        try:
-            import wandb
-        except ImportError as exc:
-            raise TrackingError(f"tracking.report_to has wandb, but it cannot be imported ({exc}); "
-                                "pip install 'herl[tracking]'") from None
+        import wandb
         t = run.cfg.tracking
         # one W&B run per herl run, resumed by id: a resumed herl run continues it
         state.setdefault("id", "herl-" + "".join(c if c.isalnum() else "-" for c in run.run_id.lower())[:56])
@@ -143,11 +135,7 @@ class Mlflow:
     name = "mlflow"
 
     def __init__(self, run: Run, state: dict):
-        try:
-            from mlflow.tracking import MlflowClient
-        except ImportError as exc:
-            raise TrackingError(f"tracking.report_to has mlflow, but it cannot be imported ({exc}); "
-                                "pip install 'herl[tracking]'") from None
+        from mlflow.tracking import MlflowClient
         t = run.cfg.tracking
         uri = t.mlflow_uri or (run.path / "tracking" / "mlruns").resolve().as_uri()
         if t.mlflow_uri is None:
@@ -219,6 +207,7 @@ def sync(run: Run, upto: int | None = None) -> dict[str, list[int]]:
     names = list(dict.fromkeys(run.cfg.tracking.report_to))
     if not names:
         return {}
+    check_trackers(run.cfg)  # a missing package is named with its fix, not as an ImportError
     last = run.cfg.iterations if upto is None else upto
     pending = {k: m for k in range(last + 1) if (m := iteration_metrics(run, k)) is not None}
     ledger = read_ledger(run)
