@@ -26,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from flows import artifact_key, hide_user_error_tracebacks
 from herl.engines import release_engines
 from herl.plot import plot_run
+from herl.procs import raise_if_stop_requested
 from herl.rundir import Run, load_run, open_run
 from herl.task import check_pool_fits
 from herl.tracking import check_trackers, sync_trackers
@@ -113,6 +114,7 @@ def iterate(config: str | None = None, run_id: str | None = None, iterations: in
                 stages = iteration_stages(cfg, k)
                 for stage in stages:
                     run_stage.with_options(retries=cfg.stage_retries)(str(run.path), stage, k)
+                    raise_if_stop_requested()  # a stop signal whose exception was dropped
                     done += 1
                     update_progress_artifact(progress, 100.0 * done / len(plan))
                 if not stages:

@@ -368,11 +368,12 @@ def main(argv: list[str] | None = None) -> int:
         # these start Prefect's temporary server and engine processes: run them under a
         # supervisor so that a SIGTERM or an OOM kill leaves no process behind. What can be
         # checked is checked first, in the worker, before Prefect starts.
-        from herl.supervise import run_supervised, stop_on_sigterm, supervised
+        from herl.procs import stop_on_signals
+        from herl.supervise import run_supervised, supervised
 
         if not supervised():
             return run_supervised(sys.argv[1:] if argv is None else list(argv))
-        stop_on_sigterm()
+        stop_on_signals()
     return _report_user_errors(args)
 
 

@@ -25,3 +25,41 @@ def die_with_parent(sig: int = signal.SIGTERM) -> bool:
 def become_subreaper() -> bool:
     """Orphans among this process's descendants are re-parented to it, not to init."""
     return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+# ---- stop requests that must not be lost ---------------------------------------------
+# A signal handler's exception can be dropped: when it lands while a __del__ runs, Python
+# prints "Exception ignored" and carries on. The worker's handlers therefore also record
+# the signal here, and long waits and the flow between stages ask.
+_stop_signals: list[int] = []
+
+
+def note_stop(signum: int) -> None:
+    if not _stop_signals:
+        _stop_signals.append(signum)
+
+
+def raise_if_stop_requested() -> None:
+    """Raise what the first stop signal should have raised (KeyboardInterrupt for SIGINT,
+    SystemExit(128 + n) otherwise), if one arrived."""
+    if _stop_signals:
+        signum = _stop_signals[0]
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+
+def stop_on_signals() -> None:
+    """In the worker: SIGINT raises KeyboardInterrupt and SIGTERM SystemExit (so the stage
+    is marked failed, locks are released and Prefect's exit handler stops its server;
+    Python's default for SIGTERM dies at once), each also noted for raise_if_stop_requested."""
+    def on_sigint(signum, _frame):
+        note_stop(signum)
+        raise KeyboardInterrupt
+
+    def on_sigterm(signum, _frame):
+        note_stop(signum)
+        raise SystemExit(128 + signum)  # again for a repeated SIGTERM: the first may have been dropped
+
+    signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGTERM, on_sigterm)

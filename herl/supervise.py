@@ -47,15 +47,6 @@ def _die_with_parent() -> None:  # runs in the worker between fork and exec
     die_with_parent(signal.SIGTERM)
 
 
-def stop_on_sigterm() -> None:
-    """In the worker: SIGTERM raises SystemExit, so the stage is marked failed, locks are
-    released and Prefect's exit handler stops its server (Python's default dies at once)."""
-    def handler(signum, _frame):
-        raise SystemExit(128 + signum)  # again for a repeated SIGTERM: the first may have been dropped
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 def _descendants() -> list:
     import psutil
 

@@ -22,12 +22,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
 from herl.engines import release_engines
+from herl.procs import raise_if_stop_requested
 from herl.rundir import Run, SnapshotPrunedError, seal_snapshot, snapshot_meta
 from herl.trainer import DISK_FULL_EXIT, METRICS_FILE, precision_warning
 from schemas.config import HerlConfig, stage_config_hash
@@ -120,8 +122,15 @@ def launch_env(cfg: HerlConfig) -> dict[str, str]:
 
 def _wait(proc, timeout_s: float | None) -> int:
     """Wait for the job; on any exit from here (error, SIGTERM, timeout) stop its whole group."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
-        return proc.wait(timeout=timeout_s)
+        while True:
+            try:
+                return proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                raise_if_stop_requested()  # a stop signal whose exception was dropped
+                if deadline is not None and time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired("herl.trainer", timeout_s or 0.0) from None
     except BaseException:
         try:
             os.killpg(proc.pid, signal.SIGTERM)

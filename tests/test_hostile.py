@@ -248,3 +248,25 @@ def test_a_closed_pipe_is_no_error_and_status_speaks_json(finished):
     rows = [json.loads(line) for line in _herl("status", str(finished), "--json").stdout.splitlines()]
     assert len(rows) == 10 and {r["status"] for r in rows} == {"done"}
     assert set(rows[0]) == {"iteration", "stage", "status", "rows", "seconds", "attempts", "error"}
+
+
+def test_a_stop_signal_whose_exception_was_dropped_still_stops_the_train_wait(monkeypatch):
+    """The worker's handlers note the signal: if its exception is lost (Python drops one that
+    lands in a __del__), the train stage's wait raises it within half a second and stops
+    the job's process group."""
+    import subprocess
+
+    from herl import procs
+    from stages.train import _wait
+
+    monkeypatch.setattr(procs, "_stop_signals", [])
+    job = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    procs.note_stop(signal.SIGTERM)  # the handler ran; its SystemExit never arrived
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit) as exc:
+        _wait(job, None)
+    assert exc.value.code == 128 + signal.SIGTERM and time.monotonic() - t0 < 5
+    assert job.poll() is not None  # the job was stopped with it
+    monkeypatch.setattr(procs, "_stop_signals", [signal.SIGINT])
+    with pytest.raises(KeyboardInterrupt):
+        procs.raise_if_stop_requested()
