@@ -32,7 +32,6 @@ from herl.task import check_pool_fits
 from herl.tracking import check_trackers, sync_trackers
 from schemas.config import load_config
 from schemas.stages import iteration_stages
-from schemas.tables import read_table
 from stages import run_stage as run_stage_alone
 
 
@@ -47,13 +46,7 @@ def run_stage(run_dir: str, stage: str, iteration: int) -> dict:
 
 def metrics_rows(run: Run, k: int) -> list[dict]:
     """Iteration k's metrics: one {stage, metric, value} per metric of each stage."""
-    rows = []
-    for stage in iteration_stages(run.cfg, k):
-        path = run.table(k, "metrics", stage)
-        if path.exists():
-            rows += [{"stage": stage, "metric": r["name"], "value": r["value"]}
-                     for r in read_table("metrics", path).to_pylist()]
-    return rows
+    return [{"stage": s, "metric": n, "value": v} for s, n, v in run.metric_rows(k)]
 
 
 def metrics_markdown(run: Run, k: int) -> str:

@@ -8,16 +8,6 @@ import json
 
 from herl.rundir import Run
 from schemas.stages import iteration_stages
-from schemas.tables import read_table
-
-
-def _metrics(run: Run, k: int, stages: list[str]) -> list[tuple[str, str, float]]:
-    rows = []
-    for stage in stages:
-        path = run.table(k, "metrics", stage)
-        if path.exists():
-            rows += [(stage, r["name"], r["value"]) for r in read_table("metrics", path).to_pylist()]
-    return rows
 
 
 def model_card(run: Run, k: int) -> str:
@@ -26,8 +16,8 @@ def model_card(run: Run, k: int) -> str:
     cfg = run.cfg
     base = cfg.model.path
     hub_id = not base.startswith(("builtin:", "/", ".", "~")) and base.count("/") == 1
-    made = _metrics(run, k - 1, iteration_stages(cfg, k - 1)) if k > 0 else []
-    heldout = _metrics(run, k, ["heldout"]) if "heldout" in iteration_stages(cfg, k) else []
+    made = run.metric_rows(k - 1) if k > 0 else []
+    heldout = run.metric_rows(k, ["heldout"]) if "heldout" in iteration_stages(cfg, k) else []
     lines = ["---", "library_name: transformers", "tags:", "- herl", "- reinforcement-learning", "- rubric-rewards"]
     if hub_id:
         lines.append(f"base_model: {base}")

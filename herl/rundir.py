@@ -33,7 +33,7 @@ from pathlib import Path
 from schemas.config import HerlConfig, load_config, stage_config_hash
 from schemas.errors import MissingError, UserError
 from schemas.stages import iteration_stages
-from schemas.tables import TABLES, atomic_write
+from schemas.tables import TABLES, atomic_write, read_table
 
 SNAPSHOT_META = "herl_snapshot.json"
 
@@ -206,6 +206,16 @@ class Run:
 
     def snapshot_id(self, k: int) -> str:
         return fingerprint(self.snapshot(k))
+
+    def metric_rows(self, k: int, stages: list[str] | None = None) -> list[tuple[str, str, float]]:
+        """Iteration k's metrics as (stage, name, value), stage by stage (default: the
+        iteration's plan); a stage without a metrics table adds nothing."""
+        rows = []
+        for stage in iteration_stages(self.cfg, k) if stages is None else stages:
+            path = self.table(k, "metrics", stage)
+            if path.exists():
+                rows += [(stage, r["name"], r["value"]) for r in read_table("metrics", path).to_pylist()]
+        return rows
 
     def read_manifest(self, k: int, stage: str) -> dict | None:
         """The stage's manifest; None when it never ran. One that cannot be read (broken

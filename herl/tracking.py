@@ -24,9 +24,6 @@ from typing import Any, Protocol
 from herl.rundir import Run, load_run
 from schemas.errors import UserError
 from schemas.stages import iteration_stages
-from schemas.tables import read_table
-
-TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 class TrackingError(UserError):
@@ -35,19 +32,10 @@ class TrackingError(UserError):
 
 def iteration_metrics(run: Run, k: int) -> dict[str, float] | None:
     """{"stage/name": value} of iteration k, or None while any of its stages is unfinished."""
-    out: dict[str, float] = {}
     stages = iteration_stages(run.cfg, k)
-    if not stages:
+    if not stages or any((run.read_manifest(k, s) or {}).get("status") != "done" for s in stages):
         return None
-    for stage in stages:
-        m = run.read_manifest(k, stage)
-        if m is None or m.get("status") != "done":
-            return None
-        path = run.table(k, "metrics", stage)
-        if path.exists():
-            for row in read_table("metrics", path).to_pylist():
-                out[f"{stage}/{row['name']}"] = float(row["value"])
-    return out
+    return {f"{stage}/{name}": float(value) for stage, name, value in run.metric_rows(k, stages)}
 
 
 def flat_config(cfg) -> dict[str, Any]:
@@ -116,7 +104,6 @@ class Wandb:
         state.setdefault("id", "herl-" + "".join(c if c.isalnum() else "-" for c in run.run_id.lower())[:56])
         folder = run.path / "tracking"
         folder.mkdir(parents=True, exist_ok=True)
-        self.wandb = wandb
         self.run = wandb.init(project=t.project, entity=t.wandb_entity, name=run.run_id, id=state["id"],
                               resume="allow", dir=str(folder), mode=t.wandb_mode, config=flat_config(run.cfg),
                               settings=wandb.Settings(console="off", silent=True))
@@ -209,8 +196,11 @@ def sync(run: Run, upto: int | None = None) -> dict[str, list[int]]:
         return {}
     check_trackers(run.cfg)  # a missing package is named with its fix, not as an ImportError
     last = run.cfg.iterations if upto is None else upto
-    pending = {k: m for k in range(last + 1) if (m := iteration_metrics(run, k)) is not None}
     ledger = read_ledger(run)
+    # the iterations some tracker's ledger lacks: only these are read (not the whole run each time)
+    lacking = [k for k in range(last + 1)
+               if any(k not in ledger.get(name, {}).get("steps", []) for name in names)]
+    pending = {k: m for k in lacking if (m := iteration_metrics(run, k)) is not None}
     sent: dict[str, list[int]] = {}
     for name in names:
         state = ledger.setdefault(name, {})
