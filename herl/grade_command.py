@@ -17,7 +17,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from herl.importers import PromptFileError, convert, read_records
-from herl.rubric import GradeInput, RubricGrader, ifeval_metrics, mean_rewards, score_answers
+from herl.rubric import (
+    GradeInput,
+    RubricGrader,
+    ifeval_metrics,
+    mean_rewards,
+    score_answers,
+    user_prompt,
+)
 from schemas.config import GradeConfig
 from schemas.tables import write_table
 
@@ -39,10 +46,6 @@ def read_responses(path: Path) -> dict[str, str]:
     return out
 
 
-def _prompt_text(prompt: dict) -> str:
-    return next((m["content"] for m in reversed(prompt["messages"]) if m["role"] == "user"), "")
-
-
 def grade_file(input_path: Path, output: Path, fmt: str = "auto", drop_unsupported: bool = False,
                cfg: GradeConfig | None = None, cache_path: Path | None = None,
                responses_path: Path | None = None) -> dict:
@@ -56,7 +59,7 @@ def grade_file(input_path: Path, output: Path, fmt: str = "auto", drop_unsupport
         if prompt is None:
             continue
         if responses is not None:
-            text = _prompt_text(prompt)
+            text = user_prompt(prompt["messages"])
             response = responses.get(text, responses.get(text.strip()))
             if response is None:  # the official evaluators score a missing response as all unmet
                 missing, response = missing + 1, ""

@@ -61,11 +61,16 @@ def detect_format(row: dict) -> str:
                      + "; expected IFEval/IFBench, RaR, HealthBench or the herl prompts schema")
 
 
+def is_glob(path: str | Path) -> bool:
+    """Whether a path's last part is a glob pattern (`data/train-*.parquet`)."""
+    return any(ch in Path(path).name for ch in "*?[")
+
+
 def read_records(path: Path, columns: dict[str, str] | None = None, split: str = "train") -> list[tuple[str, dict]]:
     """(where, record) pairs from .jsonl, .json (a list or one object per line) or .parquet,
     a `datasets` folder or a glob of such files, with `columns` renamed to their fields."""
     path = Path(path)
-    if path.is_dir() or any(ch in path.name for ch in "*?["):
+    if path.is_dir() or is_glob(path):
         records = _read_with_datasets(path, split)
     else:
         records = _read_file(path)

@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 
 from herl.query import connect_run
+from herl.rubric import user_prompt
 
 TEMPLATE = Path(__file__).parent / "templates" / "report.html"
 
@@ -101,8 +102,7 @@ def report_data(run_dir: Path, iterations: list[int] | None = None) -> dict:
                              "mixed": m is not None, "replaced": m["replaced_rollout_id"] if m else None,
                              "advantage": m["advantage"] if m else None})
             rewards = [a["reward"] for a in group if a["reward"] is not None]
-            users = [m["content"] for m in p["messages"] if m["role"] == "user"]
-            out.append({"prompt_id": p["prompt_id"], "messages": p["messages"], "text": users[-1] if users else "",
+            out.append({"prompt_id": p["prompt_id"], "messages": p["messages"], "text": user_prompt(p["messages"]),
                         "rubric": [{"item_id": it["item_id"], "description": it["description"], "weight": it["weight"],
                                     "kind": it["kind"]} for it in p["rubric"]],
                         "mean_reward": sum(rewards) / len(rewards) if rewards else None,

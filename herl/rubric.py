@@ -98,6 +98,11 @@ class VerifiableGrader:
         return out
 
 
+def user_prompt(messages: list[dict]) -> str:
+    """The last user message of a conversation: what checks that need the prompt see."""
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+
+
 @dataclass(frozen=True)
 class GradeInput:
     rubric: list[dict]
@@ -106,8 +111,7 @@ class GradeInput:
 
     @property
     def prompt(self) -> str:
-        users = [m["content"] for m in self.messages if m["role"] == "user"]
-        return users[-1] if users else ""
+        return user_prompt(self.messages)
 
 
 class RubricGrader:

@@ -16,7 +16,7 @@ import json
 import random
 from pathlib import Path
 
-from herl.importers import load_prompts
+from herl.importers import is_glob, load_prompts
 
 TOPICS = ["the sea", "a cat", "rain", "the moon", "bread", "a river", "winter", "a garden",
           "music", "a train", "the wind", "a book", "coffee", "a forest", "snow", "the sun"]
@@ -79,7 +79,7 @@ def task_files(source: str) -> list[Path]:
     a changed prompts file redoes it."""
     if source.startswith("builtin:"):
         return []
-    if any(ch in Path(source).name for ch in "*?["):
+    if is_glob(source):
         import glob
 
         return [Path(f) for f in sorted(glob.glob(source))]
