@@ -74,11 +74,6 @@ def alnum_tokens(text: str) -> list[str]:
     return [t for t in tokens(text) if any(ch.isalnum() for ch in t)]
 
 
-def count_words(text: str) -> int:
-    """Runs of word characters (nltk's RegexpTokenizer(r"\\w+"))."""
-    return len(re.findall(r"\w+", text))
-
-
 def strip_punctuation(text: str) -> str:
     return text.translate(str.maketrans("", "", PUNCTUATION))
 

@@ -33,12 +33,13 @@ from herl.english import (
     alnum_tokens,
     bare_words,
     count_stop_words,
-    count_words,
     starts_with_verb,
     strip_punctuation,
     tokens,
 )
-from herl.ifeval import split_sentences
+
+# words are runs of \w, as nltk's RegexpTokenizer(r"\w+") counts them: IFEval's count
+from herl.ifeval import count_words, split_sentences
 
 IFBENCH_IDS: list[str] = []  # the instruction ids this module registers
 
