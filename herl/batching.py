@@ -135,7 +135,7 @@ class Sequences:
     response_ids: list[list[int]]
     advantage: list[float]
     is_hindsight: list[bool]
-    temperature: list[float]  # the temperature each response was sampled at (1 where unknown)
+    temperature: list[float]  # the temperature log-probs are taken at (1 where unknown)
     engine_logprobs: list[list[float] | None]
     lengths: list[int] = field(init=False)  # prompt + response tokens
 

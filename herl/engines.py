@@ -11,8 +11,9 @@ generates from the same snapshot, and `release_engines()` closes it.
 Prompts are rendered once, by `render_chat`, with the tokenizer's chat template, so
 every engine sees identical token ids. Completions include the EOS token when the
 model stopped (finish_reason "stop"), so training teaches the model where to stop;
-`logprobs` are the engine's log-probabilities of the sampled tokens under the raw
-(temperature 1) distribution, for comparison with the trainer's recomputed ones.
+`logprobs` are the engine's log-probabilities of the sampled tokens under the
+distribution sampled from, logits / T (T the sampling temperature; greedy counts as
+T = 1; vLLM's processed_logprobs), for comparison with the trainer's recomputed ones.
 """
 
 from __future__ import annotations

@@ -8,8 +8,12 @@ weights) and `reference` (hindsight_reference.j2: the authors' constraint templa
 path to a user's Jinja template, which receives the variables documented in hindsight.j2.
 
 A pitfall (negative weight) that is met is a mistake the draft made: it is listed with
-what to fix (herl: "Mistakes the draft makes"; reference: "Unmet"), never with what to
-keep; an avoided pitfall is something to keep avoiding.
+what to fix, never with what to keep; an avoided pitfall is something to keep avoiding
+(herl: "Mistakes the draft makes (remove them)" / "Mistakes the draft avoids (keep
+avoiding them)"; reference: the constraint "Avoid: <mistake>", unmet / satisfied).
+
+The instruction is the whole conversation: a single message as its text, several (a
+multi-turn prompt, whose later turns refer to earlier answers) each under its role.
 """
 
 from __future__ import annotations
@@ -38,11 +42,19 @@ def build_hindsight_prompt(messages: list[dict], rubric: list[dict], verdicts: l
     groups = {s: [it for it in items if it["status"] == s] for s in ("met", "unmet", "unknown", "committed", "avoided")}
     if naive:  # rubric order, no status
         groups = {"met": items, "unmet": [], "unknown": [], "committed": [], "avoided": []}
-    instruction = "\n\n".join(m["content"] for m in messages if m["role"] != "assistant")
+    instruction = conversation_text(messages)
     weighted = show_weights and any(it["weight"] != 1.0 for it in rubric)
     tmpl = template(SHIPPED[wording]) if wording in SHIPPED else template_file(Path(wording))
     return tmpl.render(instruction=instruction, items=items, show_weights=weighted, draft=draft, naive=naive,
                        **groups).strip()
+
+
+def conversation_text(messages: list[dict]) -> str:
+    """The prompt's conversation as text: one message as it is; several as "Role: text"
+    blocks, assistant turns included (the reference decodes the whole chat prompt)."""
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
 
 
 def encode_prompt(tokenizer, text: str, chat_template: bool = True) -> tuple[str, list[int]]:

@@ -47,9 +47,12 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     sequence, (B,) (see loss_denominators). `is_weight` (truncated importance weights
     pi_old / pi_engine, no gradient) scales the on-policy tokens' loss.
     """
-    if isinstance(denominator, torch.Tensor):
-        denominator = denominator.to(logp.dtype)[:, None]  # (B, 1)
     mask = mask.to(logp.dtype)
+    if isinstance(denominator, torch.Tensor):  # one per sequence: (B, 1), applied per token
+        per_seq = denominator.to(logp.dtype)[:, None]
+        total = lambda x: (x * mask / per_seq).sum()  # noqa: E731
+    else:  # one number: sum first, then divide (the token mean's exact rounding)
+        total = lambda x: (x * mask).sum() / denominator  # noqa: E731
     adv = advantages[:, None].to(logp.dtype).expand_as(logp)  # (B, T)
     off = is_hindsight[:, None].expand_as(logp)  # (B, T)
 
@@ -68,25 +71,32 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     per_token = torch.where(off, off_loss, on_loss)
     kl_val = torch.zeros((), dtype=logp.dtype)
     if ref_logp is not None and cfg.kl_coef > 0:
-        delta = ref_logp - logp
-        k3 = torch.exp(delta) - delta - 1  # unbiased, non-negative KL estimator
+        k3 = k3_kl(logp, ref_logp)
         per_token = per_token + cfg.kl_coef * k3
-        kl_val = (k3 * mask).sum() / denominator
+        kl_val = total(k3)
 
-    loss = (per_token * mask).sum() / denominator
+    loss = total(per_token)
     on_mask = mask * (~off)
     off_mask = mask * off
     on_loss, off_loss, ratio = on_loss.detach(), off_loss.detach(), ratio.detach()
     return LossParts(
         loss=loss,
-        on_policy=float((on_loss * on_mask).sum() / denominator),
-        hindsight=float((off_loss * off_mask).sum() / denominator),
+        on_policy=float(total(on_loss * (~off))),
+        hindsight=float(total(off_loss * off)),
         kl=float(kl_val.detach()),
         clipped_tokens=int(((pg2 > pg1) & (on_mask > 0)).sum()),
         on_tokens=int(on_mask.sum()),
         hindsight_tokens=int(off_mask.sum()),
         ratio_sum=float((ratio * on_mask).sum()),
     )
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """The k3 estimator of KL(pi_theta || pi_ref) per token, (B, T), as verl's `low_var_kl`
+    computes it: the log-ratio clamped to [-20, 20] (exp cannot overflow) and k3 to at
+    most 10 (one wild token cannot dominate the penalty). Unbiased and non-negative."""
+    delta = torch.clamp(ref_logp - logp, -20.0, 20.0)
+    return torch.clamp(torch.exp(delta) - delta - 1, min=-10.0, max=10.0)
 
 
 def loss_denominators(lengths: list[int], mb_lengths: list[int], mode: str, norm_length: int) -> float | list[float]:

@@ -227,6 +227,8 @@ class TrainConfig(_Section):
     """Dual clip bound for negative advantages; must be > 1 [reference: 3]."""
     gamma: float = 1.0
     """Policy-shaping constant for hindsight tokens, loss = -A * x / (x + gamma); <= 0 means no shaping (loss = -A * x) [reference: 1.0 instruction following; 0.1 medical]."""
+    revision_logprob_temperature: Literal["rollout", "sampled"] = "rollout"
+    """Temperature T of the log-probs (logits / T) of kept revisions' tokens, old, current and reference alike: rollout = rollout.temperature, the policy the rollouts sample from and the one being trained (the reference's code); sampled = hindsight.temperature, the one they were sampled at. At a low T such as 0.3 the gradient of log softmax(z / T) vanishes on every token the model is fairly sure of, so revisions would teach almost nothing."""
     hindsight_weight: Literal["ratio", "prob"] = "ratio"
     """x in the hindsight-token loss: ratio = pi_theta / pi_old (the reference's code, `use_he_logprob`); prob = pi_theta (LUFFY's policy shaping, the form the paper's text cites)."""
     loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"

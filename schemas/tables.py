@@ -148,7 +148,7 @@ TABLES: dict[str, Table] = {
                        ("is_hindsight", pa.bool_()),
                        ("hindsight_prompt", pa.bool_()),  # trained after the revision's hindsight prompt
                        ("replaced_rollout_id", pa.string()),
-                       ("temperature", pa.float64()),  # sampled at; log-probs are taken at it
+                       ("temperature", pa.float64()),  # log-probs are taken at it: the sampling one (train.revision_logprob_temperature)
                        ("reward", pa.float64()), ("shaped_reward", pa.float64()),
                        ("group_mean", pa.float64()), ("group_std", pa.float64()),
                        ("group_size", pa.int32()), ("advantage", pa.float64())]),

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from herl.engines import sampling_temperature
 from herl.rundir import Run
-from herl.sql import run_sql_file, sql_file_reader
+from herl.sql import WHITESPACE, run_sql_file, sql_file_reader
 from schemas.tables import empty, open_dataset, table_writer
 from stages.common import stage_main, write_metrics
 
@@ -35,7 +35,9 @@ def sql_params(cfg, k: int) -> dict:
         "std_normalize": a.std_normalize, "eps": a.eps, "seed": f"{cfg.seed}:{k}",
         "hindsight_prompt": cfg.hindsight.train_prompt == "hindsight",
         "rollout_temperature": sampling_temperature(cfg.rollout.temperature),
-        "hindsight_temperature": sampling_temperature(cfg.hindsight.temperature),
+        "revision_logprob_temperature": sampling_temperature(
+            cfg.rollout.temperature if cfg.train.revision_logprob_temperature == "rollout" else cfg.hindsight.temperature),
+        "whitespace": WHITESPACE,
     }
 
 

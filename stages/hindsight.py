@@ -20,7 +20,7 @@ from herl.engines import GenRequest, SamplingParams, derive_seed, shared_engine
 from herl.hindsight_prompt import build_hindsight_prompt, encode_prompt
 from herl.rubric import grade_samples
 from herl.rundir import Run
-from herl.sql import run_sql_file
+from herl.sql import is_blank, run_sql_file
 from schemas.tables import empty, read_table, write_table
 from stages.common import stage_main, write_metrics
 
@@ -64,7 +64,7 @@ def run(run: Run, k: int) -> dict:
             "candidates": len(candidates) if cfg.hindsight_enabled else 0,
             "revisions": len(rows),
             # empty after stripping whitespace: never mixed in, no bonus (herl/sql/advantages.sql)
-            "empty_revisions": sum(not r["response_text"].strip() for r in rows),
+            "empty_revisions": sum(is_blank(r["response_text"]) for r in rows),
             "mean_candidate_reward": sum(cand_reward.values()) / len(cand_reward) if cand_reward else 0.0,
             "mean_revision_reward": sum(r["reward"] for r in rows) / len(rows) if rows else 0.0,
             "revisions_beat_candidate": sum(best_rev[c] > cand_reward[c] for c in best_rev),

@@ -69,6 +69,11 @@ def test_shipped_presets_are_valid(preset):
     if preset == "medical":  # the reference's medical script
         assert (cfg.train.gamma, cfg.train.kl_coef, cfg.train.mini_batches, cfg.rollout.max_tokens) == (0.1, 0.001, 4, 4096)
         assert (cfg.grade.judge.model, cfg.grade.judge.temperature, cfg.grade.judge.max_tokens) == ("gpt-4o-mini", 0.1, 4096)
+        # pitfalls weigh 0, its constraint wording as raw text, revisions sampled at the
+        # rollout temperature (its rollout ignores the 0.3 it configures), one PPO epoch
+        assert (cfg.grade.pitfalls, cfg.hindsight.template, cfg.hindsight.chat_template) == ("ignore", "reference", False)
+        assert (cfg.hindsight.temperature, cfg.train.ppo_epochs, cfg.train.revision_logprob_temperature) == (
+            1.0, 1, "rollout")
     if preset == "instruction_following":
         assert (cfg.train.gamma, cfg.train.kl_coef, cfg.train.mini_batches, cfg.rollout.max_tokens) == (1.0, 0.0, 2, 2048)
     assert cfg.train.weight_decay == 0.01 and cfg.train.hindsight_weight == "ratio"

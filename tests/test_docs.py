@@ -46,7 +46,8 @@ def test_algorithm_page_names_only_real_switches():
     named = {m for m in re.findall(r"`([a-z_]+\.[a-z_.]+)[` ]", page) if m.split(".")[0] in HerlConfig.model_fields}
     assert named and named <= fields, named - fields
     for key in ("train.hindsight_weight", "train.gamma", "train.loss_aggregation", "grade.pitfalls",
-                "hindsight.template", "hindsight.chat_template", "hindsight.temperature", "train.weight_decay"):
+                "hindsight.template", "hindsight.chat_template", "hindsight.temperature", "train.weight_decay",
+                "train.revision_logprob_temperature"):
         assert f"`{key}`" in page or f"`{key} =" in page, key
 
 

@@ -66,7 +66,7 @@ def test_reference_wording_and_raw_rendering(tmp_path):
     assert text == (
         "You are a revise assistant. Keep all already satisfied constraints intact and fix the unmet ones. "
         "Avoid adding new facts.\n\n[Instruction]\nWrite.\n\n[Candidate]\nSatisfied: 1. Use no commas.\n"
-        "Unmet: 2. End with a period., 3. Mentions a dangerous dose., 4. Be short.\nDraft:\ndraft, text\n\n"
+        "Unmet: 2. End with a period., 3. Avoid: Mentions a dangerous dose., 4. Be short.\nDraft:\ndraft, text\n\n"
         "Return only the revised answer that satisfies the unmet constraints while preserving the satisfied ones.")
     tok = load_tokenizer(resolve_model_path("builtin:tiny"))
     raw_text, raw_ids = encode_prompt(tok, text, chat_template=False)
@@ -83,3 +83,32 @@ def test_reference_wording_and_raw_rendering(tmp_path):
     assert load_config(None, {"hindsight.template": str(own)}).hindsight.template == str(own)
     with pytest.raises(ConfigError, match="hindsight.template"):
         load_config(None, {"hindsight.template": str(tmp_path / "missing.j2")})
+
+
+def test_reference_wording_tells_the_model_to_avoid_pitfalls():
+    """A committed pitfall is an unmet "Avoid: ..." constraint, an avoided one a satisfied
+    "Avoid: ..." one: "satisfy the unmet constraints" never asks for the mistake."""
+    from herl.hindsight_prompt import build_hindsight_prompt
+
+    rubric = [{"description": "Mentions hydration.", "weight": 2.0},
+              {"description": "Recommends antibiotics for a viral infection.", "weight": -8.0},
+              {"description": "Gives a dangerous dose.", "weight": -10.0}]
+    text = build_hindsight_prompt([{"role": "user", "content": "I have a cold."}], rubric, ["unmet", "met", "unmet"],
+                                  "Take antibiotics.", wording="reference")
+    assert "Satisfied: 3. Avoid: Gives a dangerous dose.\n" in text
+    assert "Unmet: 1. Mentions hydration., 2. Avoid: Recommends antibiotics for a viral infection.\n" in text
+
+
+@pytest.mark.parametrize("wording", ["herl", "reference"])
+def test_a_multi_turn_prompt_is_shown_whole(wording):
+    """Earlier assistant turns stay in the hindsight prompt, each message under its role
+    (a later user turn often refers to them, as in HealthBench conversations)."""
+    from herl.hindsight_prompt import build_hindsight_prompt
+
+    msgs = [{"role": "system", "content": "Be careful."}, {"role": "user", "content": "My knee hurts."},
+            {"role": "assistant", "content": "Since when?"}, {"role": "user", "content": "Two days, after a fall."}]
+    text = build_hindsight_prompt(msgs, RUBRIC, ["met", "unmet", "met"], "d", wording=wording)
+    assert ("System: Be careful.\n\nUser: My knee hurts.\n\nAssistant: Since when?\n\n"
+            "User: Two days, after a fall.") in text
+    single = build_hindsight_prompt(msgs[1:2], RUBRIC, ["met", "unmet", "met"], "d", wording=wording)
+    assert "My knee hurts." in single and "User:" not in single

@@ -149,3 +149,76 @@ def test_loss_aggregation_modes(mode, expected):
     # per-token gradient: -A / (what the token's sequence is divided by)
     per_seq = denom if isinstance(denom, list) else [denom, denom]
     assert grads == pytest.approx([2.0 / per_seq[0], 1.0 / per_seq[1]])
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_aggregation_with_several_sequences_per_micro_batch(mode):
+    """Five sequences (lengths 2, 1, 4, 3, 2; one a hindsight row) cut into micro-batches of
+    3 and 2 sequences, as the trainer cuts them: the summed loss and every token's gradient
+    equal the mode's formula over the whole mini-batch, written out here token by token."""
+    from herl.loss import loss_denominators
+
+    torch.manual_seed(0)
+    lengths, norm = [2, 1, 4, 3, 2], 6
+    adv = [0.5, -1.0, 2.0, -0.25, 1.5]
+    hind = [False, False, True, False, False]
+    logps = [torch.randn(n) * 0.3 - 1.0 for n in lengths]
+    olds = [lp + torch.randn(n) * 0.05 for lp, n in zip(logps, lengths)]
+    cfg = _cfg(loss_aggregation=mode)
+
+    def token_loss(i, t, lp):  # one token's loss, by the formulas in docs/algorithm.md step 9
+        ratio = torch.exp(lp - olds[i][t])
+        if hind[i]:
+            return -adv[i] * ratio / (ratio + cfg.gamma)
+        a = adv[i]
+        clipped = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high))
+        return torch.minimum(torch.tensor(-a * cfg.dual_clip_c), clipped) if a < 0 else clipped
+
+    # the expected loss, written out per mode
+    flat = [torch.tensor(float(lp[t]), requires_grad=True) for lp in logps for t in range(len(lp))]
+    pos = [[sum(lengths[:i]) + t for t in range(n)] for i, n in enumerate(lengths)]
+    sums = [sum(token_loss(i, t, flat[pos[i][t]]) for t in range(n)) for i, n in enumerate(lengths)]
+    if mode == "token_mean":
+        expected = sum(sums) / sum(lengths)
+    elif mode == "seq_mean_token_mean":
+        expected = sum(s / n for s, n in zip(sums, lengths)) / len(lengths)
+    else:
+        expected = sum(s / norm for s in sums) / len(lengths)
+    expected.backward()
+
+    total, grads = 0.0, [None] * len(lengths)
+    for chunk in ([0, 1, 2], [3, 4]):
+        width = max(lengths[i] for i in chunk)
+        logp = torch.zeros(len(chunk), width)
+        old = torch.zeros(len(chunk), width)
+        mask = torch.zeros(len(chunk), width, dtype=torch.bool)
+        for b, i in enumerate(chunk):
+            logp[b, : lengths[i]], old[b, : lengths[i]], mask[b, : lengths[i]] = logps[i], olds[i], True
+        logp.requires_grad_(True)
+        denom = loss_denominators([lengths[i] for i in chunk], lengths, mode, norm_length=norm)
+        parts = policy_loss(logp, old, torch.tensor([adv[i] for i in chunk]), torch.tensor([hind[i] for i in chunk]),
+                            mask, cfg, torch.tensor(denom) if isinstance(denom, list) else denom)
+        assert parts.loss.dim() == 0
+        parts.loss.backward()
+        total += parts.loss.item()
+        for b, i in enumerate(chunk):
+            grads[i] = logp.grad[b, : lengths[i]]
+    assert total == pytest.approx(expected.item(), rel=1e-6)
+    for i in range(len(lengths)):
+        assert grads[i].tolist() == pytest.approx([flat[p].grad.item() for p in pos[i]], rel=1e-5, abs=1e-7)
+
+
+def test_k3_is_clamped_as_verl_clamps_it():
+    """verl's low_var_kl: the log-ratio clamped to [-20, 20], k3 to at most 10."""
+    from herl.loss import k3_kl
+
+    logp = torch.tensor([[0.0, 0.0, 0.0, -1.0]])
+    ref = torch.tensor([[0.5, 30.0, -30.0, -1.0]])
+    k3 = k3_kl(logp, ref)
+    assert k3[0, 0].item() == pytest.approx(math.exp(0.5) - 0.5 - 1)
+    assert k3[0, 1].item() == 10.0  # exp(20) - 21, capped at 10
+    assert k3[0, 2].item() == 10.0  # exp(-20) + 19, capped at 10
+    assert k3[0, 3].item() == 0.0
+    parts = policy_loss(logp, logp, torch.tensor([0.0]), torch.tensor([False]), torch.ones(1, 4, dtype=torch.bool),
+                        _cfg(kl_coef=1.0), denominator=4.0, ref_logp=ref)
+    assert parts.kl == pytest.approx(float(k3.sum()) / 4) and math.isfinite(parts.loss.item())

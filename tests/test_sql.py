@@ -12,7 +12,7 @@ import torch
 
 from herl.batching import batch_sequences
 from herl.loss import policy_loss
-from herl.sql import run_sql_file
+from herl.sql import WHITESPACE, run_sql_file
 from schemas.tables import TABLES
 from stages import advantages
 
@@ -47,7 +47,8 @@ def _revisions(revs: list[tuple]):
 
 def _params(**kw):
     base = dict(threshold=1.0, bonus=True, alpha=0.05, replace_top_n=1, fallback=True, std_normalize=True,
-                eps=1e-6, seed=SEED, hindsight_prompt=True, rollout_temperature=1.0, hindsight_temperature=0.3)
+                eps=1e-6, seed=SEED, hindsight_prompt=True, rollout_temperature=1.0, revision_logprob_temperature=0.3,
+                whitespace=WHITESPACE)
     return {**base, **kw}
 
 
@@ -219,8 +220,8 @@ def test_modes_on_a_hand_built_group(mode, replaced, shaped):
     zeros, mask = torch.zeros(len(rows), 1), torch.ones(len(rows), 1, dtype=torch.bool)
     parts = policy_loss(zeros, zeros, adv, hind, mask, cfg.train, denominator=float(len(rows)))
     assert (parts.on_tokens, parts.hindsight_tokens) == ((11, 1) if replaced else (12, 0))
-    assert parts.hindsight == pytest.approx(float(-(adv[hind] / 2).sum()) / len(rows))
-    assert parts.on_policy == pytest.approx(float(-adv[~hind].sum()) / len(rows))
+    assert parts.hindsight == pytest.approx(float(-(adv[hind] / 2).sum()) / len(rows), abs=1e-6)
+    assert parts.on_policy == pytest.approx(float(-adv[~hind].sum()) / len(rows), abs=1e-6)
 
 
 def test_ties_among_qualifying_revisions_go_to_the_higher_ranked_candidate():
@@ -239,7 +240,7 @@ def test_ties_among_qualifying_revisions_go_to_the_higher_ranked_candidate():
     assert [r["source_id"] for r in batch["p"] if r["kind"] == "hindsight"] == ["0:p:2:rev-0"]
 
 
-@pytest.mark.parametrize("text", ["", "   \n\t "])
+@pytest.mark.parametrize("text", ["", "   \n\t ", "\u00a0\u2028\u3000"])
 def test_empty_revisions_are_dropped(text):
     """An empty revision neither joins its group nor earns its candidate a bonus: the slot
     falls back (a copy of the best original) like any revision that does not qualify."""
@@ -256,8 +257,34 @@ def test_empty_revisions_are_dropped(text):
 def test_batch_rows_carry_their_sampling_temperature():
     ro, rw = _rollouts({"p": GROUPS["p"], "r": GROUPS["r"]})
     hs = _revisions([("0:p:0", "p", 1.0), ("0:r:2", "r", 0.0)])
-    rows = compute_batch(ro, rw, hs, _params(rollout_temperature=0.7, hindsight_temperature=0.3)).to_pylist()
+    rows = compute_batch(ro, rw, hs, _params(rollout_temperature=0.7, revision_logprob_temperature=0.3)).to_pylist()
     assert {(r["kind"], r["temperature"]) for r in rows} == {("rollout", 0.7), ("hindsight", 0.3),
                                                              ("duplicate", 0.7)}
 
 
+
+
+@pytest.mark.parametrize("choice,expected", [("rollout", 0.8), ("sampled", 0.3)])
+def test_revision_logprobs_default_to_the_rollout_temperature(choice, expected):
+    """Revisions are sampled at hindsight.temperature (0.3) but, by default, trained at the
+    rollout temperature, as the reference computes every row's log-probs: at T = 0.3 the
+    gradient of a confident token vanishes. train.revision_logprob_temperature = sampled
+    keeps the sampling one."""
+    from schemas.config import load_config
+    from stages.advantages import sql_params
+
+    cfg = load_config(None, {"rollout": {"temperature": 0.8}, "hindsight": {"temperature": 0.3},
+                             "train": {"revision_logprob_temperature": choice}})
+    ro, rw = _rollouts({"p": GROUPS["p"], "r": GROUPS["r"]})
+    hs = _revisions([("0:p:0", "p", 1.0), ("0:r:2", "r", 0.0)])
+    rows = compute_batch(ro, rw, hs, {**sql_params(cfg, 0), "seed": SEED}).to_pylist()
+    assert {(r["kind"], r["temperature"]) for r in rows} == {("rollout", 0.8), ("hindsight", expected),
+                                                             ("duplicate", 0.8)}
+
+
+def test_one_definition_of_an_empty_revision():
+    """The stage's empty_revisions metric and the SQL's filter both use Python's str.strip()."""
+    from herl.sql import is_blank
+
+    for text, blank in (("", True), (" \t\n", True), ("\u00a0\x1c\u2028", True), ("\u200b", False), ("x", False)):
+        assert is_blank(text) == blank == (not text.strip())

@@ -10,6 +10,7 @@ Arrow tables or pyarrow datasets with bound parameters.
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,6 +18,16 @@ import duckdb
 import pyarrow as pa
 
 SQL_DIR = Path(__file__).resolve().parent
+
+# what an empty revision consists of: the characters Python's str.strip() removes (every
+# str.isspace() character, Unicode ones included), as the reference strips its decoded
+# revisions. Bound into advantages.sql as $whitespace (RE2's \s is ASCII only).
+WHITESPACE = "".join(chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace())
+
+
+def is_blank(text: str) -> bool:
+    """Nothing but WHITESPACE: the one definition of an empty revision."""
+    return not text.strip(WHITESPACE)
 
 # models other models select from, created first, like dbt's ref(): views {model: views
 # it needs} and table macros {model: [(macro, its file, its parameters)]}

@@ -13,8 +13,11 @@
 --   $eps              added to the std
 --   $seed             seeds which members are replaced ("a random member")
 --   $hindsight_prompt train revisions after the hindsight prompt (else the original one)
---   $rollout_temperature, $hindsight_temperature
---                     the temperature each sequence was sampled at (log-probs are taken at it)
+--   $rollout_temperature   the temperature rollouts (and duplicates) were sampled at
+--   $revision_logprob_temperature
+--                     the temperature revisions' log-probs are taken at: the rollout
+--                     temperature by default (train.revision_logprob_temperature)
+--   $whitespace       the characters an empty revision consists of
 with
 
 -- the narrow columns of the graded rollouts, read once (two models use them)
@@ -29,8 +32,10 @@ failed as (
 -- step 6: the bonus. r_rev is the best reward among a candidate's revisions; the
 -- reference applies it whatever the sign of (r_rev - r).
 usable_revisions as (
-    -- the reference drops empty revisions (nothing left after stripping whitespace)
-    select * from hindsight where regexp_matches(response_text, '\S')
+    -- the reference drops empty revisions (nothing left after Python's str.strip());
+    -- $whitespace is every character Python strips (herl.rubric.WHITESPACE), so this
+    -- and the stage's empty_revisions metric share one definition
+    select * from hindsight where length(trim(response_text, $whitespace)) > 0
 ),
 
 best_revision as (
@@ -74,14 +79,16 @@ qualifying as (
     where h.reward >= f.best_reward
 ),
 
--- within a tier the higher-ranked candidate wins, as in the reference (candidates.sql's
--- rank: more items met, then sample order); a candidate's own revisions by reward
+-- as the reference: the qualifying revisions sorted by reward, highest first, so the
+-- best-scoring revision wins; the candidate's rank (candidates.sql: more items met, then
+-- sample order) and the revision index only break exact ties (the reference's sort is
+-- stable over revisions listed in that order). The tier follows from the reward.
 kept_revisions as (
     select
         *,
         row_number() over (
             partition by prompt_id
-            order by tier, candidate_items_met desc, candidate_sample_index, reward desc, revision_index
+            order by tier, reward desc, candidate_items_met desc, candidate_sample_index, revision_index
         ) as slot
     from qualifying
     qualify slot <= $replace_top_n
@@ -100,13 +107,27 @@ slots as (
     cross join range(1, $replace_top_n + 1) as s(slot)
 ),
 
--- the reference quirk: an empty slot gets a copy of the group's best original
-best_original as (
-    select *
-    from shaped
-    join failed using (prompt_id)
-    where reward = best_reward
-    qualify row_number() over (partition by prompt_id order by items_met desc, sample_index) = 1
+-- the reference quirk: the slots no revision took get copies of the group's originals,
+-- best first (by reward, then items met, then sample order): the first empty slot the
+-- best, the second the second best, ...
+ranked_originals as (
+    select
+        s.*,
+        row_number() over (
+            partition by s.prompt_id order by s.reward desc, s.items_met desc, s.sample_index
+        ) as original_rank
+    from shaped as s
+    semi join failed as f on f.prompt_id = s.prompt_id
+),
+
+kept_counts as (
+    select prompt_id, count(*) as kept from kept_revisions group by prompt_id
+),
+
+open_slots as (
+    select s.prompt_id, s.slot, s.slot - coalesce(c.kept, 0) as fill_number
+    from slots as s
+    left join kept_counts as c using (prompt_id)
 ),
 
 fills as (
@@ -118,13 +139,14 @@ fills as (
         -- the rollout whose tokens a duplicate copies, or whose prompt a revision keeps
         coalesce(k.candidate_rollout_id, b.rollout_id) as rollout_ref,
         case when k.revision_id is not null then 'hindsight' else 'duplicate' end as kind,
-        case when k.revision_id is not null then $hindsight_temperature else $rollout_temperature end as temperature,
+        case when k.revision_id is not null then $revision_logprob_temperature else $rollout_temperature end as temperature,
         coalesce(k.reward, b.reward) as reward,
         coalesce(k.reward, b.shaped_reward) as shaped_reward
-    from slots as s
+    from open_slots as s
     left join kept_revisions as k using (prompt_id, slot)
-    left join best_original as b using (prompt_id)
-    where k.revision_id is not null or $fallback
+    left join ranked_originals as b
+        on b.prompt_id = s.prompt_id and b.original_rank = s.fill_number and k.revision_id is null
+    where k.revision_id is not null or ($fallback and b.rollout_id is not null)
 ),
 
 -- each fill replaces a random member: members are ordered by a seeded hash and fill
