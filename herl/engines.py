@@ -5,8 +5,12 @@
     # outs[i] is a list of n Completion(token_ids, text, finish_reason, logprobs)
     engine.close()
 
-Stages use `shared_engine(...)` instead: the engine stays open for the next stage that
-generates from the same snapshot, and `release_engines()` closes it.
+Stages use `shared_engine(...)` instead: one engine per run (per process and settings).
+It stays open across stages and iterations; when a stage asks for another snapshot of the
+same model, the new weights are loaded into the running engine (vLLM: in place, in
+seconds, instead of a start-up of 30-160 s). While the train job runs, `rest_engines`
+keeps it, puts it to sleep (vLLM's sleep mode frees GPU memory) or closes it
+(`vllm.between_iterations`); `release_engines()` closes it at the end.
 
 Prompts are rendered once, by `render_chat`, with the tokenizer's chat template, so
 every engine sees identical token ids. Completions include the EOS token when the
@@ -18,6 +22,7 @@ T = 1; vLLM's processed_logprobs), for comparison with the trainer's recomputed 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import subprocess
 import tempfile
@@ -55,8 +60,14 @@ class Completion:
 
 class Engine(Protocol):
     tokenizer: object
+    path: Path  # the weights it generates from
+    sync_seconds: float  # seconds the last load_weights took (0 when shared_engine needed none)
 
     def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[Completion]]: ...
+
+    def load_weights(self, path: Path) -> None: ...
+
+    def sleep(self, mode: str) -> None: ...
 
     def close(self) -> None: ...
 
@@ -141,19 +152,43 @@ class TransformersEngine:
     """
 
     def __init__(self, path: Path, dtype: str = "float32", batch_size: int = 64):
-        import torch
-        from transformers import AutoModelForCausalLM
 
         _quiet_transformers()
         self.tokenizer = load_tokenizer(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-        self.model.eval()
+        self.dtype = dtype
         self.path, self.context_length = Path(path), context_length(path)
+        self.model = self._load()
         self.batch_size = batch_size
         self.eos_ids = set(_eos_ids(self.model, self.tokenizer))
+        self.sync_seconds = 0.0
+
+    def _load(self):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, self.dtype)).eval()
+
+    def load_weights(self, path: Path) -> None:
+        """Generate from another snapshot of the same model from now on."""
+        import time
+
+        t0 = time.perf_counter()
+        self.path = Path(path)
+        self.model = self._load()
+        self.sync_seconds = time.perf_counter() - t0
+
+    def sleep(self, mode: str) -> None:
+        """Before a train job: `sleep` (and `auto` on a GPU) frees the model's memory; it
+        is loaded again at the next generate."""
+        import torch
+
+        if mode == "sleep" or (mode == "auto" and torch.cuda.is_available()):
+            self.model = None
 
     def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[Completion]]:
         check_prompt_lengths(requests, params.max_tokens, self.context_length, self.path)
+        if self.model is None:
+            self.model = self._load()
         results: list[list[Completion]] = [[] for _ in requests]
         # expand to one entry per sequence, then pack into batches
         seqs = [(i, r) for i, r in enumerate(requests) for _ in range(r.n)]
@@ -247,7 +282,11 @@ class VLLMEngine:
 
     Per-request seeds, so a request's samples do not depend on what it is batched with.
     The engine process starts with the first generate call and serves every later one
-    until `close`, which ends it and frees its memory (before the train stage).
+    until `close`, which ends it and frees its memory. `load_weights` loads another
+    snapshot of the same model into the running engine (vLLM's reload_weights, then its
+    prefix cache is reset, so nothing computed with the old weights is reused); `sleep`
+    frees its GPU memory while a train job runs. An engine process that died (a crash, a
+    kill) is replaced by a fresh one on the current weights at the next call.
     """
 
     def __init__(self, path: Path, dtype: str = "float32", vllm_cfg=None):
@@ -263,6 +302,8 @@ class VLLMEngine:
         self.tokenizer = load_tokenizer(path)
         self.last_stats: dict = {}
         self.starts = 0  # engine processes started so far
+        self.syncs = 0  # weight loads into a running engine so far
+        self.sync_seconds = 0.0
         self._proc: subprocess.Popen | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._jobs = 0
@@ -274,7 +315,9 @@ class VLLMEngine:
                   "gpu_memory_utilization": c.gpu_memory_utilization, "enforce_eager": c.enforce_eager,
                   # log-probs after temperature scaling, as the trainer computes them (top-k / top-p
                   # masking would also show here: leave them off where the log-probs matter)
-                  "logprobs_mode": "processed_logprobs"}
+                  "logprobs_mode": "processed_logprobs",
+                  # herl's own key (the worker takes it out): whether to enable vLLM's sleep mode
+                  "herl_sleep": c.between_iterations}
         if c.max_model_len:
             engine["max_model_len"] = c.max_model_len
         if c.enable_chunked_prefill is not None:
@@ -291,7 +334,10 @@ class VLLMEngine:
         tmp = Path(self._tmp.name)
         (tmp / "engine.json").write_text(json.dumps(self._engine_kwargs()))
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(self.cfg.cpu_kvcache_gib),
-               "VLLM_CONFIGURE_LOGGING": os.environ.get("VLLM_CONFIGURE_LOGGING", "1")}
+               "VLLM_CONFIGURE_LOGGING": os.environ.get("VLLM_CONFIGURE_LOGGING", "1"),
+               # the engine's workers import herl_vllm_reload.WeightReload (herl/vllm_ext)
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent / "vllm_ext"),
+                                                           os.environ.get("PYTHONPATH")]))}
         read_fd, write_fd = os.pipe()
         self._log = open(tmp / "engine.log", "w")
         try:
@@ -311,14 +357,68 @@ class VLLMEngine:
         self.close()
         return RuntimeError(f"vLLM engine process failed ({what}) for {self.path}:\n{tail}")
 
-    def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[Completion]]:
+    def _running(self) -> bool:
+        """Whether an engine process is up; one that died is cleaned up (a fresh one starts
+        at the next generate, on the current weights)."""
+        if self._proc is not None and self._proc.poll() is not None:
+            import sys
+
+            print(f"herl: the vLLM engine process had ended (exit {self._proc.returncode}); starting a fresh one",
+                  file=sys.stderr, flush=True)
+            self.close()
+        return self._proc is not None
+
+    def _call(self, job: dict) -> dict:
+        """Send one job line to the running engine process and wait for its reply."""
         import json
         import select
+
+        assert self._proc is not None and self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(json.dumps(job) + "\n")
+            self._proc.stdin.flush()
+            ready, _, _ = select.select([self._control], [], [], self.cfg.timeout_s)
+            reply = self._control.readline() if ready else ""
+        except BrokenPipeError:
+            ready, reply = [self._control], ""
+        except BaseException:  # interrupted: the engine goes with the caller
+            self.close()
+            raise
+        if not reply:
+            raise self._failure(f"exit {self._proc.poll()}" if ready else f"no answer within {self.cfg.timeout_s} s")
+        answer = json.loads(reply)
+        if "error" in answer:
+            raise RuntimeError(f"vLLM engine failed for {self.path}:\n{answer['error']}")
+        return answer
+
+    def load_weights(self, path: Path) -> None:
+        """Generate from another snapshot of the same model from now on: loaded into the
+        running engine in place, or by the next start when none is running."""
+        path = Path(path)
+        if not self._running():
+            self.path, self.sync_seconds = path, 0.0
+            return
+        try:
+            answer = self._call({"reload": str(path)})
+        except BaseException:
+            self.close()  # whatever it holds now is not known: the next generate starts afresh
+            self.path = path
+            raise
+        self.path, self.syncs, self.sync_seconds = path, self.syncs + 1, answer.get("seconds", 0.0)
+
+    def sleep(self, mode: str) -> None:
+        """Before a train job: the worker puts the engine to sleep (weights and KV cache
+        freed; GPUs only, with `sleep`, or `auto` there), or keeps it as it is."""
+        if self._running():
+            self._call({"sleep": mode})
+
+    def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[Completion]]:
+        import json
 
         if not requests:
             return []
         check_prompt_lengths(requests, params.max_tokens, context_length(self.path, self.cfg.max_model_len), self.path)
-        if self._proc is None:
+        if not self._running():
             self._start()
         assert self._proc is not None and self._proc.stdin is not None and self._tmp is not None
         self._jobs += 1
@@ -331,21 +431,7 @@ class VLLMEngine:
             for r in requests:
                 fh.write(json.dumps({"request_id": r.request_id, "prompt_token_ids": r.prompt_token_ids,
                                      "seed": r.seed, "n": r.n}) + "\n")
-        try:
-            self._proc.stdin.write(json.dumps({"requests": str(req_path), "results": str(out_path)}) + "\n")
-            self._proc.stdin.flush()
-            ready, _, _ = select.select([self._control], [], [], self.cfg.timeout_s)
-            reply = self._control.readline() if ready else ""
-        except BrokenPipeError:
-            reply = ""
-        except BaseException:  # interrupted: the engine goes with the caller
-            self.close()
-            raise
-        if not reply:
-            raise self._failure(f"exit {self._proc.poll()}" if ready else f"no answer within {self.cfg.timeout_s} s")
-        answer = json.loads(reply)
-        if "error" in answer:
-            raise RuntimeError(f"vLLM engine failed to generate for {self.path}:\n{answer['error']}")
+        self._call({"requests": str(req_path), "results": str(out_path)})
         lines = [json.loads(line) for line in out_path.read_text().split("\n") if line.strip()]
         req_path.unlink()
         out_path.unlink()
@@ -403,35 +489,108 @@ def load_engine(kind: str, path: Path, dtype: str = "float32", batch_size: int =
     raise ValueError(f"unknown engine {kind!r}: use 'auto', 'transformers' or 'vllm'")
 
 
-# One engine at a time per process, kept between the stages that generate from the same
-# snapshot: held-out evaluation, rollout and hindsight of an iteration pay one start-up.
+# One engine at a time per process, kept for the whole run: held-out evaluation, rollout
+# and hindsight of every iteration share it, and a new snapshot's weights are loaded
+# into it. Keyed by the engine's settings and the model's identity, not its weights.
 _SHARED: dict[tuple, Engine] = {}
+_WEIGHTS: dict[tuple, tuple] = {}  # key -> the (folder, inode, mtime) its engine holds
+
+
+def model_identity(path: Path) -> str:
+    """What must be equal for two model folders to share an engine: the architecture
+    (config.json without its path and version fields) and the tokenizer as loaded (its
+    full serialization, chat template and special tokens; files re-saved by another
+    library version differ in bytes, not in behaviour). Two snapshots of one run agree;
+    another model, or a base model beside its instruct version, does not."""
+    import os
+
+    st = os.stat(path)
+    return _identity(str(path), st.st_ino, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _identity(path: str, inode: int, mtime_ns: int) -> str:
+    import json
+
+    digest = hashlib.sha256()
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {"unreadable": path}
+    for key in ("_name_or_path", "transformers_version"):
+        cfg.pop(key, None)
+    digest.update(json.dumps(cfg, sort_keys=True).encode())
+    tok = load_tokenizer(Path(path))
+    backend = getattr(tok, "backend_tokenizer", None)
+    digest.update((backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))).encode())
+    digest.update(json.dumps([type(tok).__name__, tok.chat_template, tok.eos_token_id, tok.pad_token_id,
+                              tok.bos_token_id], default=str).encode())
+    return digest.hexdigest()
 
 
 def shared_engine(kind: str, path: Path, dtype: str = "float32", batch_size: int = 64, vllm_cfg=None) -> Engine:
-    """The open engine for this snapshot and settings, or a new one (closing any other:
-    its snapshot is done). Stages do not close it; release_engines does, before the train
-    stage, at the end of a flow, and at exit."""
+    """The run's engine, generating from the snapshot at `path`: the open one (its weights
+    replaced by this snapshot's when it holds another's), or a new one (closing any other:
+    another model or other settings). `engine.sync_seconds` says what the weight load
+    took (0: none was needed). Stages do not close it; release_engines does, at the end
+    of a flow and at exit."""
     import atexit
     import os
 
     from herl.lora import engine_model
 
     path = engine_model(Path(path).resolve(), dtype)  # a LoRA snapshot generates from its merged copy
-    st = os.stat(path)  # a snapshot folder replaced on disk (a redone train stage) is another engine
-    key = (resolve_engine_kind(kind, vllm_cfg), str(path), st.st_ino, st.st_mtime_ns, dtype, batch_size,
+    st = os.stat(path)  # a snapshot folder replaced on disk (a redone train stage) holds other weights
+    weights = (str(path), st.st_ino, st.st_mtime_ns)
+    key = (resolve_engine_kind(kind, vllm_cfg), model_identity(path), dtype, batch_size,
            vllm_cfg.model_dump_json() if vllm_cfg is not None else None)
-    if key not in _SHARED:
+    engine = _SHARED.get(key)
+    if engine is None:
         release_engines()
         atexit.unregister(release_engines)  # registered once
         atexit.register(release_engines)
-        _SHARED[key] = load_engine(kind, path, dtype=dtype, batch_size=batch_size, vllm_cfg=vllm_cfg)
-    return _SHARED[key]
+        engine = _SHARED[key] = load_engine(kind, path, dtype=dtype, batch_size=batch_size, vllm_cfg=vllm_cfg)
+        engine.sync_seconds = 0.0
+    elif _WEIGHTS.get(key) != weights:
+        _WEIGHTS.pop(key, None)  # unknown until the load succeeds
+        engine.load_weights(path)
+    else:
+        engine.sync_seconds = 0.0
+    _WEIGHTS[key] = weights
+    return engine
+
+
+def rest_engines(mode: str, free_bytes_needed: int = 0) -> None:
+    """Before a train job (`vllm.between_iterations`): `keep` the engine as it is,
+    `sleep` (free its accelerator memory; reloaded with the next weights), `restart`
+    (close it: the next stage starts a fresh one), or `auto`: sleep on GPUs, keep on CPUs
+    unless less than `free_bytes_needed` of memory is available, then close it."""
+    if not _SHARED:
+        return
+    if mode == "restart":
+        release_engines()
+        return
+    if mode == "auto" and free_bytes_needed and available_memory() < free_bytes_needed:
+        release_engines()
+        return
+    for engine in _SHARED.values():
+        engine.sleep(mode)
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new process (MemAvailable); very large where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1 << 62
 
 
 def release_engines() -> None:
     """Close the shared engine, if any, and free its memory."""
+    _WEIGHTS.clear()
     while _SHARED:
         _, engine = _SHARED.popitem()
         engine.close()
-

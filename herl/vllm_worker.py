@@ -4,17 +4,23 @@
 
 Imports only the standard library and vllm, because it runs under the interpreter of a
 separate virtual environment (vLLM pins a fastapi that Prefect's server cannot use).
-herl.engines.VLLMEngine starts it once per snapshot and sends it jobs, so rollout,
-hindsight and held-out evaluation of one iteration share one engine start-up; it exits
-at the end of its input (herl.engines.release_engines, before the train stage), which
-releases the engine's memory.
+herl.engines.VLLMEngine starts it once per run and sends it jobs: every generating stage
+of every iteration shares one engine start-up, each new snapshot's weights loaded in
+place. It exits at the end of its input (herl.engines.release_engines), which releases
+the engine's memory.
 
-ENGINE.json: the LLM kwargs. Then one job per line on stdin: {"requests": PATH,
-"results": PATH}. REQUESTS: first line {"sampling": {...}}, then one line per request
-{request_id, prompt_token_ids, seed, n}. RESULTS: one line per request {request_id,
-completions: [{token_ids, text, finish_reason, logprobs}]}, written to a temporary file
-and renamed, plus a last line {"stats": {...}}. After each job one JSON line goes to
-CONTROL_FD: {"ok": true} or {"error": "..."} (stdout is the engine's log).
+ENGINE.json: the LLM kwargs, plus herl's "herl_sleep" (vllm.between_iterations: whether
+sleep mode is enabled). Then one job per line on stdin:
+  {"requests": PATH, "results": PATH}  generate. REQUESTS: first line {"sampling": {...}},
+      then one line per request {request_id, prompt_token_ids, seed, n}. RESULTS: one line
+      per request {request_id, completions: [{token_ids, text, finish_reason, logprobs}]},
+      written to a temporary file and renamed, plus a last line {"stats": {...}}.
+  {"reload": FOLDER}  load the weights of FOLDER (same architecture) in place (waking the
+      engine first if it sleeps) and drop the prefix cache, which the old weights computed.
+  {"sleep": MODE}     before a train job: sleep (level 2: weights and KV cache freed; the
+      next reload brings weights back) when sleep mode is on, else nothing.
+After each job one JSON line goes to CONTROL_FD: {"ok": true, ...} or {"error": "..."}
+(stdout is the engine's log).
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ def start(engine: dict):
     from vllm.platforms import current_platform
 
     engine = dict(engine)
+    sleep = engine.pop("herl_sleep", "auto")
+    if sleep == "sleep" or (sleep == "auto" and not current_platform.is_cpu()):
+        engine["enable_sleep_mode"] = True  # vLLM's sleep mode needs a GPU
     chunked = engine.pop("enable_chunked_prefill", None)
     if chunked is None and current_platform.is_cpu():
         # Chunked prefill rewinds a seeded request's random generator when it splits the
@@ -43,6 +52,8 @@ def start(engine: dict):
         engine["enable_chunked_prefill"] = chunked
         if not chunked:
             engine.setdefault("max_num_batched_tokens", max(8192, engine.get("max_model_len") or 0))
+    # herl/vllm_ext/herl_vllm_reload.py: the engine's PYTHONPATH holds that folder (and nothing else of herl's)
+    engine["worker_extension_cls"] = "herl_vllm_reload.WeightReload"
     llm = LLM(**engine)
     return llm, time.perf_counter() - t0
 
@@ -92,20 +103,56 @@ def generate(llm, req_path: str, out_path: str, startup: float) -> None:
     os.replace(tmp, out_path)
 
 
+class Weights:
+    """The engine's weights: which folder they came from, and whether they sleep."""
+
+    def __init__(self, llm, folder: str, sleep_mode: bool):
+        self.llm, self.folder, self.sleep_mode, self.asleep = llm, folder, sleep_mode, False
+
+    def reload(self, folder: str) -> dict:
+        t0 = time.perf_counter()
+        if self.asleep:  # vLLM's RLHF order: weights back first, then the KV cache
+            self.llm.wake_up(tags=["weights"])
+        self.llm.collective_rpc("herl_reload", args=(folder,))
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+        # cached prefixes hold keys and values the old weights computed
+        self.llm.reset_prefix_cache()
+        self.folder = folder
+        return {"ok": True, "seconds": time.perf_counter() - t0}
+
+    def sleep(self, mode: str) -> dict:
+        if mode in ("sleep", "auto") and self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=2)  # level 2: the weights are not kept (the next reload brings them)
+            self.asleep = True
+        return {"ok": True, "asleep": self.asleep}
+
+
 def serve(engine_path: str, control_fd: int) -> int:
     control = os.fdopen(control_fd, "w", buffering=1)
     with open(engine_path) as fh:
-        llm, startup = start(json.load(fh))
+        kwargs = json.load(fh)
+    llm, startup = start(kwargs)
+    weights = Weights(llm, kwargs["model"], bool(llm.llm_engine.vllm_config.model_config.enable_sleep_mode))
     for line in sys.stdin:
         if not line.strip():
             continue
         job = json.loads(line)
         try:
-            generate(llm, job["requests"], job["results"], startup)
-            control.write(json.dumps({"ok": True}) + "\n")
+            if "reload" in job:
+                answer = weights.reload(job["reload"])
+            elif "sleep" in job:
+                answer = weights.sleep(job["sleep"])
+            else:
+                if weights.asleep:  # asked to generate before new weights came: level 2 kept none
+                    weights.reload(weights.folder)
+                generate(llm, job["requests"], job["results"], startup)
+                startup = 0.0  # reported once, with the first generation
+                answer = {"ok": True}
+            control.write(json.dumps(answer) + "\n")
         except Exception:  # the engine stays up; the caller gets the error
             control.write(json.dumps({"error": traceback.format_exc()[-4000:]}) + "\n")
-        startup = 0.0  # reported once, with the first job
     return 0
 
 

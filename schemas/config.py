@@ -77,6 +77,8 @@ class VLLMConfig(_Section):
     """Chunked prefill; None: vLLM's default on GPUs, off on CPUs (where seeded sampling cannot resume a split prompt)."""
     timeout_s: float = 7200.0
     """Hard limit for one engine process (start-up and generation); it is killed past it."""
+    between_iterations: Literal["auto", "keep", "sleep", "restart"] = "auto"
+    """The engine while the train job runs; it serves the whole run, the next snapshot's weights loaded in place. keep = as it is (memory held); sleep = vLLM's sleep mode, weights and KV cache freed (GPUs); restart = closed, a fresh engine each iteration (a start costs 30-160 s on a CPU); auto = sleep on GPUs, keep on CPUs unless memory is short for the train job, then restart."""
 
 
 class RolloutConfig(_Section):

@@ -121,6 +121,7 @@ def _revise(run: Run, k: int, candidates: list[dict], rollouts, inputs) -> tuple
     return rows, verdict_rows, {"mean_hindsight_prompt_tokens": sum(len(q.prompt_token_ids) for q in requests) / len(requests),
                                 # 0 when the engine rollout started is still open
                                 "engine_startup_seconds": getattr(engine, "last_stats", {}).get("startup_seconds", 0.0),
+                                "engine_weight_sync_seconds": engine.sync_seconds,
                                 **grader_stats}
 
 

@@ -33,7 +33,7 @@ def run(run: Run, k: int) -> dict:
         pool, _ = split_pool(pool, cfg.task.holdout, cfg.seed, cfg.task.source)  # held-out prompts never train
         prompts = sample_for_iteration(pool, k, cfg.task.prompts_per_iteration, cfg.seed)
         snapshot_id = run.snapshot_id(k)
-        # kept open: hindsight generates from the same snapshot (released before train)
+        # the run's engine: started once, this snapshot's weights loaded into it when it held older ones
         engine = shared_engine(cfg.rollout.engine, snapshot, cfg.model.dtype, cfg.rollout.batch_size, cfg.vllm)
         rendered = [render_chat(engine.tokenizer, p["messages"]) for p in prompts]
         requests = [
@@ -72,6 +72,7 @@ def run(run: Run, k: int) -> dict:
             "generation_seconds": gen_seconds,
             "engine_vllm": float(type(engine).__name__ == "VLLMEngine"),
             "engine_startup_seconds": getattr(engine, "last_stats", {}).get("startup_seconds", 0.0),
+            "engine_weight_sync_seconds": engine.sync_seconds,
             "tokens_per_second": tokens / gen_seconds if gen_seconds > 0 else 0.0,
         })
         return out

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from herl.engines import release_engines
+from herl.engines import rest_engines
 from herl.procs import raise_if_stop_requested
 from herl.rundir import Run, SnapshotPrunedError, seal_snapshot, snapshot_meta
 from herl.trainer import DISK_FULL_EXIT, METRICS_FILE, precision_warning
@@ -148,6 +148,14 @@ def _wait(proc, timeout_s: float | None) -> int:
         raise
 
 
+def train_memory_bytes(base: Path, t) -> int:
+    """A rough bound on the memory a train job needs beside the engine: float32 weights,
+    gradients and two AdamW moments (4x the model's weights; with LoRA about the frozen
+    weights once) and 1 GiB for activations and libraries."""
+    weights = sum(f.stat().st_size for f in Path(base).glob("*.safetensors"))
+    return (weights if t.lora.rank else 4 * weights) + (1 << 30)
+
+
 def run(run: Run, k: int) -> dict:
     cfg = run.cfg
     # the batch names its sequences; their token lists are in rollouts and hindsight
@@ -157,8 +165,9 @@ def run(run: Run, k: int) -> dict:
     out_dir = run.snapshot(k + 1)
 
     def body():
-        # generation is over for this iteration: the engine's memory goes back before training
-        release_engines()
+        # generation is over for this iteration: the engine sleeps, or is kept where the
+        # memory allows (the next rollout loads the new weights into it)
+        rest_engines(cfg.vllm.between_iterations, train_memory_bytes(run.snapshot(0), cfg.train))
         opt_state = inputs["snapshot"] / "optimizer.pt"
         if not opt_state.exists() and snapshot_meta(inputs["snapshot"]).get("optimizer_pruned"):
             # redoing this step without the AdamW moments would silently train another policy

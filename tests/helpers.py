@@ -54,3 +54,35 @@ def item_verdict(kind: str, response: str, **kwargs) -> tuple[str, str]:
     (v,) = VerifiableGrader().grade([item], response)
     assert v.strict != "unknown", v.detail
     return v.strict, v.loose_verdict
+
+
+def perturbed_copy(src, dest, seed: int):
+    """A snapshot of the same model with other weights (as a train step makes one)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from herl.engines import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(dest)
+    load_tokenizer(src).save_pretrained(dest)
+    return dest
+
+
+def greedy(engine) -> list[tuple[list[int], list[float]]]:
+    """Greedy tokens and log-probs of three fixed prompts: what an engine's weights say."""
+    from herl.engines import GenRequest, SamplingParams, render_chat
+
+    prompts = [render_chat(engine.tokenizer, [{"role": "user", "content": f"Say {i} things."}])[1] for i in range(3)]
+    out = engine.generate([GenRequest(f"r{i}", ids, i, 1) for i, ids in enumerate(prompts)],
+                          SamplingParams(temperature=0.0, max_tokens=12))
+    return [(c[0].token_ids, c[0].logprobs) for c in out]
+
+
+def same(a, b, tol: float = 1e-4) -> bool:
+    """Equal greedy tokens, and log-probs within tol."""
+    return all(x[0] == y[0] and max(abs(p - q) for p, q in zip(x[1], y[1])) < tol for x, y in zip(a, b))

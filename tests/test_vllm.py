@@ -13,14 +13,21 @@ from pathlib import Path
 
 import pytest
 
-from herl.engines import GenRequest, SamplingParams, find_vllm_python, load_engine, render_chat
+from herl.engines import (
+    GenRequest,
+    SamplingParams,
+    find_vllm_python,
+    load_engine,
+    release_engines,
+    render_chat,
+)
 from herl.rundir import open_run
 from herl.tiny import resolve_model_path
 from schemas.config import VLLMConfig, load_config
 from schemas.stages import STAGES
 from schemas.tables import read_table
 from stages import run_iteration
-from tests.helpers import free_port, small_overrides, wait_for_http
+from tests.helpers import free_port, greedy, perturbed_copy, same, small_overrides, wait_for_http
 
 VLLM_PYTHON = find_vllm_python()
 pytestmark = [
@@ -68,12 +75,45 @@ def test_seeded_sampling_with_split_prompts_on_cpu(tmp_path):
     assert [len(o) for o in out] == [8] * 16
 
 
-def test_one_whole_iteration_with_vllm(tmp_path):
-    cfg = load_config(None, small_overrides(tmp_path, iterations=1, **{
+def test_reloaded_weights_match_a_fresh_engine_and_a_killed_engine_is_replaced(tmp_path):
+    """The run's engine loads a new snapshot in place: its greedy tokens and log-probs then
+    equal a fresh engine's on that snapshot (within 1e-4) and differ from the old
+    snapshot's; after a SIGKILL of its process the next call starts a fresh one on the
+    current weights."""
+    base = resolve_model_path("builtin:tiny")
+    b = perturbed_copy(base, tmp_path / "policy-1", seed=1)
+    engine = load_engine("vllm", base, vllm_cfg=CPU_VLLM)
+    try:
+        on_a = greedy(engine)
+        engine.load_weights(b)
+        assert (engine.starts, engine.syncs) == (1, 1) and engine.sync_seconds > 0
+        reloaded = greedy(engine)
+        fresh = load_engine("vllm", b, vllm_cfg=CPU_VLLM)
+        try:
+            on_b = greedy(fresh)
+        finally:
+            fresh.close()
+        assert same(reloaded, on_b, LOGPROB_TOL) and not same(on_a, on_b, LOGPROB_TOL)
+        os.killpg(engine._proc.pid, signal.SIGKILL)
+        engine._proc.wait()
+        assert same(greedy(engine), on_b, LOGPROB_TOL) and engine.starts == 2
+    finally:
+        engine.close()
+
+
+def test_two_iterations_with_vllm_start_one_engine(tmp_path):
+    cfg = load_config(None, small_overrides(tmp_path, iterations=2, **{
         "rollout.engine": "vllm", "vllm.enforce_eager": True, "vllm.cpu_kvcache_gib": 1,
         "train.is_correction": "truncated", "rollout.temperature": 0.7}))
     run = open_run(cfg)
-    assert all(m["status"] == "done" for m in run_iteration(run, 0).values())
+    try:
+        assert all(m["status"] == "done" for m in run_iteration(run, 0).values())
+        assert all(m["status"] == "done" for m in run_iteration(run, 1).values())
+    finally:
+        release_engines()
+    m1 = {r["name"]: r["value"] for r in read_table("metrics", run.table(1, "metrics", "rollout")).to_pylist()}
+    # one engine for the run: iteration 1 loaded snapshot 1 into it instead of starting one
+    assert m1["engine_startup_seconds"] == 0 and m1["engine_weight_sync_seconds"] > 0
     rows = read_table("rollouts", run.table(0, "rollouts")).to_pylist()
     assert len(rows) == 16 and all(len(r["logprobs"]) == r["num_tokens"] for r in rows)
     m = {r["name"]: r["value"] for r in read_table("metrics", run.table(0, "metrics", "rollout")).to_pylist()}

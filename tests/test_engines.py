@@ -1,0 +1,96 @@
+"""One engine for the whole run (herl/engines.py shared_engine): another snapshot of the
+same model is loaded into the open engine, and what it generates then equals a fresh
+engine's on that snapshot; another model gets its own engine. The vLLM side of the same
+contract is in tests/test_vllm.py."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from herl.engines import GenRequest, SamplingParams, load_engine, release_engines, shared_engine
+from herl.tiny import resolve_model_path
+from tests.helpers import greedy, perturbed_copy, same
+
+
+def test_a_new_snapshot_is_loaded_into_the_open_engine(tmp_path):
+    base = resolve_model_path("builtin:tiny")
+    a = shutil.copytree(base, tmp_path / "policy-0")
+    b = perturbed_copy(base, tmp_path / "policy-1", seed=1)
+    try:
+        engine = shared_engine("transformers", a)
+        on_a = greedy(engine)
+        assert engine.sync_seconds == 0.0
+        assert shared_engine("transformers", b) is engine  # the same engine, new weights
+        assert engine.sync_seconds > 0
+        fresh_b = load_engine("transformers", b)
+        assert same(greedy(engine), greedy(fresh_b)) and not same(on_a, greedy(fresh_b))
+        assert shared_engine("transformers", b) is engine and engine.sync_seconds == 0.0  # nothing to load
+
+        # a snapshot folder replaced on disk (a redone train stage): its new weights are loaded
+        shutil.rmtree(b)
+        perturbed_copy(base, b, seed=2)
+        assert shared_engine("transformers", b) is engine and engine.sync_seconds > 0
+        assert same(greedy(engine), greedy(load_engine("transformers", b)))
+
+        # another model (other shapes) gets an engine of its own
+        from herl.tiny import build_tiny_model
+
+        other = build_tiny_model(tmp_path / "other", hidden=64, layers=1, heads=2, intermediate=128)
+        assert shared_engine("transformers", other) is not engine
+    finally:
+        release_engines()
+
+
+def test_rest_engines_keeps_sleeps_or_closes(tmp_path):
+    from herl import engines
+
+    a = resolve_model_path("builtin:tiny")
+    try:
+        engine = shared_engine("transformers", a)
+        engines.rest_engines("keep")
+        assert engine.model is not None and engines._SHARED
+        engines.rest_engines("sleep")  # memory freed; the next generate loads the weights again
+        assert engine.model is None
+        assert same(greedy(engine), greedy(load_engine("transformers", a)))
+        engines.rest_engines("auto", free_bytes_needed=1 << 60)  # more than any machine has: closed
+        assert not engines._SHARED
+        engine = shared_engine("transformers", a)
+        engines.rest_engines("restart")
+        assert not engines._SHARED
+    finally:
+        release_engines()
+
+
+@pytest.mark.parametrize("mode", ["keep", "sleep", "restart"])
+def test_a_run_generates_from_each_new_snapshot(tmp_path, mode):
+    """Two iterations in one process with the engine kept, asleep or restarted between
+    them: iteration 1's rollouts are exactly what a fresh engine on snapshot 1 samples
+    (the engine never generates from stale weights)."""
+    from herl.rundir import open_run
+    from schemas.config import load_config
+    from schemas.tables import read_table
+    from stages import run_iteration
+    from tests.helpers import small_overrides
+
+    cfg = load_config(None, small_overrides(tmp_path, run_id=mode, **{"vllm.between_iterations": mode}))
+    run = open_run(cfg)
+    try:
+        run_iteration(run, 0)
+        run_iteration(run, 1)
+    finally:
+        release_engines()
+    # iteration 1's requests again, on a fresh engine loaded from snapshot 1
+    rows = read_table("rollouts", run.table(1, "rollouts")).to_pylist()
+    requests, seen = [], set()
+    for r in rows:
+        if r["prompt_id"] not in seen:
+            seen.add(r["prompt_id"])
+            requests.append(GenRequest(r["prompt_id"], r["prompt_token_ids"], r["seed"], cfg.rollout.n))
+    fresh = load_engine("transformers", run.snapshot(1), batch_size=cfg.rollout.batch_size)
+    params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k, cfg.rollout.max_tokens)
+    again = [c.token_ids for out in fresh.generate(requests, params) for c in out]
+    assert [r["response_token_ids"] for r in rows] == again
+    m = {r["name"]: r["value"] for r in read_table("metrics", run.table(1, "metrics", "rollout")).to_pylist()}
+    assert (m["engine_weight_sync_seconds"] > 0) == (mode != "restart")
