@@ -49,10 +49,11 @@ def self_improve(prompts: list[dict], model: Path, cfg: HerlConfig, rounds: int,
                 if rnd == 0:
                     prompt_ids.append(render_chat(engine.tokenizer, p["messages"])[1])
                 else:  # revise with the verdicts the grader gave the current answer
+                    h, verdicts = cfg.hindsight, graded[p["prompt_id"]]
                     prompt_ids.append(encode_prompt(engine.tokenizer, build_hindsight_prompt(
-                        p["messages"], p["rubric"], used_verdicts(graded[p["prompt_id"]], mode),
-                        answers[p["prompt_id"]], cfg.hindsight.show_weights, wording=cfg.hindsight.template),
-                        cfg.hindsight.chat_template)[1])
+                        p["messages"], p["rubric"], used_verdicts(verdicts, mode), answers[p["prompt_id"]],
+                        h.show_weights, wording=h.template, show_draft=h.show_draft, show_items=h.show_items,
+                        details=[v.detail for v in verdicts] if h.show_details else None), h.chat_template)[1])
             reqs = [GenRequest(p["prompt_id"], ids, derive_seed(cfg.seed, seed_tag, rnd, p["prompt_id"]), 1)
                     for p, ids in zip(todo, prompt_ids)]
             for p, out in zip(todo, engine.generate(reqs, params)):

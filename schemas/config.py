@@ -158,7 +158,13 @@ class HindsightConfig(_Section):
     show_weights: bool = True
     """Show rubric weights in the hindsight prompt when items carry weights other than 1."""
     template: str = "herl"
-    """Wording of the hindsight prompt: herl (sections with weights; pitfalls as mistakes), reference (the authors' constraint template, quoted in docs/algorithm.md), or a path to a Jinja template of your own (variables as in herl/templates/hindsight.j2)."""
+    """Wording of the hindsight prompt: herl (sections with weights; pitfalls as mistakes), reference (the authors' constraint template, quoted in docs/algorithm.md), goals (the request again with the items the draft missed as requirements, no draft: what a small model revises best with, see docs/hindsight.md), or a path to a Jinja template of your own (variables as in herl/templates/hindsight.j2)."""
+    show_draft: bool = True
+    """Show the draft being revised (the paper's hindsight); false shows the request and the verdicts only (herl wording; goals never shows it)."""
+    show_items: Literal["all", "unmet"] = "all"
+    """Items listed: all = every item with its verdict (the paper's); unmet = only those to fix (unmet, unclear, committed pitfalls)."""
+    show_details: bool = False
+    """Show the grader's own detail beside each item ("412 words", "missing ['dog']"; checks give one, a judge does not)."""
     chat_template: bool = True
     """Render the hindsight prompt as a user turn under the model's chat template; false gives raw text, as the reference does (its use_chat_template defaults to false)."""
     train_prompt: Literal["hindsight", "original"] = "hindsight"
@@ -362,8 +368,12 @@ class HerlConfig(_Section):
         need(h.revisions_per_candidate >= 1, "hindsight.revisions_per_candidate must be >= 1")
         need(h.temperature >= 0, "hindsight.temperature must be >= 0")
         need(h.max_tokens is None or h.max_tokens >= 1, "hindsight.max_tokens must be >= 1 or unset")
-        need(h.template in ("herl", "reference") or Path(h.template).is_file(),
-             f"hindsight.template must be herl, reference or the path of a Jinja template file; {h.template!r} is neither")
+        need(h.template in ("herl", "reference", "goals") or Path(h.template).is_file(),
+             f"hindsight.template must be herl, reference, goals or the path of a Jinja template file; "
+             f"{h.template!r} is none of them")
+        need(h.show_draft or h.template != "reference",
+             "hindsight.show_draft = false does not fit hindsight.template = reference (the authors' text revises "
+             "a draft it shows); use template = herl or goals")
         need(0 <= a.alpha <= 1, "advantages.alpha must be in [0, 1] (0.05 in the reference)")
         need(1 <= a.replace_top_n <= r.n,
              f"advantages.replace_top_n must be in [1, rollout.n={r.n}]: a revision replaces a group member")
@@ -441,15 +451,27 @@ def plugin_sources(modules: list[str]) -> list[list[str | None]]:
 
 
 # settings that change how a stage runs, not what it writes: left out of its hash
-HASH_EXCLUDED = {"train": ("launcher",)}
+# fields that change how a stage runs, never what it writes
+HASH_EXCLUDED = {"train": ("launcher",), "vllm": ("between_iterations",)}
+# fields added after runs existed, at the value that does what runs did before them: left
+# out of the hash at that value, so adding them does not redo a run's finished stages
+HASH_NEUTRAL: dict[str, dict[str, Any]] = {
+    "hindsight": {"show_draft": True, "show_items": "all", "show_details": False},
+}
 
 
 def stage_config_hash(cfg: HerlConfig, stage: str) -> str:
+    """The hash of the config sections `stage` depends on (its manifest records it; a
+    different hash redoes the stage on resume)."""
     dumped = cfg.model_dump(mode="json")
     part = {k: dumped[k] for k in STAGE_CONFIG[stage]}
     for section, keys in HASH_EXCLUDED.items():
         for key in keys if section in part else ():
             part[section].pop(key, None)
+    for section, neutral in HASH_NEUTRAL.items():
+        for key, value in neutral.items() if section in part else ():
+            if part[section].get(key) == value:
+                part[section].pop(key)
     if "plugins" in part:
         part["plugins"] = plugin_sources(cfg.plugins)
     return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]

@@ -82,9 +82,12 @@ def _revise(run: Run, k: int, candidates: list[dict], rollouts, inputs) -> tuple
     prompts = {p["prompt_id"]: p for p in read_table("prompts", inputs["prompts"]).to_pylist()}
     by_id = {r["rollout_id"]: r for r in rollouts.select(["rollout_id", "response_text"]).to_pylist()}
     verdicts: dict[str, list[str]] = {}
+    details: dict[str, list[str]] = {}
     vt = read_table("verdicts", inputs["verdicts"]).sort_by([("sample_id", "ascending"), ("item_index", "ascending")])
-    for sid, v in zip(vt.column("sample_id").to_pylist(), vt.column("verdict").to_pylist()):
+    for sid, v, d in zip(vt.column("sample_id").to_pylist(), vt.column("verdict").to_pylist(),
+                         vt.column("detail").to_pylist()):
         verdicts.setdefault(sid, []).append(v)
+        details.setdefault(sid, []).append(d or "")
 
     snapshot = run.snapshot(k)
     snapshot_id = run.snapshot_id(k)
@@ -92,9 +95,12 @@ def _revise(run: Run, k: int, candidates: list[dict], rollouts, inputs) -> tuple
     texts, requests = [], []
     for c in candidates:
         p = prompts[c["prompt_id"]]
+        h = cfg.hindsight
         text = build_hindsight_prompt(p["messages"], p["rubric"], verdicts[c["rollout_id"]],
-                                      by_id[c["rollout_id"]]["response_text"], cfg.hindsight.show_weights,
-                                      naive=cfg.algorithm == "naive_he", wording=cfg.hindsight.template)
+                                      by_id[c["rollout_id"]]["response_text"], h.show_weights,
+                                      naive=cfg.algorithm == "naive_he", wording=h.template, show_draft=h.show_draft,
+                                      show_items=h.show_items,
+                                      details=details[c["rollout_id"]] if h.show_details else None)
         rendered, ids = encode_prompt(engine.tokenizer, text, cfg.hindsight.chat_template)
         texts.append(rendered)
         requests.append(GenRequest(c["rollout_id"], ids, derive_seed(cfg.seed, k, "hindsight", c["rollout_id"]),

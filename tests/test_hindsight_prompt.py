@@ -112,3 +112,63 @@ def test_a_multi_turn_prompt_is_shown_whole(wording):
             "User: Two days, after a fall.") in text
     single = build_hindsight_prompt(msgs[1:2], RUBRIC, ["met", "unmet", "met"], "d", wording=wording)
     assert "My knee hurts." in single and "User:" not in single
+
+
+def test_goals_wording_restates_what_was_missed_without_the_draft():
+    from herl.hindsight_prompt import build_hindsight_prompt
+
+    rubric = [*RUBRIC, {"description": "Recommends antibiotics.", "weight": -1.0}]
+    text = build_hindsight_prompt([{"role": "user", "content": "Write."}], rubric, ["met", "unmet", "unknown", "met"],
+                                  "draft, text", wording="goals", details=["", "ends with '!'", "", ""])
+    assert text == ("Write.\n\nMake sure your answer follows these requirements:\n"
+                    "- End with a period. (your last answer: ends with '!')\n- Be short.\n"
+                    "- Avoid: Recommends antibiotics.")
+    assert "draft, text" not in text and "Use no commas." not in text
+
+
+def test_what_the_herl_wording_shows_is_a_choice():
+    """show_items = unmet leaves out what the draft got right; show_draft = false leaves out
+    the draft (and asks for a new answer); details add the grader's own account."""
+    from herl.hindsight_prompt import build_hindsight_prompt
+
+    msgs, verdicts = [{"role": "user", "content": "Write."}], ["met", "unmet", "unknown"]
+    unmet = build_hindsight_prompt(msgs, RUBRIC, verdicts, "draft, text", show_items="unmet")
+    assert "Satisfied:" not in unmet and "Use no commas." not in unmet
+    assert "Not satisfied:\n- End with a period.\n\nUnclear:\n- Be short.\n\n## Draft\ndraft, text" in unmet
+    no_draft = build_hindsight_prompt(msgs, RUBRIC, verdicts, "draft, text", show_draft=False,
+                                      details=["0 commas", "ends with '!'", ""])
+    assert "draft, text" not in no_draft and "## Draft" not in no_draft
+    assert no_draft.startswith("Here is an instruction and a check of an earlier answer to it against a rubric.")
+    assert "- Use no commas. [the last answer: 0 commas]\n" in no_draft
+    assert no_draft.endswith("Answer the instruction again. Satisfy every item of the rubric, and reply with the "
+                             "answer\nonly.")
+    detailed = build_hindsight_prompt(msgs, RUBRIC, verdicts, "d", details=["", "ends with '!'", ""])
+    assert "- End with a period. [the draft: ends with '!']\n" in detailed
+    ref = build_hindsight_prompt(msgs, RUBRIC, verdicts, "d", wording="reference", show_items="unmet",
+                                 details=["", "ends with '!'", ""])
+    assert "Satisfied:" not in ref and "Unmet: 2. End with a period. [ends with '!'], 3. Be short.\n" in ref
+
+
+def test_hindsight_view_settings_are_checked_and_do_not_redo_old_runs():
+    from schemas.config import ConfigError, load_config, stage_config_hash
+
+    with pytest.raises(ConfigError, match="show_draft"):
+        load_config(None, {"hindsight.template": "reference", "hindsight.show_draft": False})
+    assert load_config(None, {"hindsight.template": "goals"}).hindsight.template == "goals"
+    # a run made before these settings existed has the same stage hashes at their defaults
+    import hashlib
+    import json
+
+    from schemas.config import STAGE_CONFIG
+
+    cfg = load_config(None, {})
+    dumped = cfg.model_dump(mode="json")
+    part = {k: dumped[k] for k in STAGE_CONFIG["hindsight"]}
+    for key in ("show_draft", "show_items", "show_details"):
+        del part["hindsight"][key]
+    del part["vllm"]["between_iterations"]
+    part["plugins"] = []
+    old = hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+    assert stage_config_hash(cfg, "hindsight") == old
+    assert stage_config_hash(load_config(None, {"hindsight.show_details": True}), "hindsight") != old
+    assert stage_config_hash(load_config(None, {"vllm.between_iterations": "restart"}), "hindsight") == old
