@@ -121,6 +121,77 @@ def collect_heldout(result: dict) -> list[dict]:
             for k, r0, fin, ps0, ps1, is0, is1, pl0, il0 in out]
 
 
+def collect_heldout_answers(result: dict) -> list[dict]:
+    """One row per (evaluated policy, held-out prompt): the first answer's IFEval-style
+    verdicts (round 0), for confidence intervals over prompts."""
+    from herl.query import query_run
+
+    out = query_run(result["path"], """
+        select iteration, prompt_id, all_met_strict, all_met_loose, items_met_strict, items_met_loose, items_total
+        from heldout_answers where round = 0 order by iteration, prompt_id""").fetchall()
+    return [{"mode": result["mode"], "seed": result["seed"], "policy": k, "prompt_id": pid, "all_met_strict": a,
+             "all_met_loose": al, "items_met_strict": m, "items_met_loose": ml, "items_total": n}
+            for k, pid, a, al, m, ml, n in out]
+
+
+BOOTSTRAP = 2000  # resamples for the confidence intervals
+
+
+def bootstrap_table(rows: list[dict], modes: list[str]) -> str:
+    """Held-out accuracies of each evaluated policy with 95% bootstrap intervals over the
+    (seed, prompt) pairs, and the paired difference of each policy to policy 0 on the same
+    prompts: prompt-level (every instruction followed) and instruction-level, strict and loose."""
+    import numpy as np
+
+    policies = sorted({r["policy"] for r in rows})
+    rng = np.random.default_rng(0)
+    lines = ["", "Held-out first answers (greedy unless the config says otherwise), 95% bootstrap intervals "
+                 f"over (seed, prompt) pairs ({BOOTSTRAP} resamples); `vs policy 0` is the paired difference on "
+                 "the same prompts.", "",
+             "| policy | mode | pairs | prompt strict | vs policy 0 | instruction strict | vs policy 0 "
+             "| prompt loose | instruction loose |", "|---:|---|---:|---|---|---|---|---:|---:|"]
+
+    def ci(values: np.ndarray, weights: np.ndarray | None = None) -> tuple[float, float, float]:
+        n = len(values)
+        idx = rng.integers(0, n, size=(BOOTSTRAP, n))
+        if weights is None:
+            stats = values[idx].mean(axis=1)
+            point = values.mean()
+        else:  # a ratio of sums (instruction level: items met / items)
+            stats = values[idx].sum(axis=1) / np.maximum(weights[idx].sum(axis=1), 1)
+            point = values.sum() / max(weights.sum(), 1)
+        lo, hi = np.percentile(stats, [2.5, 97.5])
+        return float(point), float(lo), float(hi)
+
+    fmt = lambda t: f"{t[0]:.3f} [{t[1]:.3f}, {t[2]:.3f}]"  # noqa: E731
+    diff_fmt = lambda t: f"{t[0]:+.3f} [{t[1]:+.3f}, {t[2]:+.3f}]"  # noqa: E731
+    for mode in modes:
+        by_policy = {k: {(r["seed"], r["prompt_id"]): r for r in rows if r["mode"] == mode and r["policy"] == k}
+                     for k in policies}
+        base = by_policy.get(policies[0], {}) if policies else {}
+        for k in policies:
+            got = by_policy[k]
+            if not got:
+                continue
+            units = sorted(got)
+            a = np.array([float(got[u]["all_met_strict"]) for u in units])
+            m = np.array([float(got[u]["items_met_strict"]) for u in units])
+            n = np.array([float(got[u]["items_total"]) for u in units])
+            al = np.array([float(got[u]["all_met_loose"]) for u in units]).mean()
+            ml = sum(got[u]["items_met_loose"] for u in units) / max(1, n.sum())
+            paired = [u for u in units if u in base]
+            if k != policies[0] and paired:
+                da = np.array([float(got[u]["all_met_strict"]) - float(base[u]["all_met_strict"]) for u in paired])
+                dm = np.array([(got[u]["items_met_strict"] - base[u]["items_met_strict"]) for u in paired], float)
+                dn = np.array([got[u]["items_total"] for u in paired], float)
+                vs_a, vs_i = diff_fmt(ci(da)), diff_fmt(ci(dm, dn))
+            else:
+                vs_a = vs_i = "-"
+            lines.append(f"| {k} | {mode} | {len(units)} | {fmt(ci(a))} | {vs_a} | {fmt(ci(m, n))} | {vs_i} "
+                         f"| {al:.3f} | {ml:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def heldout_table(rows: list[dict], modes: list[str]) -> str:
     """Held-out mean reward per evaluated policy and mode: first answer -> last round, mean over seeds."""
     policies = sorted({r["policy"] for r in rows})
@@ -301,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     if heldout:
         write_curves(heldout, args.out / "heldout.parquet")
         report += heldout_table(heldout, modes)
+        answers = [row for res in results for row in collect_heldout_answers(res)]
+        if answers:
+            write_curves(answers, args.out / "heldout_answers.parquet")
+            report += bootstrap_table(answers, modes)
     ran = sum(res["stages_run"] for res in results)
     if ran:
         report += f"\n{len(jobs)} runs in {wall / 60:.1f} min wall on {os.cpu_count()} cores ({args.workers} in parallel).\n"

@@ -68,3 +68,21 @@ def test_the_script_runs_every_mode_and_seed(tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "(0 stages run)" in again.stdout and "nothing ran now" in again.stdout, again.stdout
+
+
+def test_heldout_intervals_are_paired_over_prompts():
+    """A policy that follows every instruction the initial one followed plus 30 of 60 more
+    prompts: its paired difference's interval excludes 0; an identical policy's is [0, 0]."""
+    rows = []
+    for k, extra in ((0, 0), (5, 30), (9, 0)):
+        for i in range(60):
+            met = i < 10 or i < 10 + extra
+            rows.append({"mode": "grpo", "seed": 0, "policy": k, "prompt_id": f"p{i}", "all_met_strict": met,
+                         "all_met_loose": met, "items_met_strict": 2 if met else 1, "items_met_loose": 2 if met else 1,
+                         "items_total": 2})
+    table = learning.bootstrap_table(rows, ["grpo"])
+    line = {int(r.split("|")[1]): r for r in table.splitlines() if r.startswith("| ") and "grpo" in r}
+    assert "| 0.167 [" in line[0] and "| 0.667 [" in line[5]
+    low = float(line[5].split("|")[5].split("[")[1].split(",")[0])
+    assert low > 0.3  # +0.5 on the same prompts: the interval is far from 0
+    assert "+0.000 [+0.000, +0.000]" in line[9]
