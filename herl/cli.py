@@ -246,16 +246,27 @@ def cmd_export(args) -> int:
 
     try:
         run = load_run(args.run_dir)
-        ks = [args.iteration] if args.iteration is not None else range(run.cfg.iterations, -1, -1)
-        for k in ks:  # the newest snapshot whose weights are on disk
+        def has_weights(k: int) -> bool:
             snap = run.snapshot(k)
-            if snap.exists() and (k == 0 or not snapshot_meta(snap).get("pruned")) and any(snap.iterdir()):
-                break
-        else:
+            return snap.exists() and (k == 0 or not snapshot_meta(snap).get("pruned")) and any(snap.iterdir())
+
+        exportable = [k for k in range(run.cfg.iterations, -1, -1) if has_weights(k)]
+        if args.iteration is not None and args.iteration not in exportable:
+            raise FileNotFoundError(
+                f"{args.run_dir}: policy {args.iteration} has no weights to export (policies with weights: "
+                f"{', '.join(map(str, sorted(exportable))) or 'none'}; pruned ones keep only their id, see "
+                "train.keep_snapshots)")
+        if not exportable:
             raise FileNotFoundError(f"{args.run_dir}: no snapshot with weights to export")
+        k = args.iteration if args.iteration is not None else exportable[0]  # the newest with weights
+        snap = run.snapshot(k)
         out = export_policy(snap, Path(args.dest), run.cfg.model.dtype, {"README.md": model_card(run, k)})
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"herl export: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:  # the system's: a destination it cannot write
+            print(f"herl export: cannot write {args.dest}: {exc.strerror} (choose a writable folder with free "
+                  "space)", file=sys.stderr)
+        else:  # herl's own words (no such run or policy, the destination exists)
+            print(f"herl export: {exc}", file=sys.stderr)
         return 2
     print(f"policy {k} of {run.run_id} ({snap}) written to {out}")
     return 0

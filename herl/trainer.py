@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import signal
@@ -44,6 +45,11 @@ from schemas.config import TrainConfig
 from schemas.errors import disk_error, no_space, out_of_space
 
 METRICS_FILE = "train_metrics.json"  # written into OUT_DIR by the main process, taken out by the stage
+ERROR_FILE = "train_error.txt"  # why the update was refused (a non-finite loss, gradient or weight)
+
+
+class NonFiniteUpdate(RuntimeError):
+    """The loss, the gradient norm or the updated weights are not finite: no snapshot."""
 
 
 def train_seed(run_seed: int, k: int) -> int:
@@ -146,9 +152,16 @@ def train_on_batch(model, optimizer, accelerator, batch: Sequences | list[dict],
                                        ("on_tokens", parts.on_tokens), ("off_tokens", parts.hindsight_tokens),
                                        ("ratio", parts.ratio_sum)):
                         totals[key] += value
-            grad_norm += _clip(model, accelerator, cfg.max_grad_norm)
+            norm = _clip(model, accelerator, cfg.max_grad_norm)  # None: DeepSpeed clips inside its engine
+            where = f"epoch {epoch}, mini-batch {mb_index} (optimizer step {steps + 1})"
+            if not math.isfinite(totals["loss"]) or (norm is not None and not math.isfinite(norm)):
+                raise NonFiniteUpdate(f"the loss ({totals['loss']:g} so far) or the gradient norm ({norm}) is "
+                                      f"not finite at {where}")
+            grad_norm += float("nan") if norm is None else norm
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad):
+                raise NonFiniteUpdate(f"the weights are not finite after {where} (learning rate {cfg.learning_rate:g})")
             steps += 1
             progress.update(1, loss=totals["loss"] / steps)
     progress.close()
@@ -188,12 +201,13 @@ def _micro_step(model, seqs: Sequences, chunk: list[int], prep: Prepared, cfg: T
     )
 
 
-def _clip(model, accelerator, max_norm: float) -> float:
-    """Clip the (all-reduced) gradients to max_norm (0: no clipping); returns their norm."""
+def _clip(model, accelerator, max_norm: float) -> float | None:
+    """Clip the (all-reduced) gradients to max_norm (0: no clipping); returns their norm
+    (None where DeepSpeed clips inside its engine and does not say)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if max_norm > 0:
         norm = accelerator.clip_grad_norm_(params, max_norm)
-        return float("nan") if norm is None else float(norm)  # DeepSpeed clips inside its engine
+        return None if norm is None else float(norm)
     return float(torch.sqrt(sum((p.grad.detach().float() ** 2).sum() for p in params if p.grad is not None)))
 
 
@@ -296,10 +310,19 @@ def main(argv: list[str] | None = None) -> int:
 
     sequences = load_sequences(run, k)
     t_update = time.perf_counter()
-    metrics = train_on_batch(model, optimizer, accelerator, sequences, t, seed,
-                             tokenizer.pad_token_id, ref_model,
-                             norm_length=max(cfg.rollout.max_tokens, cfg.hindsight.max_tokens or 0),
-                             adapter_reference=t.lora.rank > 0)
+    try:
+        metrics = train_on_batch(model, optimizer, accelerator, sequences, t, seed,
+                                 tokenizer.pad_token_id, ref_model,
+                                 norm_length=max(cfg.rollout.max_tokens, cfg.hindsight.max_tokens or 0),
+                                 adapter_reference=t.lora.rank > 0)
+    except NonFiniteUpdate as exc:
+        message = (f"iteration {k}: {exc}; no snapshot was saved. Lower train.learning_rate (now "
+                   f"{t.learning_rate:g}) or train.max_grad_norm, then resume")
+        print(f"herl.trainer: {message}", file=sys.stderr, flush=True)
+        if accelerator.is_main_process:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / ERROR_FILE).write_text(message)
+        return NONFINITE_EXIT
     metrics["update_seconds"] = time.perf_counter() - t_update
     metrics["tokens_per_second"] = metrics["tokens"] * t.ppo_epochs / metrics["update_seconds"]
     metrics.update(peak_memory())
@@ -330,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 DISK_FULL_EXIT = 28  # the job's exit code when the snapshot did not fit on the disk (ENOSPC's number)
+NONFINITE_EXIT = 65  # the job's exit code when the update was refused (ERROR_FILE says why)
 
 
 def run_job(run_dir: str, k: int, out_dir: str, progress: bool = False) -> None:

@@ -28,8 +28,25 @@ MAX_PROMPTS = 1_000_000
 DEFAULT_CONFIG = PRESETS / "tiny.toml"
 
 
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def _url_has_credentials(url: str | None) -> bool:
+    from urllib.parse import urlsplit
+
+    if not url:
+        return False
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "@" in url
+    return parts.username is not None or parts.password is not None
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    # inf / nan in any float field is refused (a learning rate of inf trains an all-NaN policy)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
+                              allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -413,6 +430,14 @@ class HerlConfig(_Section):
         need(j.concurrency >= 1 and j.retries >= 0 and j.parse_retries >= 0,
              "grade.judge.concurrency must be >= 1, retries and parse_retries >= 0")
         need(j.timeout_s > 0 and j.backoff_s >= 0, "grade.judge.timeout_s must be > 0 and backoff_s >= 0")
+        # the config is written to config.json, Prefect, trackers and model cards: no secrets in it
+        need(not _url_has_credentials(j.base_url),
+             "grade.judge.base_url holds a user name or password (user:password@host): the config is stored in "
+             "config.json, Prefect and the trackers in clear. Put the key in the variable grade.judge.api_key_env "
+             "names (or a Prefect Secret, api_key_secret) and give the URL without it")
+        need(ENV_NAME.fullmatch(j.api_key_env) is not None,
+             "grade.judge.api_key_env must name an environment variable (letters, digits, '_'), e.g. OPENAI_API_KEY; "
+             "it looks like a key itself: never put the key in the config, export it in that variable")
         return self
 
     @property
@@ -546,13 +571,23 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         blamed = next((k for k in given if loc == k or loc.startswith(k + ".") or (loc and k.startswith(loc + "."))
                        or (not loc and re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", msg))), None)
         if blamed is not None:
-            lines.append(f"  --set {blamed}={json.dumps(given[blamed])}: {msg if not loc else f'field {loc}: {msg}'}")
+            lines.append(f"  --set {blamed}={_shown(blamed, given[blamed])}: {msg if not loc else f'field {loc}: {msg}'}")
         elif given and file_ok:
-            sets = " ".join(f"--set {k}={json.dumps(v)}" for k, v in given.items())
+            sets = " ".join(f"--set {k}={_shown(k, v)}" for k, v in given.items())
             lines.append(f"  field {loc or '(top level)'}: {msg} (the file alone is valid; with {sets} it is not)")
         else:
             lines.append(f"  field {loc or '(top level)'}: {msg}")
     raise ConfigError(f"config file {path} is invalid:\n" + "\n".join(lines))
+
+
+def _shown(key: str, value: Any) -> str:
+    """An override as an error message shows it: never a credential (a URL's user and
+    password, or a key given where a variable name belongs)."""
+    if key.endswith("api_key_env") and isinstance(value, str) and ENV_NAME.fullmatch(value) is None:
+        return '"<hidden>"'
+    if isinstance(value, str) and _url_has_credentials(value):
+        return json.dumps(re.sub(r"//[^/@]*@", "//<hidden>@", value))
+    return json.dumps(value)
 
 
 def reference_markdown() -> str:

@@ -31,7 +31,7 @@ import torch
 from herl.engines import rest_engines
 from herl.procs import raise_if_stop_requested
 from herl.rundir import Run, SnapshotPrunedError, seal_snapshot, snapshot_meta
-from herl.trainer import DISK_FULL_EXIT, METRICS_FILE, precision_warning
+from herl.trainer import DISK_FULL_EXIT, ERROR_FILE, METRICS_FILE, NONFINITE_EXIT, precision_warning
 from schemas.config import HerlConfig, stage_config_hash
 from schemas.errors import UserError, no_space, out_of_space
 from schemas.tables import atomic_directory
@@ -43,6 +43,10 @@ STOP_GRACE_S = 30.0  # how long a training job asked to stop may take before it 
 
 class TrainJobError(UserError, RuntimeError):
     """The training job exited with an error (its own output says why)."""
+
+
+class TrainDivergedError(UserError, RuntimeError):
+    """The update made the loss, gradients or weights non-finite; nothing was saved."""
 
 
 def launch_command(cfg: HerlConfig, run_dir: Path, k: int, out_dir: Path) -> list[str] | None:
@@ -181,6 +185,8 @@ def run(run: Run, k: int) -> dict:
             rc = _wait(job, cfg.train.launcher.timeout_s)
             if rc == DISK_FULL_EXIT or (rc != 0 and out_of_space(tmp)):
                 raise no_space(out_dir)
+            if rc == NONFINITE_EXIT and (tmp / ERROR_FILE).exists():
+                raise TrainDivergedError((tmp / ERROR_FILE).read_text())
             if rc != 0 or not (tmp / METRICS_FILE).exists():
                 raise TrainJobError(f"iteration {k}: the training job ({what}) exited with code {rc}; "
                                     "its output above says why")

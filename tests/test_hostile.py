@@ -92,6 +92,11 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
         "prompt row": (["--set", f"task.source={tmp / 'rows.jsonl'}"], ["rows.jsonl line 2", "'rubric'"]),
         "prompts not UTF-8": (["--set", f"task.source={tmp / 'latin1.jsonl'}"], ["latin1.jsonl", "line 3"]),
         "no model": (["--model-path", str(tmp / "nowhere")], ["model.path", "nowhere"]),
+        "infinite rate": (["--set", "train.learning_rate=inf"], ["train.learning_rate", "finite number"]),
+        "password in URL": (["--set", "grade.judge.base_url=http://user:PASSWORD@host/v1"],
+                            ["grade.judge.base_url", "user name or password", "<hidden>"]),
+        "key as variable": (["--set", "grade.judge.api_key_env=sk-proj-4f9a8b7c"],
+                            ["grade.judge.api_key_env", "environment variable", "<hidden>"]),
     }
 
 
@@ -109,7 +114,7 @@ def test_bad_input_is_one_message_and_leaves_nothing(tmp_path, case):
 
 # the rest in this process (as the worker runs it): exit 2, the message, no run folder
 @pytest.mark.parametrize("case", ["unknown key", "negative size", "not KEY=VALUE", "config not UTF-8",
-                                  "prompts not UTF-8"])
+                                  "prompts not UTF-8", "infinite rate", "password in URL", "key as variable"])
 def test_bad_input_in_process(tmp_path, case, capsys, monkeypatch):
     from herl.cli import main
     from herl.supervise import SUPERVISED_ENV
@@ -120,7 +125,35 @@ def test_bad_input_in_process(tmp_path, case, capsys, monkeypatch):
     assert main(["run", *args, "--runs-dir", str(runs), "--run-id", "bad"]) == 2
     err = capsys.readouterr().err
     assert all(n in err for n in needles), (needles, err)
+    assert "PASSWORD" not in err and "sk-proj" not in err  # a credential is never echoed
     assert not runs.exists()
+
+
+def test_a_diverging_update_fails_the_stage_and_saves_nothing(tmp_path):
+    """A learning rate that overflows the weights (finite, so the config takes it): the
+    train stage fails with one message naming the iteration and the fix; no snapshot."""
+    from herl.rundir import open_run
+    from schemas.config import load_config
+    from schemas.errors import UserError
+
+    run = open_run(load_config(None, small_overrides(tmp_path, **{"train.learning_rate": 1e30,
+                                                                   "train.max_grad_norm": 0.0})))
+    with pytest.raises(UserError, match=r"iteration 0: .*not finite.*no snapshot was saved. Lower train.learning_rate"):
+        run_iteration(run, 0)
+    assert not run.snapshot(1).exists()
+    assert run.read_manifest(0, "train")["status"] != "done"
+
+
+def test_export_names_the_policies_it_has(finished, tmp_path, capsys):
+    from herl.cli import main
+
+    assert main(["export", str(finished), str(tmp_path / "out"), "--iteration", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "policy 7 has no weights to export (policies with weights: 0, " in err and "Traceback" not in err
+    (tmp_path / "a-file").write_text("x")  # a destination under a file cannot be made, even by root
+    assert main(["export", str(finished), str(tmp_path / "a-file" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {tmp_path / 'a-file' / 'out'}: " in err and "Errno" not in err
 
 
 def test_debug_shows_the_traceback(tmp_path):
