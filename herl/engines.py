@@ -303,6 +303,7 @@ class VLLMEngine:
         self.last_stats: dict = {}
         self.starts = 0  # engine processes started so far
         self.syncs = 0  # weight loads into a running engine so far
+        self.died = False  # the last failure was the engine process's death
         self.sync_seconds = 0.0
         self._proc: subprocess.Popen | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
@@ -354,6 +355,7 @@ class VLLMEngine:
     def _failure(self, what: str) -> RuntimeError:
         assert self._tmp is not None
         tail = (Path(self._tmp.name) / "engine.log").read_text()[-4000:]
+        self.died = self._proc is not None and self._proc.poll() is not None  # not merely slow
         self.close()
         return RuntimeError(f"vLLM engine process failed ({what}) for {self.path}:\n{tail}")
 
@@ -388,6 +390,12 @@ class VLLMEngine:
             raise self._failure(f"exit {self._proc.poll()}" if ready else f"no answer within {self.cfg.timeout_s} s")
         answer = json.loads(reply)
         if "error" in answer:
+            if "EngineDeadError" in answer["error"]:  # the worker exits after this reply
+                try:
+                    self._proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    pass
+                raise self._failure("its engine core died")
             raise RuntimeError(f"vLLM engine failed for {self.path}:\n{answer['error']}")
         return answer
 
@@ -413,11 +421,26 @@ class VLLMEngine:
             self._call({"sleep": mode})
 
     def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[Completion]]:
-        import json
-
         if not requests:
             return []
         check_prompt_lengths(requests, params.max_tokens, context_length(self.path, self.cfg.max_model_len), self.path)
+        self.died = False
+        try:
+            return self._generate(requests, params)
+        except (RuntimeError, OSError):
+            if not self.died:
+                raise  # the engine is up, or hung past vllm.timeout_s: the failure stands
+            # the engine died under the job (a kill, out of memory): once more on a fresh one
+            # (per-request seeds: the same requests sample the same tokens)
+            import sys
+
+            print("herl: the vLLM engine died during a job; running it again on a fresh engine", file=sys.stderr,
+                  flush=True)
+            return self._generate(requests, params)
+
+    def _generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[Completion]]:
+        import json
+
         if not self._running():
             self._start()
         assert self._proc is not None and self._proc.stdin is not None and self._tmp is not None

@@ -151,8 +151,10 @@ def serve(engine_path: str, control_fd: int) -> int:
                 startup = 0.0  # reported once, with the first generation
                 answer = {"ok": True}
             control.write(json.dumps(answer) + "\n")
-        except Exception:  # the engine stays up; the caller gets the error
+        except Exception as exc:  # the engine stays up; the caller gets the error
             control.write(json.dumps({"error": traceback.format_exc()[-4000:]}) + "\n")
+            if type(exc).__name__ == "EngineDeadError":  # its core process is gone (killed, out of memory)
+                return 1  # exit: the caller starts a fresh engine instead of calling a dead one
     return 0
 
 

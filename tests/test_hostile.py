@@ -303,3 +303,41 @@ def test_a_stop_signal_whose_exception_was_dropped_still_stops_the_train_wait(mo
     monkeypatch.setattr(procs, "_stop_signals", [signal.SIGINT])
     with pytest.raises(KeyboardInterrupt):
         procs.raise_if_stop_requested()
+
+
+# ---- herl sql: bounded, stoppable, and never a part of a damaged table ------------------
+
+@pytest.mark.parametrize("query", ["SELECT count(*) FROM query_table('rewards')",
+                                   "SELECT count(*) FROM query('SELECT * FROM rewards')",
+                                   "SELECT count(*) FROM rewards"])
+def test_every_way_of_naming_a_damaged_table_is_refused(finished, tmp_path, query, capsys):
+    from herl.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    f = run / "iter-0" / "rewards.parquet"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated
+    assert main(["sql", str(run), query]) == 2
+    err = capsys.readouterr().err
+    assert "table rewards:" in err and "cannot be read" in err and f"herl resume {run}" in err
+
+
+def test_sql_is_stopped_by_ctrl_c_its_time_limit_and_its_memory_limit(finished):
+    cross = "SELECT count(*) FROM rollouts a, rollouts b, rollouts c, rollouts d, rollouts e, rollouts f, rollouts g"
+    # a terminal's Ctrl-C: SIGINT at its default (a background job inherits it ignored)
+    proc = subprocess.Popen([sys.executable, "-m", "herl.cli", "sql", str(finished), cross, "--timeout", "0"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(6)  # the query is running (imports take a few seconds)
+    t0 = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert time.perf_counter() - t0 < 5, "Ctrl-C did not stop the query at once"
+    assert proc.returncode == 130 and "the query was stopped by Ctrl-C" in err and "Traceback" not in err
+    assert subprocess.run(["pgrep", "-f", "herl.query"], capture_output=True).returncode == 1  # no query left
+
+    timed = _herl("sql", str(finished), cross, "--timeout", "1")
+    assert timed.returncode == 2 and "stopped after 1 s, its time limit" in timed.stderr
+    big = "SELECT repeat(a.rollout_id, 100000) || b.rollout_id AS x FROM rollouts a, rollouts b ORDER BY x LIMIT 1"
+    mem = _herl("sql", str(finished), big, "--memory-limit", "0.02")
+    assert mem.returncode == 2 and "needs more memory than its limit of 0.02 GiB" in mem.stderr
