@@ -75,6 +75,7 @@ def cmd_run(args) -> int:
         # break Prefect's own shutdown that follows
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 130
         print(f"herl {args.cmd}: stopped ({_signal_name(code)}); finished stages are kept. "
               f"Resume with: herl resume {runs_dir / params['run_id']}", file=sys.stderr)

@@ -50,7 +50,7 @@ def raise_if_stop_requested() -> None:
 
 
 def stop_on_signals() -> None:
-    """In the worker: SIGINT raises KeyboardInterrupt and SIGTERM SystemExit (so the stage
+    """In the worker: SIGINT raises KeyboardInterrupt, SIGTERM and SIGHUP SystemExit (so the stage
     is marked failed, locks are released and Prefect's exit handler stops its server;
     Python's default for SIGTERM dies at once), each also noted for raise_if_stop_requested."""
     def on_sigint(signum, _frame):
@@ -63,3 +63,5 @@ def stop_on_signals() -> None:
 
     signal.signal(signal.SIGINT, on_sigint)
     signal.signal(signal.SIGTERM, on_sigterm)
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # nohup: a closed terminal does not stop the run
+        signal.signal(signal.SIGHUP, on_sigterm)  # a hang-up stops the run as SIGTERM does, resumably

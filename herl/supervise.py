@@ -10,7 +10,8 @@ So the command runs in a worker process under a small supervisor:
 - The supervisor is a Linux child subreaper: whatever the worker started is re-parented
   to it, not to init, when the worker dies. When the worker exits, for any reason
   (including SIGKILL), the supervisor terminates every process left under it.
-- SIGINT (Ctrl-C), SIGTERM and SIGHUP to the supervisor are passed to the worker alone
+- SIGINT (Ctrl-C), SIGTERM and SIGHUP (a closed terminal) to the supervisor are passed to
+  the worker alone (one inherited as ignored, as under nohup, stays ignored)
   (it runs in its own session, so a terminal's Ctrl-C does not also hit Prefect's server
   or the training job), which stops cleanly: the stage's children are stopped, the stage
   is marked failed, the lock released, Prefect stops its server, and one line says how to
@@ -97,7 +98,10 @@ def run_supervised(argv: list[str]) -> int:
         except ProcessLookupError:
             pass
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    # a signal this process inherited as ignored stays ignored (`nohup herl run &`: closing
+    # the terminal must not stop the run); the worker inherits the same disposition
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+                if signal.getsignal(s) != signal.SIG_IGN}
     try:
         while True:
             try:

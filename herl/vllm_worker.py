@@ -129,7 +129,27 @@ class Weights:
         return {"ok": True, "asleep": self.asleep}
 
 
+def watch_parent(interval_s: float = 1.0) -> None:
+    """End this engine, and every process it started, when the process that started it is
+    gone (killed with SIGKILL, say): re-parented, getppid() changes. A thread of this
+    process, so it needs nothing of the parent's (PR_SET_PDEATHSIG would fire when the
+    parent's starting thread ends, which a stage's thread does)."""
+    import signal
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                os.killpg(os.getpgrp(), signal.SIGKILL)  # the engine's own group (its own session)
+
+    threading.Thread(target=watch, daemon=True, name="herl-parent-watch").start()
+
+
 def serve(engine_path: str, control_fd: int) -> int:
+    watch_parent()
     control = os.fdopen(control_fd, "w", buffering=1)
     with open(engine_path) as fh:
         kwargs = json.load(fh)

@@ -341,3 +341,37 @@ def test_sql_is_stopped_by_ctrl_c_its_time_limit_and_its_memory_limit(finished):
     big = "SELECT repeat(a.rollout_id, 100000) || b.rollout_id AS x FROM rollouts a, rollouts b ORDER BY x LIMIT 1"
     mem = _herl("sql", str(finished), big, "--memory-limit", "0.02")
     assert mem.returncode == 2 and "needs more memory than its limit of 0.02 GiB" in mem.stderr
+
+
+@pytest.mark.slow
+def test_a_hang_up_stops_the_run_resumably_and_nohup_keeps_it_running(tmp_path):
+    """SIGHUP (a closed terminal) stops a run as SIGTERM does: exit 129 and the resume line.
+    Under nohup (SIGHUP inherited as ignored) the same hang-up changes nothing."""
+    runs = tmp_path / "runs"
+    run_dir = runs / RUN_ID
+    args = ["--runs-dir", str(runs), "--run-id", RUN_ID, "--iterations", "2", *_set_args(small_overrides(runs))]
+    log = tmp_path / "nohup.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "herl.cli", "run", *args], cwd=ROOT, stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+        manifest = run_dir / "iter-0" / "_manifests" / "grade.json"
+        deadline = time.time() + 300
+        while not manifest.exists():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGHUP)
+        time.sleep(5)
+        assert proc.poll() is None, log.read_text()[-3000:]  # still running
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=90)
+    log = tmp_path / "hup.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "herl.cli", "resume", str(run_dir)], cwd=ROOT, stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+        _stop_at(proc, run_dir, (1, "rollout"), signal.SIGHUP, log)
+    out = log.read_text()
+    assert proc.returncode == 128 + signal.SIGHUP, out[-3000:]
+    assert f"Resume with: herl resume {run_dir}" in out and "Traceback" not in out, out[-3000:]
+    assert load_run(run_dir).read_manifest(1, "rollout")["status"] != "running"

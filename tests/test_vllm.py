@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,31 @@ def test_vllm_serve_as_the_http_judge(tmp_path):
     assert {i["verdict_strict"] for i in items} <= {"met", "unmet", "unknown"}
     assert sum(r["items_unknown"] for r in graded) == sum(i["verdict_strict"] == "unknown" for i in items)
     assert all(i["grader"] == "judge:openai:tiny-judge" for i in items)
+
+
+def test_an_engine_whose_starter_was_killed_goes_too(tmp_path):
+    """SIGKILL of the process that started an engine (no exit handler runs): the engine's
+    processes notice they were orphaned and end within seconds."""
+    import time
+
+    script = tmp_path / "starter.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
+        "from herl.engines import load_engine\nfrom herl.tiny import resolve_model_path\n"
+        "from schemas.config import VLLMConfig\nfrom tests.helpers import greedy\n"
+        "e = load_engine('vllm', resolve_model_path('builtin:tiny'), vllm_cfg=VLLMConfig(enforce_eager=True, "
+        "cpu_kvcache_gib=1))\n"
+        "greedy(e)\nprint(e._proc.pid, flush=True)\ntime.sleep(600)\n")
+    starter = subprocess.Popen([sys.executable, str(script)],
+                               stdout=subprocess.PIPE, text=True)
+    engine_pid = int(starter.stdout.readline())
+    os.kill(starter.pid, signal.SIGKILL)
+    starter.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if subprocess.run(["pgrep", "-g", str(engine_pid)], capture_output=True).returncode == 1:
+            break
+        time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-a", "-g", str(engine_pid)], capture_output=True, text=True).stdout
+    assert not left, left
