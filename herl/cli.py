@@ -34,6 +34,7 @@ def preflight(args) -> dict:
     model), the model path. Returns the flow's parameters, with the run id fixed (a new run
     gets its id here, so an interrupted start can name the folder to resume)."""
     from flows.iterate import flow_overrides
+    from herl.checks import import_plugins
     from herl.rundir import new_run_id
     from herl.task import check_pool_fits
     from herl.tracking import check_trackers
@@ -42,6 +43,7 @@ def preflight(args) -> dict:
     params = _flow_arguments(args)
     named = {k: params.get(k) for k in ("run_id", "iterations", "model_path", "runs_dir")}
     cfg = load_config(params["config"], flow_overrides(overrides=params["overrides"], **named))
+    import_plugins(cfg.plugins)  # before the pool: its rubric kinds may be the plugins' checks
     check_pool_fits(cfg)
     check_trackers(cfg)
     params["run_id"], params["runs_dir"] = cfg.run_id or new_run_id(), cfg.runs_dir
@@ -77,8 +79,13 @@ def cmd_run(args) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 130
-        print(f"herl {args.cmd}: stopped ({_signal_name(code)}); finished stages are kept. "
-              f"Resume with: herl resume {runs_dir / params['run_id']}", file=sys.stderr)
+        run_dir = runs_dir / params["run_id"]
+        if (run_dir / "config.json").exists():
+            print(f"herl {args.cmd}: stopped ({_signal_name(code)}); finished stages are kept. "
+                  f"Resume with: herl resume {run_dir}", file=sys.stderr)
+        else:  # stopped while Prefect was starting: no run folder was made, nothing to resume
+            print(f"herl {args.cmd}: stopped ({_signal_name(code)}) before the run started; nothing was written",
+                  file=sys.stderr)
         return code
     print(f"run directory: {path}")
     if args.cmd == "run":

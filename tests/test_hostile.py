@@ -375,3 +375,38 @@ def test_a_hang_up_stops_the_run_resumably_and_nohup_keeps_it_running(tmp_path):
     assert proc.returncode == 128 + signal.SIGHUP, out[-3000:]
     assert f"Resume with: herl resume {run_dir}" in out and "Traceback" not in out, out[-3000:]
     assert load_run(run_dir).read_manifest(1, "rollout")["status"] != "running"
+
+
+@pytest.mark.parametrize("plugin,needle", [("no_such_plugin_mod", "cannot import plugin module 'no_such_plugin_mod'"),
+                                           ("../../etc/passwd", "is not a module name"),
+                                           ("herl_raising_plugin", "raised ZeroDivisionError when imported")])
+def test_plugins_are_checked_before_prefect_starts(tmp_path, plugin, needle):
+    (tmp_path / "herl_raising_plugin.py").write_text("1 / 0\n")
+    runs = tmp_path / "runs"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "herl.cli", "run", "--runs-dir", str(runs), "--run-id", "p",
+                           "--set", f"plugins={json.dumps([plugin])}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    _assert_user_error(proc, needle)
+    assert time.perf_counter() - t0 < 30 and "Starting temporary server" not in proc.stdout + proc.stderr
+    assert not runs.exists()
+
+
+@pytest.mark.slow
+def test_a_stop_while_prefect_starts_names_no_folder_to_resume(tmp_path):
+    runs = tmp_path / "runs"
+    log = tmp_path / "early.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "herl.cli", "run", "--runs-dir", str(runs), "--run-id", "early"],
+                                cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 120
+        while "Starting temporary server" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=90)
+    out = log.read_text()
+    # the server takes 15-25 s to start; the run folder is made after it is up
+    assert not (runs / "early").exists()
+    assert "before the run started; nothing was written" in out and "Resume with" not in out, out[-3000:]
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in out, out[-3000:]
