@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("status", help="stages per iteration: done / failed / corrupt / missing, rows, seconds")
+    p = sub.add_parser("status", help="stages per iteration: done / failed / corrupt / stale / missing, rows, seconds")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true", help="one JSON object per (iteration, stage), for scripts")
     p.set_defaults(fn=cmd_status)

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from herl.rundir import load_run
+from schemas.config import stage_config_hash
 from schemas.stages import STAGES, iteration_stages
 
 
 def stage_status(run_dir: str | Path) -> list[dict]:
     """One row per (iteration, stage): status done / failed / running / interrupted /
-    corrupt (its manifest or outputs do not verify) / missing, rows, seconds."""
+    corrupt (its manifest or outputs do not verify) / stale (done under another config:
+    resume redoes it) / missing, rows, seconds."""
     run = load_run(run_dir)
     locked = run.is_locked()
     iters = sorted(int(p.name.split("-")[1]) for p in run.path.glob("iter-*") if p.name.split("-")[1].isdigit())
@@ -27,6 +29,10 @@ def stage_status(run_dir: str | Path) -> list[dict]:
             problems = run.output_problems(k, stage, deep=False) if status == "done" else []
             if problems:  # marked done, but what it wrote is gone or damaged: redone on resume
                 status, m = "corrupt", {**(m or {}), "error": "; ".join(problems) + "; `herl resume` redoes it"}
+            elif status == "done" and m is not None and m.get("config_hash") != stage_config_hash(run.cfg, stage):
+                # done under another config (config.json was edited, or herl's settings changed)
+                status, m = "stale", {**m, "error": "the config it depends on changed since it ran; "
+                                                    "`herl resume` redoes it (and what follows from it)"}
             out_rows = sum(o["rows"] for name, o in (m or {}).get("outputs", {}).items() if name != "metrics")
             rows.append({"iteration": k, "stage": stage, "status": status,
                          "rows": out_rows if status == "done" else None,

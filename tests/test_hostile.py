@@ -410,3 +410,16 @@ def test_a_stop_while_prefect_starts_names_no_folder_to_resume(tmp_path):
     assert not (runs / "early").exists()
     assert "before the run started; nothing was written" in out and "Resume with" not in out, out[-3000:]
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in out, out[-3000:]
+
+
+def test_status_says_what_resume_will_redo_after_the_config_changed(finished, tmp_path):
+    """config.json edited by hand (a grading setting): herl status marks the grade stages
+    stale, as resume will redo them, not done."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg["grade"]["mode"] = "loose"
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    rows = {(r["iteration"], r["stage"]): r for r in stage_status(run_dir)}
+    assert rows[(0, "grade")]["status"] == "stale" and "`herl resume` redoes it" in rows[(0, "grade")]["error"]
+    assert rows[(0, "rollout")]["status"] == "done"  # rollouts do not depend on grading
