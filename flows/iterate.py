@@ -12,6 +12,7 @@ Deployed as `herl/iterate` by prefect.yaml; run in-process by `herl run`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -81,18 +82,20 @@ def flow_overrides(run_id, iterations, model_path, runs_dir, overrides) -> dict[
 @flow(name="herl", log_prints=True)
 def iterate(config: str | None = None, run_id: str | None = None, iterations: int | None = None,
             model_path: str | None = None, runs_dir: str | None = None,
-            overrides: dict[str, Any] | None = None) -> str:
+            overrides: dict[str, Any] | None = None, run_dir: str | None = None) -> str:
     """Run (or resume) a HeRL training run; returns the run directory.
 
     config: TOML config path (default: the embedded tiny preset); run_id: reuse an id to
     resume; iterations, model_path, runs_dir: common overrides; overrides: any dotted
-    config keys, e.g. {"train.learning_rate": 1e-5, "algorithm": "grpo"}.
+    config keys, e.g. {"train.learning_rate": 1e-5, "algorithm": "grpo"}; run_dir: the
+    folder of an existing run to resume (it may have been moved: its config's run_id
+    stays its identity).
     """
     hide_user_error_tracebacks()  # also where a deployment's worker runs the flow
     cfg = load_config(config, flow_overrides(run_id, iterations, model_path, runs_dir, overrides))
     check_pool_fits(cfg)  # a bad prompts file or a prompt the model cannot hold fails here, before the run folder exists
     check_trackers(cfg)
-    run = open_run(cfg)
+    run = open_run(cfg, Path(run_dir) if run_dir else None)
     logger = get_run_logger()
     logger.info("run directory: %s", run.path)
     # held for the whole flow: a second writer fails at once; the stages of an iteration

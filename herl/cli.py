@@ -20,8 +20,12 @@ def _flow_arguments(args) -> dict:
     """The `herl` flow's parameters for `herl run` / `herl resume`."""
     if args.cmd == "resume":
         run = load_run(args.run_dir)
+        if run.is_locked():  # refused at once, before Prefect starts
+            raise UserError(f"{run.path} is in use: another herl process is running it (its lock is held); "
+                            "wait for it to finish or stop it first")
+        # the folder as it is now (it may have been moved); config.json's run_id stays the run's identity
         return {"config": str(run.path / "config.json"), "run_id": run.run_id, "runs_dir": str(run.path.parent),
-                "iterations": args.iterations, "overrides": parse_overrides(args.set)}
+                "run_dir": str(run.path), "iterations": args.iterations, "overrides": parse_overrides(args.set)}
     if args.config and args.config_opt:
         raise UserError("give the config once (positional or --config)")
     return {"config": args.config or args.config_opt, "run_id": args.run_id, "iterations": args.iterations,
@@ -47,7 +51,7 @@ def preflight(args) -> dict:
     check_pool_fits(cfg)
     check_trackers(cfg)
     params["run_id"], params["runs_dir"] = cfg.run_id or new_run_id(), cfg.runs_dir
-    _check_writable(Path(cfg.runs_dir) / params["run_id"])
+    _check_writable(Path(params.get("run_dir") or Path(cfg.runs_dir) / params["run_id"]))
     return params
 
 
@@ -79,7 +83,7 @@ def cmd_run(args) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 130
-        run_dir = runs_dir / params["run_id"]
+        run_dir = Path(params.get("run_dir") or runs_dir / params["run_id"])
         if (run_dir / "config.json").exists():
             print(f"herl {args.cmd}: stopped ({_signal_name(code)}); finished stages are kept. "
                   f"Resume with: herl resume {run_dir}", file=sys.stderr)

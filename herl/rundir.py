@@ -184,7 +184,9 @@ class Run:
 
     @property
     def run_id(self) -> str:
-        return self.path.name
+        """The run's identity: config.json's run_id (a copied or renamed folder is the same
+        run, and writes the same rows), the folder name for configs that lack one."""
+        return self.cfg.run_id or self.path.name
 
     # ---- paths -------------------------------------------------------------
     def iter_dir(self, k: int) -> Path:
@@ -412,11 +414,13 @@ def new_run_id() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S-") + os.urandom(2).hex()
 
 
-def open_run(cfg: HerlConfig) -> Run:
-    """Create (or reopen) cfg's run directory and save the resolved config in it."""
+def open_run(cfg: HerlConfig, path: Path | None = None) -> Run:
+    """Create (or reopen) cfg's run directory and save the resolved config in it. `path`:
+    the folder of an existing run (resume), which may have been moved or renamed since;
+    by default runs_dir / run_id."""
     run_id = cfg.run_id or new_run_id()
     cfg = cfg.model_copy(update={"run_id": run_id})
-    path = Path(cfg.runs_dir) / run_id
+    path = Path(path) if path is not None else Path(cfg.runs_dir) / run_id
     run = Run(path=path.resolve(), cfg=cfg)
     with run.lock():
         write_json_atomic(run.path / "config.json", cfg.model_dump(mode="json"))

@@ -423,3 +423,25 @@ def test_status_says_what_resume_will_redo_after_the_config_changed(finished, tm
     rows = {(r["iteration"], r["stage"]): r for r in stage_status(run_dir)}
     assert rows[(0, "grade")]["status"] == "stale" and "`herl resume` redoes it" in rows[(0, "grade")]["error"]
     assert rows[(0, "rollout")]["status"] == "done"  # rollouts do not depend on grading
+
+
+@pytest.mark.slow
+def test_a_moved_run_resumes_as_the_same_run(finished, tmp_path):
+    """A run folder copied under another name: resuming it redoes one damaged stage and
+    writes the run's own id (config.json's), so every table ends as the original's, and
+    a second resume of a run in use is refused at once."""
+    moved = tmp_path / "elsewhere" / "renamed"
+    shutil.copytree(finished, moved)
+    (moved / "iter-1" / "hindsight.parquet").unlink()  # one stage to redo, and all that follows from it
+    res = _herl("resume", str(moved))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    _assert_same_tables(moved, finished)
+    assert json.loads((moved / "config.json").read_text())["run_id"] == RUN_ID
+    from herl.rundir import load_run as _load
+
+    run = _load(moved)
+    with run.lock():
+        t0 = time.perf_counter()
+        busy = _herl("resume", str(moved))
+        _assert_user_error(busy, "is in use")
+        assert time.perf_counter() - t0 < 30
