@@ -168,7 +168,12 @@ def cmd_grade(args) -> int:
 
     import_plugins(args.plugin)
     cfg = load_config(args.config, parse_overrides(args.set)).grade if (args.config or args.set) else None
-    summary = grade_file(Path(args.input), Path(args.output), args.format, args.drop_unsupported, cfg,
+    out = Path(args.output)
+    if not out.parent.is_dir():  # found before any grading (or judging) is paid for
+        raise UserError(f"cannot write {out}: the folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"cannot write {out}: the folder {out.parent} is not writable")
+    summary = grade_file(Path(args.input), out, args.format, args.drop_unsupported, cfg,
                          Path(args.judge_cache) if args.judge_cache else None,
                          Path(args.responses) if args.responses else None)
     print(f"graded {summary['graded_rows']} rows, {summary['graded_items']} items ({summary['format']} format)"

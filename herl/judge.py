@@ -37,6 +37,7 @@ from typing import Any
 
 from herl.checks import MET, UNKNOWN, UNMET, Verdict
 from herl.templating import template
+from schemas.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -311,6 +312,10 @@ class Judge:
             close()
 
 
+class JudgeKeyError(UserError, ValueError):
+    """No API key for an OpenAI-compatible judge (the user's to set)."""
+
+
 def resolve_api_key(cfg) -> str:
     """The judge API key from the environment or a Prefect Secret block (never stored)."""
     if cfg.api_key_secret:
@@ -323,7 +328,7 @@ def resolve_api_key(cfg) -> str:
         return key
     if cfg.base_url:
         return "EMPTY"  # local OpenAI-compatible servers (vllm serve) accept any key
-    raise ValueError(f"no judge API key: set the environment variable {cfg.api_key_env} or "
+    raise JudgeKeyError(f"no judge API key: set the environment variable {cfg.api_key_env} or "
                      "grade.judge.api_key_secret (a Prefect Secret block), or point grade.judge.base_url at a local server")
 
 

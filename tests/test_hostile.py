@@ -445,3 +445,18 @@ def test_a_moved_run_resumes_as_the_same_run(finished, tmp_path):
         busy = _herl("resume", str(moved))
         _assert_user_error(busy, "is in use")
         assert time.perf_counter() - t0 < 30
+
+
+def test_herl_grade_user_errors_are_one_line(tmp_path):
+    """No judge key and an output folder that does not exist: one line each, no traceback."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt_id": "a", "messages": [{"role": "user", "content": "Hi."}],
+                                   "rubric": [{"item_id": "j", "kind": "judge", "description": "Is kind."}],
+                                   "response": "Hello."}) + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    nokey = subprocess.run([sys.executable, "-m", "herl.cli", "grade", "--input", str(prompts), "--output",
+                            str(tmp_path / "o.parquet"), "--set", "grade.judge.model=gpt-4o-mini"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    _assert_user_error(nokey, "no judge API key", "OPENAI_API_KEY")
+    nodir = _herl("grade", "--input", str(prompts), "--output", str(tmp_path / "missing" / "o.parquet"))
+    _assert_user_error(nodir, "cannot write", "does not exist")
