@@ -358,6 +358,9 @@ class OpenAIBackend:
             if exc.status_code >= 500:
                 raise TransientError(f"HTTP {exc.status_code}") from None
             raise
+        if not hasattr(resp, "choices"):  # a 200 whose body is not a chat completion (an HTML page, a proxy's)
+            raise TransientError(f"the reply is not a chat completion but {type(resp).__name__} "
+                                 f"{str(resp)[:60]!r}: is grade.judge.base_url the API's /v1 address?")
         content = resp.choices[0].message.content if resp.choices else None
         if content is None:
             raise TransientError("empty completion")

@@ -73,6 +73,8 @@ class ScriptedJudge:
             return 400, None
         if case in ("echo_auth400", "echo_auth500"):  # a server that echoes the request's headers in its error
             return int(case[-3:]), None
+        if case == "html200":  # a proxy's or a web server's page, with status 200
+            return 200, None
         raise AssertionError(f"unknown case {case}")
 
     def _handler(self):
@@ -112,9 +114,12 @@ class ScriptedJudge:
                                             "message": {"role": "assistant", "content": text}}],
                                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
                 data = json.dumps(payload).encode()
+                content_type = "application/json"
+                if case == "html200":
+                    data, content_type = b"<html><body>Welcome to nginx!</body></html>", "text/html"
                 try:
                     self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Type", content_type)
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)

@@ -76,6 +76,7 @@ def test_timeout_and_http500_are_retried():
     ("http400", 1, "judge call failed: BadRequestError"),  # permanent: not retried
     ("content_int", 2, "message content is int"),  # not text: unparseable, retried once
     ("content_image_part", 2, "message content is list"),
+    ("html200", 3, "the reply is not a chat completion"),  # a web page with status 200: retried, then unknown
 ])
 def test_failures_become_unknown_never_a_verdict(case, calls, reason):
     with ScriptedJudge() as server:
