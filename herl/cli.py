@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -192,8 +193,22 @@ def cmd_plot(args) -> int:
     from herl.rundir import load_run
 
     run = load_run(args.run_dir)  # a clear error for a folder that is not a run
-    print(plot_run(run.path, args.out))
+    with _writing_a_view(args.cmd):
+        print(plot_run(run.path, args.out))
     return 0
+
+
+@contextlib.contextmanager
+def _writing_a_view(cmd: str):
+    """herl plot / report / view only read the run: a folder they cannot write into (a
+    read-only copy, a full disk) asks for another place, not a resume."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        raise UserError(f"cannot write {exc.filename or 'the output'}: {exc.strerror}; the run is only read, so write "
+                        f"the file elsewhere: herl {cmd} RUN_DIR --out FILE") from None
 
 
 def cmd_report(args) -> int:
@@ -207,7 +222,8 @@ def cmd_report(args) -> int:
             iterations = [int(x) for x in args.iterations.split(",")]
         except ValueError:
             raise UserError(f"--iterations takes whole numbers separated by commas, got {args.iterations!r}") from None
-    out = write_report(run.path, getattr(args, "out", None), iterations)
+    with _writing_a_view(args.cmd):
+        out = write_report(run.path, getattr(args, "out", None), iterations)
     print(out.resolve().as_uri() if args.cmd == "view" else out)
     return 0
 
@@ -363,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser("view", help="write RUN_DIR/report.html (herl report) and print its file:// address")
     p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="the HTML file (default: RUN_DIR/report.html)")
     p.add_argument("--iterations", default=None, metavar="K,K,...", help="only these iterations (default: all)")
     p.set_defaults(fn=cmd_report)
 

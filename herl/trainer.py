@@ -336,9 +336,11 @@ def main(argv: list[str] | None = None) -> int:
             _policy(accelerator.unwrap_model(model)).save_pretrained(out_dir, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(out_dir)
             torch.save(optim_state, out_dir / "optimizer.pt")
-        except (OSError, RuntimeError) as exc:
-            # torch reports a full disk as "[enforce fail at inline_container.cc] unexpected pos"
-            if disk_error(exc) is None and not out_of_space(out_dir):
+        except Exception as exc:
+            # torch reports a full disk as "[enforce fail at inline_container.cc] unexpected pos",
+            # safetensors as its own SafetensorError ("I/O error: No space left on device")
+            disk_like = isinstance(exc, (OSError, RuntimeError)) or type(exc).__name__ == "SafetensorError"
+            if not disk_like or (disk_error(exc) is None and not out_of_space(out_dir)):
                 raise
             print(f"herl.trainer: {disk_error(exc, out_dir) or no_space(out_dir)}", file=sys.stderr, flush=True)
             return DISK_FULL_EXIT

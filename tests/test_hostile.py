@@ -460,3 +460,16 @@ def test_herl_grade_user_errors_are_one_line(tmp_path):
     _assert_user_error(nokey, "no judge API key", "OPENAI_API_KEY")
     nodir = _herl("grade", "--input", str(prompts), "--output", str(tmp_path / "missing" / "o.parquet"))
     _assert_user_error(nodir, "cannot write", "does not exist")
+
+
+@pytest.mark.parametrize("cmd,name", [("plot", "plot.png"), ("view", "report.html")])
+def test_a_view_that_cannot_be_written_asks_for_another_place_not_a_resume(finished, tmp_path, cmd, name, capsys):
+    from herl.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / name).mkdir(exist_ok=True)  # where the file goes, something it cannot replace
+    assert main([cmd, str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and f"herl {cmd} RUN_DIR --out FILE" in err and "herl resume" not in err
+    assert main([cmd, str(run), "--out", str(tmp_path / f"elsewhere-{name}")]) == 0
