@@ -98,12 +98,6 @@ def test_reloaded_weights_match_a_fresh_engine_and_a_killed_engine_is_replaced(t
         os.killpg(engine._proc.pid, signal.SIGKILL)
         engine._proc.wait()
         assert same(greedy(engine), on_b, LOGPROB_TOL) and engine.starts == 2
-        # the engine core dies under a live worker (out of memory, say): the job runs again on a fresh engine
-        cores = subprocess.run(["pgrep", "-P", str(engine._proc.pid)], capture_output=True, text=True).stdout.split()
-        assert cores
-        for pid in cores:
-            os.kill(int(pid), signal.SIGKILL)
-        assert same(greedy(engine), on_b, LOGPROB_TOL) and engine.starts == 3
     finally:
         engine.close()
 
