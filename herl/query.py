@@ -197,12 +197,10 @@ def run_query(run_dir: str | Path, sql: str, timeout_s: float | None = None,
     import pyarrow as pa
 
     try:
-        tables = check_select(sql)  # refused here, at once, before a process starts
-        damaged = damaged_tables(run_dir)
+        check_select(sql)  # refused here, at once, before a process starts
     except KeyboardInterrupt:
         raise QueryStopped("the query was stopped by Ctrl-C") from None
-    for name in sorted(tables & set(damaged)):
-        raise DamagedTableError(damaged[name])
+    # damaged tables are found once, by the child's query_run, and come back as "damaged"
     with tempfile.TemporaryDirectory(prefix="herl-sql-") as tmp:
         result, error = Path(tmp) / "result.arrow", Path(tmp) / "error.json"
         job = json.dumps({"run_dir": str(run_dir), "sql": sql, "memory": memory_limit_bytes,
