@@ -52,7 +52,7 @@ def _table(name: str, cols: dict) -> pa.Table:
 
 def write_synthetic(run_dir: Path, rollouts: int, group: int, seed: int = 0) -> None:
     """iter-0/{rollouts,rewards,hindsight}.parquet of a run folder, plus its config."""
-    from herl.rundir import open_run
+    from herl.runs.rundir import open_run
     from schemas.config import load_config
 
     rng = np.random.default_rng(seed)
@@ -164,7 +164,7 @@ def _measure(mode: str, run_dir: Path) -> dict:
     """Run one mode in this process; returns seconds and peak RSS (GB)."""
     t0 = time.perf_counter()
     if mode == "sql":
-        from herl.rundir import load_run
+        from herl.runs.rundir import load_run
         from stages import advantages
 
         run = load_run(run_dir)

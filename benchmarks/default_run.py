@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flows import prefect_defaults  # noqa: E402
-from herl.query import query_run  # noqa: E402
-from herl.rundir import load_run  # noqa: E402
+from herl.runs.query import query_run  # noqa: E402
+from herl.runs.rundir import load_run  # noqa: E402
 from schemas.config import parse_overrides  # noqa: E402
 from schemas.stages import STAGES  # noqa: E402
 

@@ -24,10 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from herl.engines import find_vllm_python, release_engines  # noqa: E402
-from herl.rundir import open_run  # noqa: E402
+from herl.generation.engines import find_vllm_python, release_engines  # noqa: E402
+from herl.runs.rundir import open_run  # noqa: E402
 from schemas.config import load_config  # noqa: E402
-from schemas.stages import iteration_stages  # noqa: E402
 from schemas.tables import read_table  # noqa: E402
 from stages import run_stage  # noqa: E402
 
@@ -45,7 +44,7 @@ def one_mode(mode: str, args, runs_dir: Path) -> dict:
     starts, startup_s, syncs, sync_s = 0, 0.0, 0, 0.0
     t0 = time.perf_counter()
     for k in range(args.iterations):
-        for stage in iteration_stages(run.cfg, k):
+        for stage in run.cfg.iteration_stages(k):
             run_stage(stage, run, k)
         for stage in ("rollout", "hindsight"):
             m = {r["name"]: r["value"] for r in read_table("metrics", run.table(k, "metrics", stage)).to_pylist()}

@@ -18,8 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from herl.engines import GenRequest, SamplingParams, find_vllm_python, load_engine, render_chat  # noqa: E402
-from herl.tiny import build_tiny_model  # noqa: E402
+from herl.generation.engines import (  # noqa: E402
+    GenRequest,
+    SamplingParams,
+    find_vllm_python,
+    load_engine,
+    render_chat,
+)
+from herl.models.tiny import build_tiny_model  # noqa: E402
 from schemas.config import VLLMConfig  # noqa: E402
 
 

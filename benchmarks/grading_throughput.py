@@ -23,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from herl.english import punkt_sentences, tokens  # noqa: E402
-from herl.ifbench import sentences  # noqa: E402
-from herl.ifeval import detect_language  # noqa: E402
-from herl.importers import load_prompts  # noqa: E402
-from herl.rubric import VerifiableGrader  # noqa: E402
+from herl.data.importers import load_prompts  # noqa: E402
+from herl.grading.english import punkt_sentences, tokens  # noqa: E402
+from herl.grading.ifbench import sentences  # noqa: E402
+from herl.grading.ifeval import detect_language  # noqa: E402
+from herl.grading.rubric import VerifiableGrader  # noqa: E402
 
 
 def make_response(prompt: str, rng: random.Random) -> str:

@@ -61,8 +61,8 @@ ECHO_MARKERS = ("## Task", "## Draft", "## Rubric", "## Instruction", "Satisfied
 
 
 def followup_ids(arm: str, tokenizer, prompt: dict, verdicts: list[str], details: list[str], draft: str) -> list[int]:
-    from herl.engines import render_chat
-    from herl.hindsight_prompt import build_hindsight_prompt, encode_prompt
+    from herl.data.hindsight_prompt import build_hindsight_prompt, encode_prompt
+    from herl.generation.engines import render_chat
 
     setting = ARMS[arm]
     if setting is None:
@@ -113,10 +113,16 @@ def main() -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from herl.engines import GenRequest, SamplingParams, derive_seed, load_engine, render_chat
-    from herl.rubric import GradeInput, RubricGrader, score_answers
-    from herl.task import evaluation_prompts
-    from herl.tiny import resolve_model_path
+    from herl.data.pool import evaluation_prompts
+    from herl.generation.engines import (
+        GenRequest,
+        SamplingParams,
+        derive_seed,
+        load_engine,
+        render_chat,
+    )
+    from herl.grading.rubric import GradeInput, RubricGrader, score_answers
+    from herl.models.paths import resolve_model_path
     from schemas.config import VLLMConfig, load_config
 
     cfg = load_config(None, {"evaluation.source": args.prompts, "evaluation.limit": args.n, "seed": args.seed,

@@ -59,7 +59,7 @@ def run_one(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(job["threads"])
-    from herl.rundir import open_run
+    from herl.runs.rundir import open_run
     from schemas.config import load_config
     from stages import run_iteration
     cfg = load_config(job["config"], {**job["overrides"], "algorithm": job["mode"], "seed": job["seed"],
@@ -77,8 +77,8 @@ def run_one(job: dict) -> dict:
 
 def collect(result: dict) -> list[dict]:
     """Per-iteration rows of one run, from its rewards and metrics tables."""
-    from herl.query import query_run
-    from herl.rundir import load_run
+    from herl.runs.query import query_run
+    from herl.runs.rundir import load_run
     from schemas.stages import STAGES
 
     path = result["path"]
@@ -101,7 +101,7 @@ def collect(result: dict) -> list[dict]:
 def collect_heldout(result: dict) -> list[dict]:
     """One row per evaluated policy when the config turns the held-out evaluation on:
     mean reward of the first answers and after the last revision round."""
-    from herl.query import query_run
+    from herl.runs.query import query_run
 
     out = query_run(result["path"], """
         select iteration,
@@ -124,7 +124,7 @@ def collect_heldout(result: dict) -> list[dict]:
 def collect_heldout_answers(result: dict) -> list[dict]:
     """One row per (evaluated policy, held-out prompt): the first answer's IFEval-style
     verdicts (round 0), for confidence intervals over prompts."""
-    from herl.query import query_run
+    from herl.runs.query import query_run
 
     out = query_run(result["path"], """
         select iteration, prompt_id, all_met_strict, all_met_loose, items_met_strict, items_met_loose, items_total

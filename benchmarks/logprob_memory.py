@@ -1,5 +1,5 @@
 """Peak memory of the train stage's log-probs: the full (B, L, V) logits vs the head at
-response positions only, in chunks (herl/batching.py `sequence_logprobs`), and the latter
+response positions only, in chunks (herl/training/batching.py `sequence_logprobs`), and the latter
 with gradient checkpointing (train.gradient_checkpointing).
 
     python benchmarks/logprob_memory.py [--model builtin:smollm2-135m-instruct] [--batch 8]
@@ -26,8 +26,8 @@ def measure(model: str, batch: int, prompt: int, response: int, lean: bool, chec
     import torch
     from transformers import AutoModelForCausalLM
 
-    import herl.batching as train_mod
-    from herl.tiny import resolve_model_path
+    import herl.training.batching as train_mod
+    from herl.models.paths import resolve_model_path
 
     path = resolve_model_path(model)
     m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

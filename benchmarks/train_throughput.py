@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from herl.rundir import open_run  # noqa: E402
+from herl.runs.rundir import open_run  # noqa: E402
 from schemas.config import load_config  # noqa: E402
 from schemas.tables import read_table, write_table  # noqa: E402
 from stages import train  # noqa: E402

@@ -1,6 +1,6 @@
 """The Prefect flow `herl-eval`: test-time self-improvement on a prompts file.
 
-Orchestration only: one task runs herl.eval_command, and the per-round scores are
+Orchestration only: one task runs herl.evaluation.job, and the per-round scores are
 published as a markdown artifact. Run in-process by `herl eval`.
 """
 
@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import artifact_key
-from herl import eval_command
+from herl.evaluation import job as eval_job
 from schemas.config import load_config
 
 
@@ -22,7 +22,7 @@ from schemas.config import load_config
 def evaluate_task(prompts: str, model: str, out: str, rounds: int, limit: int | None, config: str | None,
                   overrides: dict[str, Any] | None) -> dict:
     cfg = load_config(config, overrides)
-    return eval_command.run(Path(prompts), model, Path(out), rounds, limit, cfg)
+    return eval_job.run(Path(prompts), model, Path(out), rounds, limit, cfg)
 
 
 @flow(name="herl-eval", log_prints=True)
@@ -30,6 +30,6 @@ def evaluate(prompts: str, model: str = "builtin:tiny", out: str = "evals/latest
              limit: int | None = None, config: str | None = None, overrides: dict[str, Any] | None = None) -> dict:
     """Answer, grade and revise `prompts` for `rounds` rounds with `model`; returns {round: metrics}."""
     summary = evaluate_task(prompts, model, out, rounds, limit, config, overrides)
-    create_markdown_artifact(key=artifact_key("herl-eval", str(out)[-60:]), markdown=f"# herl eval: {prompts}\n\n" + eval_command.metrics_markdown(summary),
+    create_markdown_artifact(key=artifact_key("herl-eval", str(out)[-60:]), markdown=f"# herl eval: {prompts}\n\n" + eval_job.metrics_markdown(summary),
                              description=f"herl eval of {model} on {prompts}")
     return summary

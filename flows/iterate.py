@@ -25,14 +25,13 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from flows import artifact_key, hide_user_error_tracebacks
-from herl.engines import release_engines
-from herl.plot import plot_run
-from herl.procs import raise_if_stop_requested
-from herl.rundir import Run, load_run, open_run
-from herl.task import check_pool_fits
-from herl.tracking import check_trackers, sync_trackers
+from herl.data.pool import check_pool_fits
+from herl.generation.engines import release_engines
+from herl.runs.plot import plot_run
+from herl.runs.rundir import Run, load_run, open_run
+from herl.runs.tracking import check_trackers, sync_trackers
+from herl.util.procs import raise_if_stop_requested
 from schemas.config import load_config
-from schemas.stages import iteration_stages
 from stages import run_stage as run_stage_alone
 
 
@@ -102,12 +101,12 @@ def iterate(config: str | None = None, run_id: str | None = None, iterations: in
     # that generate share one engine, which closes before train and at the end
     with run.lock():
         try:
-            plan = [(k, stage) for k in range(cfg.iterations + 1) for stage in iteration_stages(cfg, k)]
+            plan = [(k, stage) for k in range(cfg.iterations + 1) for stage in cfg.iteration_stages(k)]
             progress: Any = create_progress_artifact(0.0, key=artifact_key("herl", run.run_id, "progress"),
                                                 description=f"herl {run.run_id}: stages done of {len(plan)}")
             done = 0
             for k in range(cfg.iterations + 1):
-                stages = iteration_stages(cfg, k)
+                stages = cfg.iteration_stages(k)
                 for stage in stages:
                     run_stage.with_options(retries=cfg.stage_retries)(str(run.path), stage, k)
                     raise_if_stop_requested()  # a stop signal whose exception was dropped

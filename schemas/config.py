@@ -1,6 +1,6 @@
 """The run configuration: one typed, documented model with a section per stage.
 
-Defaults are the reference implementation's (see the README's configuration reference);
+Defaults are the reference implementation's (see docs/configuration.md);
 the embedded CPU default lives in `schemas/presets/tiny.toml`. Load with `load_config`,
 which reads a TOML (or the JSON a run saves), applies dotted overrides
 (`{"train.learning_rate": 1e-5}`) and validates, with errors that say how to fix them.
@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from schemas.errors import UserError, read_utf8
-from schemas.stages import SPECS
+from schemas.stages import HELDOUT, SPECS, STAGES
 
 PRESETS = Path(__file__).parent / "presets"
 # a run id is one folder name inside runs_dir: no separators, no "..", no absolute path
@@ -322,7 +322,7 @@ class HerlConfig(_Section):
     stage_retries: int = 0
     """Prefect retries per stage task; a retried stage reruns from its inputs."""
     plugins: list[str] = []
-    """Python modules imported when a run opens, e.g. ones that register checks with herl.checks.register_check."""
+    """Python modules imported when a run opens, e.g. ones that register checks with herl.grading.checks.register_check."""
     model: ModelConfig = ModelConfig()
     """The initial policy."""
     task: TaskConfig = TaskConfig()
@@ -452,6 +452,12 @@ class HerlConfig(_Section):
         """Whether policy k (the snapshot iteration k uses; k = iterations is the final one) is evaluated."""
         every = self.evaluation.every
         return every > 0 and 0 <= k <= self.iterations and (k % every == 0 or k == self.iterations)
+
+    def iteration_stages(self, k: int) -> list[str]:
+        """The plan of iteration k, for k in 0..iterations: the held-out evaluation of policy k
+        where it is due, then the five training stages (none for k = iterations, which only
+        evaluates the final policy)."""
+        return ([HELDOUT.name] if self.evaluation_due(k) else []) + (list(STAGES) if k < self.iterations else [])
 
 
 # The config parts each stage's output depends on (schemas/stages.py): a change to one of
@@ -591,7 +597,7 @@ def _shown(key: str, value: Any) -> str:
 
 
 def reference_markdown() -> str:
-    """The configuration reference (README), generated from the model's field docstrings."""
+    """The configuration reference (docs/configuration.md), generated from the model's field docstrings."""
     lines = ["| field | default | meaning |", "|---|---|---|"]
 
     def walk(model: type[BaseModel], prefix: str) -> None:
@@ -607,19 +613,19 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
-def update_readme(readme: Path) -> None:
-    """Replace the table between the config-reference markers in the README."""
-    text = readme.read_text()
+def update_reference(page: Path) -> None:
+    """Replace the table between the config-reference markers of docs/configuration.md."""
+    text = page.read_text()
     start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
-    readme.write_text(f"{head}{start}\n{reference_markdown()}\n{end}{tail}")
+    page.write_text(f"{head}{start}\n{reference_markdown()}\n{end}{tail}")
 
 
 if __name__ == "__main__":
     import sys
 
-    if "--update-readme" in sys.argv:
-        update_readme(Path(__file__).resolve().parent.parent / "README.md")
+    if "--update" in sys.argv:
+        update_reference(Path(__file__).resolve().parent.parent / "docs" / "configuration.md")
     else:
         print(reference_markdown())

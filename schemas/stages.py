@@ -8,10 +8,6 @@ directory (pruning, `herl status`), a manifest's config hash (schemas/config.py)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from schemas.config import HerlConfig
 
 
 @dataclass(frozen=True)
@@ -48,10 +44,3 @@ HELDOUT = StageSpec("heldout", ("seed", "model", "task", "rollout", "grade", "hi
 
 SPECS = {s.name: s for s in (HELDOUT, *TRAINING)}
 STAGES = tuple(s.name for s in TRAINING)
-
-
-def iteration_stages(cfg: HerlConfig, k: int) -> list[str]:
-    """The plan of iteration k, for k in 0..iterations: the held-out evaluation of policy k
-    where it is due, then the five training stages (none for k = iterations, which only
-    evaluates the final policy)."""
-    return ([HELDOUT.name] if cfg.evaluation_due(k) else []) + (list(STAGES) if k < cfg.iterations else [])

@@ -4,7 +4,7 @@ Every stage reads and writes its tables through `read_table` / `write_table`, wh
 the schema on the way in and out. Files are written atomically (temporary file, fsync,
 rename), so a table on disk is either complete or absent.
 
-Layout inside a run directory (see herl.rundir):
+Layout inside a run directory (see herl.runs.rundir):
     iter-<k>/<table>.parquet           prompts, rollouts, verdicts, rewards, hindsight,
                                        hindsight_verdicts, batch; heldout_answers and
                                        heldout_metrics where policy k was evaluated

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from schemas.stages import SPECS, iteration_stages
+from schemas.stages import SPECS
 
 
 def run_stage(name: str, run, k: int) -> dict:
@@ -14,4 +14,4 @@ def run_stage(name: str, run, k: int) -> dict:
 
 def run_iteration(run, k: int) -> dict[str, dict]:
     """Every stage of iteration k's plan, in order, without Prefect: {stage: manifest summary}."""
-    return {name: run_stage(name, run, k) for name in iteration_stages(run.cfg, k)}
+    return {name: run_stage(name, run, k) for name in run.cfg.iteration_stages(k)}

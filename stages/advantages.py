@@ -17,8 +17,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from herl.engines import sampling_temperature
-from herl.rundir import Run
+from herl.generation.engines import sampling_temperature
+from herl.runs.rundir import Run
 from herl.sql import WHITESPACE, run_sql_file, sql_file_reader
 from schemas.tables import empty, open_dataset, table_writer
 from stages.common import stage_main, write_metrics

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from herl.rundir import Run, load_run
+from herl.runs.rundir import Run, load_run
 from schemas.tables import write_table
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from herl.checks import UNKNOWN
-from herl.rubric import grade_samples
-from herl.rundir import Run
+from herl.grading.checks import UNKNOWN
+from herl.grading.rubric import grade_samples
+from herl.runs.rundir import Run
 from schemas.tables import read_table, write_table
 from stages.common import stage_main, write_metrics
 
@@ -27,7 +27,7 @@ def run(run: Run, k: int) -> dict:
         prompts = read_table("prompts", inputs["prompts"]).to_pylist()
         rollouts = read_table("rollouts", inputs["rollouts"]).select(["rollout_id", "prompt_id", "response_text"])
         samples = list(zip(*(rollouts.column(c).to_pylist() for c in rollouts.column_names)))
-        verdict_rows, scores, grader_stats = grade_samples(run, k, {p["prompt_id"]: p for p in prompts}, samples,
+        verdict_rows, scores, grader_stats = grade_samples(run.run_id, run.judge_cache, k, {p["prompt_id"]: p for p in prompts}, samples,
                                                            run.cfg.grade)
         prompt_of = {sid: pid for sid, pid, _ in samples}
         reward_rows = [{"run_id": run.run_id, "iteration": k, "rollout_id": sid, "prompt_id": prompt_of[sid], **s}

@@ -3,7 +3,7 @@
 The pool's held-out prompts (task.holdout, a seeded choice the rollout stage leaves out),
 or the prompts of evaluation.source (say IFEval's, never trained on), at most
 evaluation.limit of them (a seeded subset), are answered by snapshot k, graded, and
-revised for evaluation.rounds rounds from the grader's verdicts, exactly as `herl eval` does (herl.eval_command.self_improve). The flow
+revised for evaluation.rounds rounds from the grader's verdicts, exactly as `herl eval` does (herl.evaluation.job.self_improve). The flow
 runs it where `evaluation_due(k)`: policies 0, every, 2*every, ... and the final policy
 (k = iterations, whose iter-k folder holds only this stage).
 
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from herl.rundir import Run
-from herl.self_improve import self_improve
-from herl.task import evaluation_prompts
+from herl.data.pool import evaluation_prompts
+from herl.evaluation.self_improve import self_improve
+from herl.runs.rundir import Run
 from schemas.tables import write_table
 from stages.common import stage_main, write_metrics
 
@@ -42,7 +42,7 @@ def run(run: Run, k: int) -> dict:
             raise ValueError("the held-out evaluation needs prompts: set task.holdout >= 1 or evaluation.source")
         answers, metrics, summary = self_improve(
             held, inputs["snapshot"], cfg, ev.rounds, ev.temperature, ev.max_tokens or cfg.rollout.max_tokens,
-            run.path / "judge_cache.sqlite", seed_tag=f"heldout:{k}")
+            run.judge_cache, seed_tag=f"heldout:{k}")
         ids = {"run_id": run.run_id, "iteration": k}
         paths = {name: run.table(k, name) for name in ("heldout_answers", "heldout_metrics")}
         out = {

@@ -1,7 +1,7 @@
 """Hindsight stage: revise the best answers of failed groups, guided by their verdicts.
 
 docs/algorithm.md steps 3-5: pick candidates (herl/sql/candidates.sql), build each
-one's hindsight prompt (herl/hindsight_prompt.py: instruction, items met / not met /
+one's hindsight prompt (herl/data/hindsight_prompt.py: instruction, items met / not met /
 mistakes / unclear, the draft), regenerate with the same policy at a lower temperature, and grade
 the revisions with the same grader. With `algorithm = "grpo"` it writes empty tables.
 
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from herl.engines import GenRequest, SamplingParams, derive_seed, shared_engine
-from herl.hindsight_prompt import build_hindsight_prompt, encode_prompt
-from herl.rubric import grade_samples
-from herl.rundir import Run
+from herl.data.hindsight_prompt import build_hindsight_prompt, encode_prompt
+from herl.generation.engines import GenRequest, SamplingParams, derive_seed, shared_engine
+from herl.grading.rubric import grade_samples
+from herl.runs.rundir import Run
 from herl.sql import is_blank, run_sql_file
 from schemas.tables import empty, read_table, write_table
 from stages.common import stage_main, write_metrics
@@ -121,7 +121,7 @@ def _revise(run: Run, k: int, candidates: list[dict], rollouts, inputs) -> tuple
                 "snapshot_id": snapshot_id, "logprobs": comp.logprobs,
             })
     verdict_rows, scores, grader_stats = grade_samples(
-        run, k, prompts, [(r["revision_id"], r["prompt_id"], r["response_text"]) for r in rows], cfg.grade)
+        run.run_id, run.judge_cache, k, prompts, [(r["revision_id"], r["prompt_id"], r["response_text"]) for r in rows], cfg.grade)
     for r in rows:
         r.update(scores[r["revision_id"]])
     return rows, verdict_rows, {"mean_hindsight_prompt_tokens": sum(len(q.prompt_token_ids) for q in requests) / len(requests),

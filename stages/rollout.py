@@ -12,9 +12,15 @@ from __future__ import annotations
 
 import time
 
-from herl.engines import GenRequest, SamplingParams, derive_seed, render_chat, shared_engine
-from herl.rundir import Run
-from herl.task import sample_for_iteration, split_pool, task_files, task_pool
+from herl.data.pool import sample_for_iteration, split_pool, task_files, task_pool
+from herl.generation.engines import (
+    GenRequest,
+    SamplingParams,
+    derive_seed,
+    render_chat,
+    shared_engine,
+)
+from herl.runs.rundir import Run
 from schemas.tables import write_table
 from stages.common import stage_main, write_metrics
 

@@ -1,6 +1,6 @@
 """Train stage: one policy update on the iteration's batch; saves the next snapshot.
 
-docs/algorithm.md step 9. The update itself is a job of its own (herl/trainer.py) that
+docs/algorithm.md step 9. The update itself is a job of its own (herl/training/trainer.py) that
 this stage starts with `accelerate launch` (train.launcher: processes, machines, an
 accelerate config for FSDP or DeepSpeed) in its own process group, and waits for: its
 memory is freed when it ends, and a killed job leaves no snapshot, so the stage is redone.
@@ -28,10 +28,17 @@ from pathlib import Path
 
 import torch
 
-from herl.engines import rest_engines
-from herl.procs import raise_if_stop_requested
-from herl.rundir import Run, SnapshotPrunedError, seal_snapshot, snapshot_meta
-from herl.trainer import DISK_FULL_EXIT, ERROR_FILE, METRICS_FILE, NONFINITE_EXIT, precision_warning
+from herl.generation.engines import rest_engines
+from herl.models.snapshot import SnapshotPrunedError, seal_snapshot, snapshot_meta
+from herl.runs.rundir import Run
+from herl.training.trainer import (
+    DISK_FULL_EXIT,
+    ERROR_FILE,
+    METRICS_FILE,
+    NONFINITE_EXIT,
+    precision_warning,
+)
+from herl.util.procs import raise_if_stop_requested
 from schemas.config import HerlConfig, stage_config_hash
 from schemas.errors import UserError, no_space, out_of_space
 from schemas.tables import atomic_directory
@@ -50,7 +57,7 @@ class TrainDivergedError(UserError, RuntimeError):
 
 
 def launch_command(cfg: HerlConfig, run_dir: Path, k: int, out_dir: Path) -> list[str] | None:
-    """`accelerate launch ... -m herl.trainer RUN_DIR K OUT_DIR` from train.launcher; None
+    """`accelerate launch ... -m herl.training.trainer RUN_DIR K OUT_DIR` from train.launcher; None
     for one process on one machine without an accelerate config, which runs as a child
     forked from a warm server (start_job) instead of paying 10 s of imports."""
     lc, t = cfg.train.launcher, cfg.train
@@ -73,22 +80,22 @@ def launch_command(cfg: HerlConfig, run_dir: Path, k: int, out_dir: Path) -> lis
 
 
 def _job_args(run_dir: Path, k: int, out_dir: Path) -> list[str]:
-    return ["-m", "herl.trainer", str(run_dir), str(k), str(out_dir)]
+    return ["-m", "herl.training.trainer", str(run_dir), str(k), str(out_dir)]
 
 
 class _ForkedJob:
     """One training process forked from multiprocessing's fork server, which imported
-    torch, transformers and herl.trainer once: what `accelerate launch` runs for one
+    torch, transformers and herl.training.trainer once: what `accelerate launch` runs for one
     process (a plain child), without its start-up."""
 
     def __init__(self, run_dir: Path, k: int, out_dir: Path):
         import multiprocessing
 
-        from herl.progress import enabled
-        from herl.trainer import run_job
+        from herl.training.trainer import run_job
+        from herl.util.progress import enabled
 
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["herl.trainer", "transformers.modeling_utils", "accelerate"])
+        ctx.set_forkserver_preload(["herl.training.trainer", "transformers.modeling_utils", "accelerate"])
         # the fork server may have started before this process's HERL_PROGRESS was set: the
         # progress choice travels with the job
         self.proc = ctx.Process(target=run_job, args=(str(run_dir), k, str(out_dir), enabled()),
@@ -99,7 +106,7 @@ class _ForkedJob:
     def wait(self, timeout: float | None = None) -> int:
         self.proc.join(timeout)
         if self.proc.exitcode is None:
-            raise subprocess.TimeoutExpired("herl.trainer", timeout or 0.0)
+            raise subprocess.TimeoutExpired("herl.training.trainer", timeout or 0.0)
         return self.proc.exitcode
 
 
@@ -109,7 +116,7 @@ def start_job(cfg: HerlConfig, run_dir: Path, k: int, out_dir: Path):
 
     cmd = launch_command(cfg, run_dir, k, out_dir)
     if cmd is None and not multiprocessing.current_process().daemon:
-        return _ForkedJob(run_dir, k, out_dir), f"herl.trainer {run_dir} {k} (one process)"
+        return _ForkedJob(run_dir, k, out_dir), f"herl.training.trainer {run_dir} {k} (one process)"
     if cmd is None:  # a daemonic pool worker may not fork children: a fresh interpreter instead
         cmd = [sys.executable, *_job_args(run_dir, k, out_dir)]
     # its own process group, so that stopping the stage stops every process it started
@@ -134,7 +141,7 @@ def _wait(proc, timeout_s: float | None) -> int:
             except subprocess.TimeoutExpired:
                 raise_if_stop_requested()  # a stop signal whose exception was dropped
                 if deadline is not None and time.monotonic() > deadline:
-                    raise subprocess.TimeoutExpired("herl.trainer", timeout_s or 0.0) from None
+                    raise subprocess.TimeoutExpired("herl.training.trainer", timeout_s or 0.0) from None
     except BaseException:
         try:
             os.killpg(proc.pid, signal.SIGTERM)

@@ -21,7 +21,7 @@ def _isolated_homes(tmp_path_factory):
 def done_run(tmp_path_factory):
     """A finished two-iteration run of the small test config (tests.helpers.small_overrides,
     run id "t"), shared read-only: a test that changes it works on a copy."""
-    from herl.rundir import open_run
+    from herl.runs.rundir import open_run
     from schemas.config import load_config
     from stages import run_iteration
     from tests.helpers import small_overrides

@@ -48,7 +48,7 @@ def item_verdict(kind: str, response: str, **kwargs) -> tuple[str, str]:
     could not run (verdict unknown) fails the calling test with its reason."""
     import json
 
-    from herl.rubric import VerifiableGrader
+    from herl.grading.rubric import VerifiableGrader
 
     item = {"item_id": kind, "description": "", "weight": 1.0, "kind": kind, "params": json.dumps(kwargs)}
     (v,) = VerifiableGrader().grade([item], response)
@@ -61,7 +61,7 @@ def perturbed_copy(src, dest, seed: int):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from herl.engines import load_tokenizer
+    from herl.models.tokenizer import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(src)
     torch.manual_seed(seed)
@@ -75,7 +75,7 @@ def perturbed_copy(src, dest, seed: int):
 
 def greedy(engine) -> list[tuple[list[int], list[float]]]:
     """Greedy tokens and log-probs of three fixed prompts: what an engine's weights say."""
-    from herl.engines import GenRequest, SamplingParams, render_chat
+    from herl.generation.engines import GenRequest, SamplingParams, render_chat
 
     prompts = [render_chat(engine.tokenizer, [{"role": "user", "content": f"Say {i} things."}])[1] for i in range(3)]
     out = engine.generate([GenRequest(f"r{i}", ids, i, 1) for i, ids in enumerate(prompts)],

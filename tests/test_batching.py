@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import torch
 
-import herl.batching as train_mod
-from herl.batching import sequence_logprobs
-from herl.tiny import resolve_model_path
+import herl.training.batching as train_mod
+from herl.models.paths import resolve_model_path
+from herl.training.batching import sequence_logprobs
 
 
 def _batch():
-    from herl.engines import load_tokenizer
+    from herl.models.tokenizer import load_tokenizer
 
     path = resolve_model_path("builtin:tiny")
     from transformers import AutoModelForCausalLM

@@ -13,7 +13,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from herl.status import stage_status
+from herl.runs.status import stage_status
 from tests.helpers import ROOT, free_port, wait_for_http
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""One engine for the whole run (herl/engines.py shared_engine): another snapshot of the
+"""One engine for the whole run (herl/generation/engines.py shared_engine): another snapshot of the
 same model is loaded into the open engine, and what it generates then equals a fresh
 engine's on that snapshot; another model gets its own engine. The vLLM side of the same
 contract is in tests/test_vllm.py."""
@@ -9,8 +9,14 @@ import shutil
 
 import pytest
 
-from herl.engines import GenRequest, SamplingParams, load_engine, release_engines, shared_engine
-from herl.tiny import resolve_model_path
+from herl.generation.engines import (
+    GenRequest,
+    SamplingParams,
+    load_engine,
+    release_engines,
+    shared_engine,
+)
+from herl.models.paths import resolve_model_path
 from tests.helpers import greedy, perturbed_copy, same
 
 
@@ -35,7 +41,7 @@ def test_a_new_snapshot_is_loaded_into_the_open_engine(tmp_path):
         assert same(greedy(engine), greedy(load_engine("transformers", b)))
 
         # another model (other shapes) gets an engine of its own
-        from herl.tiny import build_tiny_model
+        from herl.models.tiny import build_tiny_model
 
         other = build_tiny_model(tmp_path / "other", hidden=64, layers=1, heads=2, intermediate=128)
         assert shared_engine("transformers", other) is not engine
@@ -44,7 +50,7 @@ def test_a_new_snapshot_is_loaded_into_the_open_engine(tmp_path):
 
 
 def test_rest_engines_keeps_sleeps_or_closes(tmp_path):
-    from herl import engines
+    from herl.generation import engines
 
     a = resolve_model_path("builtin:tiny")
     try:
@@ -68,7 +74,7 @@ def test_a_run_generates_from_each_new_snapshot(tmp_path, mode):
     """Two iterations in one process with the engine kept, asleep or restarted between
     them: iteration 1's rollouts are exactly what a fresh engine on snapshot 1 samples
     (the engine never generates from stale weights)."""
-    from herl.rundir import open_run
+    from herl.runs.rundir import open_run
     from schemas.config import load_config
     from schemas.tables import read_table
     from stages import run_iteration

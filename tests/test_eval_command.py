@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
-from herl.eval_command import run
+from herl.evaluation.job import run
 from schemas.config import load_config
 from tests.helpers import BENCHMARKS
 
@@ -46,7 +46,7 @@ def test_herl_eval_command_runs_the_flow(tmp_path):
 
     from tests.helpers import ROOT
 
-    res = subprocess.run([sys.executable, "-m", "herl.cli", "eval", "--prompts", str(IFEVAL), "--limit", "3",
+    res = subprocess.run([sys.executable, "-m", "herl.commands.cli", "eval", "--prompts", str(IFEVAL), "--limit", "3",
                           "--rounds", "1", "--out", str(tmp_path), "--set", "rollout.max_tokens=8"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from herl.query import query_run
-from herl.rundir import load_run, open_run
-from herl.status import stage_status
-from herl.task import builtin_toy, split_pool
+from herl.data.pool import builtin_toy, split_pool
+from herl.runs.query import query_run
+from herl.runs.rundir import load_run, open_run
+from herl.runs.status import stage_status
 from schemas.config import ConfigError, load_config
-from schemas.stages import iteration_stages
 from schemas.tables import read_table
 from stages import run_iteration
 from tests.helpers import small_overrides
@@ -38,8 +37,8 @@ def test_split_is_seeded_disjoint_and_order_free():
 def test_schedule_and_config_errors(tmp_path):
     cfg = load_config(None, small_overrides(tmp_path, iterations=5, **{"task.holdout": 2, "evaluation.every": 2}))
     assert [k for k in range(7) if cfg.evaluation_due(k)] == [0, 2, 4, 5]
-    assert iteration_stages(cfg, 0)[0] == "heldout" and iteration_stages(cfg, 1)[0] == "rollout"
-    assert iteration_stages(cfg, 5) == ["heldout"]
+    assert cfg.iteration_stages(0)[0] == "heldout" and cfg.iteration_stages(1)[0] == "rollout"
+    assert cfg.iteration_stages(5) == ["heldout"]
     off = load_config(None, small_overrides(tmp_path, iterations=5))
     assert not any(off.evaluation_due(k) for k in range(7))
     with pytest.raises(ConfigError, match="evaluation.every needs prompts to evaluate: set task.holdout"):

@@ -8,7 +8,7 @@ import sys
 
 import pyarrow.parquet as pq
 
-from herl.tiny import resolve_model_path
+from herl.models.paths import resolve_model_path
 from tests.helpers import ROOT
 
 

@@ -1,4 +1,4 @@
-"""The hindsight prompt (herl/hindsight_prompt.py): its text, full and naive, pitfalls, and
+"""The hindsight prompt (herl/data/hindsight_prompt.py): its text, full and naive, pitfalls, and
 the reference wording rendered through the chat template."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ TAIL = ("## Draft\ndraft, text\n\n## Task\nRevise the draft. Keep everything tha
 
 
 def test_hindsight_prompt_text_full_and_naive():
-    from herl.hindsight_prompt import build_hindsight_prompt
+    from herl.data.hindsight_prompt import build_hindsight_prompt
 
     msgs = [{"role": "user", "content": "Write."}]
     full = build_hindsight_prompt(msgs, RUBRIC, ["met", "unmet", "unknown"], "draft, text")
@@ -29,7 +29,7 @@ def test_hindsight_prompt_text_full_and_naive():
 
 def test_hindsight_prompt_puts_committed_pitfalls_with_what_to_fix():
     """A met pitfall is a mistake the draft made: never listed as satisfied (HealthBench-style rubric)."""
-    from herl.hindsight_prompt import build_hindsight_prompt
+    from herl.data.hindsight_prompt import build_hindsight_prompt
 
     rubric = [{"description": "Advises urgent care if red flags.", "weight": 5.0},
               {"description": "Recommends antibiotics for a viral infection.", "weight": -8.0},
@@ -55,9 +55,10 @@ def test_hindsight_prompt_puts_committed_pitfalls_with_what_to_fix():
 def test_reference_wording_and_raw_rendering(tmp_path):
     """hindsight.template = reference: the authors' constraint template, verbatim in shape;
     hindsight.chat_template = false: the text is tokenized as is; a user's own template."""
-    from herl.engines import load_tokenizer, render_chat
-    from herl.hindsight_prompt import build_hindsight_prompt, encode_prompt
-    from herl.tiny import resolve_model_path
+    from herl.data.hindsight_prompt import build_hindsight_prompt, encode_prompt
+    from herl.generation.engines import render_chat
+    from herl.models.paths import resolve_model_path
+    from herl.models.tokenizer import load_tokenizer
 
     rubric = [{"description": "Use no commas.", "weight": 1.0}, {"description": "End with a period.", "weight": 1.0},
               {"description": "Mentions a dangerous dose.", "weight": -2.0}, {"description": "Be short.", "weight": 1.0}]
@@ -88,7 +89,7 @@ def test_reference_wording_and_raw_rendering(tmp_path):
 def test_reference_wording_tells_the_model_to_avoid_pitfalls():
     """A committed pitfall is an unmet "Avoid: ..." constraint, an avoided one a satisfied
     "Avoid: ..." one: "satisfy the unmet constraints" never asks for the mistake."""
-    from herl.hindsight_prompt import build_hindsight_prompt
+    from herl.data.hindsight_prompt import build_hindsight_prompt
 
     rubric = [{"description": "Mentions hydration.", "weight": 2.0},
               {"description": "Recommends antibiotics for a viral infection.", "weight": -8.0},
@@ -103,7 +104,7 @@ def test_reference_wording_tells_the_model_to_avoid_pitfalls():
 def test_a_multi_turn_prompt_is_shown_whole(wording):
     """Earlier assistant turns stay in the hindsight prompt, each message under its role
     (a later user turn often refers to them, as in HealthBench conversations)."""
-    from herl.hindsight_prompt import build_hindsight_prompt
+    from herl.data.hindsight_prompt import build_hindsight_prompt
 
     msgs = [{"role": "system", "content": "Be careful."}, {"role": "user", "content": "My knee hurts."},
             {"role": "assistant", "content": "Since when?"}, {"role": "user", "content": "Two days, after a fall."}]
@@ -115,7 +116,7 @@ def test_a_multi_turn_prompt_is_shown_whole(wording):
 
 
 def test_goals_wording_restates_what_was_missed_without_the_draft():
-    from herl.hindsight_prompt import build_hindsight_prompt
+    from herl.data.hindsight_prompt import build_hindsight_prompt
 
     rubric = [*RUBRIC, {"description": "Recommends antibiotics.", "weight": -1.0}]
     text = build_hindsight_prompt([{"role": "user", "content": "Write."}], rubric, ["met", "unmet", "unknown", "met"],
@@ -129,7 +130,7 @@ def test_goals_wording_restates_what_was_missed_without_the_draft():
 def test_what_the_herl_wording_shows_is_a_choice():
     """show_items = unmet leaves out what the draft got right; show_draft = false leaves out
     the draft (and asks for a new answer); details add the grader's own account."""
-    from herl.hindsight_prompt import build_hindsight_prompt
+    from herl.data.hindsight_prompt import build_hindsight_prompt
 
     msgs, verdicts = [{"role": "user", "content": "Write."}], ["met", "unmet", "unknown"]
     unmet = build_hindsight_prompt(msgs, RUBRIC, verdicts, "draft, text", show_items="unmet")

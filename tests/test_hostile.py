@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from herl.rundir import load_run
-from herl.status import stage_status
+from herl.runs.rundir import load_run
+from herl.runs.status import stage_status
 from stages import run_iteration
 from tests.helpers import ROOT, small_overrides
 
@@ -26,7 +26,7 @@ TABLE_FILES = ("prompts", "rollouts", "verdicts", "rewards", "hindsight", "hinds
 
 
 def _herl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "herl.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "herl.commands.cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -116,8 +116,8 @@ def test_bad_input_is_one_message_and_leaves_nothing(tmp_path, case):
 @pytest.mark.parametrize("case", ["unknown key", "negative size", "not KEY=VALUE", "config not UTF-8",
                                   "prompts not UTF-8", "infinite rate", "password in URL", "key as variable"])
 def test_bad_input_in_process(tmp_path, case, capsys, monkeypatch):
-    from herl.cli import main
-    from herl.supervise import SUPERVISED_ENV
+    from herl.commands.cli import main
+    from herl.commands.supervise import SUPERVISED_ENV
 
     monkeypatch.setenv(SUPERVISED_ENV, "1")
     args, needles = _bad_inputs(tmp_path)[case]
@@ -132,7 +132,7 @@ def test_bad_input_in_process(tmp_path, case, capsys, monkeypatch):
 def test_a_diverging_update_fails_the_stage_and_saves_nothing(tmp_path):
     """A learning rate that overflows the weights (finite, so the config takes it): the
     train stage fails with one message naming the iteration and the fix; no snapshot."""
-    from herl.rundir import open_run
+    from herl.runs.rundir import open_run
     from schemas.config import load_config
     from schemas.errors import UserError
 
@@ -145,7 +145,7 @@ def test_a_diverging_update_fails_the_stage_and_saves_nothing(tmp_path):
 
 
 def test_export_names_the_policies_it_has(finished, tmp_path, capsys):
-    from herl.cli import main
+    from herl.commands.cli import main
 
     assert main(["export", str(finished), str(tmp_path / "out"), "--iteration", "7"]) == 2
     err = capsys.readouterr().err
@@ -199,7 +199,8 @@ def test_damaged_state_shows_as_corrupt_and_resume_rebuilds_it(finished, tmp_pat
 
 
 def test_damaged_initial_weights_name_the_file_and_the_fix(tmp_path):
-    from herl.tiny import DamagedModelError, build_tiny_model, resolve_model_path
+    from herl.models.paths import DamagedModelError, resolve_model_path
+    from herl.models.tiny import build_tiny_model
 
     model = build_tiny_model(tmp_path / "model")
     (model / "model.safetensors").write_bytes(b"\x00" * 16)
@@ -252,7 +253,7 @@ def test_ctrl_c_and_sigterm_stop_in_seconds_and_resume_identically(finished, tmp
                                    (["resume", str(run_dir)], (1, "rollout"), signal.SIGTERM)):
         log = tmp_path / f"{signum}.log"
         with open(log, "w") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", "herl.cli", *command], cwd=ROOT, stdout=fh,
+            proc = subprocess.Popen([sys.executable, "-m", "herl.commands.cli", *command], cwd=ROOT, stdout=fh,
                                     stderr=subprocess.STDOUT, start_new_session=True)
             seconds, tree = _stop_at(proc, run_dir, stage, signum, log)
         out = log.read_text()
@@ -271,7 +272,7 @@ def test_ctrl_c_and_sigterm_stop_in_seconds_and_resume_identically(finished, tmp
 
 def test_a_closed_pipe_is_no_error_and_status_speaks_json(finished):
     """`herl sql RUN ... | head -1`: the reader leaves early; herl exits 0, no traceback."""
-    proc = subprocess.Popen([sys.executable, "-m", "herl.cli", "sql", str(finished),
+    proc = subprocess.Popen([sys.executable, "-m", "herl.commands.cli", "sql", str(finished),
                              "SELECT * FROM verdicts CROSS JOIN verdicts AS again", "--format", "csv"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stdout.readline().startswith(b"run_id,")
@@ -289,7 +290,7 @@ def test_a_stop_signal_whose_exception_was_dropped_still_stops_the_train_wait(mo
     the job's process group."""
     import subprocess
 
-    from herl import procs
+    from herl.util import procs
     from stages.train import _wait
 
     monkeypatch.setattr(procs, "_stop_signals", [])
@@ -311,7 +312,7 @@ def test_a_stop_signal_whose_exception_was_dropped_still_stops_the_train_wait(mo
                                    "SELECT count(*) FROM query('SELECT * FROM rewards')",
                                    "SELECT count(*) FROM rewards"])
 def test_every_way_of_naming_a_damaged_table_is_refused(finished, tmp_path, query, capsys):
-    from herl.cli import main
+    from herl.commands.cli import main
 
     run = tmp_path / "run"
     shutil.copytree(finished, run)
@@ -325,7 +326,7 @@ def test_every_way_of_naming_a_damaged_table_is_refused(finished, tmp_path, quer
 def test_sql_is_stopped_by_ctrl_c_its_time_limit_and_its_memory_limit(finished):
     cross = "SELECT count(*) FROM rollouts a, rollouts b, rollouts c, rollouts d, rollouts e, rollouts f, rollouts g"
     # a terminal's Ctrl-C: SIGINT at its default (a background job inherits it ignored)
-    proc = subprocess.Popen([sys.executable, "-m", "herl.cli", "sql", str(finished), cross, "--timeout", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "herl.commands.cli", "sql", str(finished), cross, "--timeout", "0"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(6)  # the query is running (imports take a few seconds)
@@ -334,7 +335,7 @@ def test_sql_is_stopped_by_ctrl_c_its_time_limit_and_its_memory_limit(finished):
     out, err = proc.communicate(timeout=60)
     assert time.perf_counter() - t0 < 5, "Ctrl-C did not stop the query at once"
     assert proc.returncode == 130 and "the query was stopped by Ctrl-C" in err and "Traceback" not in err
-    assert subprocess.run(["pgrep", "-f", "herl.query"], capture_output=True).returncode == 1  # no query left
+    assert subprocess.run(["pgrep", "-f", "herl.runs.query"], capture_output=True).returncode == 1  # no query left
 
     timed = _herl("sql", str(finished), cross, "--timeout", "1")
     assert timed.returncode == 2 and "stopped after 1 s, its time limit" in timed.stderr
@@ -352,7 +353,7 @@ def test_a_hang_up_stops_the_run_resumably_and_nohup_keeps_it_running(tmp_path):
     args = ["--runs-dir", str(runs), "--run-id", RUN_ID, "--iterations", "2", *_set_args(small_overrides(runs))]
     log = tmp_path / "nohup.log"
     with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "herl.cli", "run", *args], cwd=ROOT, stdout=fh,
+        proc = subprocess.Popen([sys.executable, "-m", "herl.commands.cli", "run", *args], cwd=ROOT, stdout=fh,
                                 stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
         manifest = run_dir / "iter-0" / "_manifests" / "grade.json"
@@ -367,7 +368,7 @@ def test_a_hang_up_stops_the_run_resumably_and_nohup_keeps_it_running(tmp_path):
         proc.wait(timeout=90)
     log = tmp_path / "hup.log"
     with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "herl.cli", "resume", str(run_dir)], cwd=ROOT, stdout=fh,
+        proc = subprocess.Popen([sys.executable, "-m", "herl.commands.cli", "resume", str(run_dir)], cwd=ROOT, stdout=fh,
                                 stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
         _stop_at(proc, run_dir, (1, "rollout"), signal.SIGHUP, log)
@@ -384,7 +385,7 @@ def test_plugins_are_checked_before_prefect_starts(tmp_path, plugin, needle):
     (tmp_path / "herl_raising_plugin.py").write_text("1 / 0\n")
     runs = tmp_path / "runs"
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "herl.cli", "run", "--runs-dir", str(runs), "--run-id", "p",
+    proc = subprocess.run([sys.executable, "-m", "herl.commands.cli", "run", "--runs-dir", str(runs), "--run-id", "p",
                            "--set", f"plugins={json.dumps([plugin])}"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     _assert_user_error(proc, needle)
@@ -397,7 +398,7 @@ def test_a_stop_while_prefect_starts_names_no_folder_to_resume(tmp_path):
     runs = tmp_path / "runs"
     log = tmp_path / "early.log"
     with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "herl.cli", "run", "--runs-dir", str(runs), "--run-id", "early"],
+        proc = subprocess.Popen([sys.executable, "-m", "herl.commands.cli", "run", "--runs-dir", str(runs), "--run-id", "early"],
                                 cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 120
         while "Starting temporary server" not in log.read_text():
@@ -437,7 +438,7 @@ def test_a_moved_run_resumes_as_the_same_run(finished, tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     _assert_same_tables(moved, finished)
     assert json.loads((moved / "config.json").read_text())["run_id"] == RUN_ID
-    from herl.rundir import load_run as _load
+    from herl.runs.rundir import load_run as _load
 
     run = _load(moved)
     with run.lock():
@@ -454,7 +455,7 @@ def test_herl_grade_user_errors_are_one_line(tmp_path):
                                    "rubric": [{"item_id": "j", "kind": "judge", "description": "Is kind."}],
                                    "response": "Hello."}) + "\n")
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
-    nokey = subprocess.run([sys.executable, "-m", "herl.cli", "grade", "--input", str(prompts), "--output",
+    nokey = subprocess.run([sys.executable, "-m", "herl.commands.cli", "grade", "--input", str(prompts), "--output",
                             str(tmp_path / "o.parquet"), "--set", "grade.judge.model=gpt-4o-mini"],
                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     _assert_user_error(nokey, "no judge API key", "OPENAI_API_KEY")
@@ -464,7 +465,7 @@ def test_herl_grade_user_errors_are_one_line(tmp_path):
 
 @pytest.mark.parametrize("cmd,name", [("plot", "plot.png"), ("view", "report.html")])
 def test_a_view_that_cannot_be_written_asks_for_another_place_not_a_resume(finished, tmp_path, cmd, name, capsys):
-    from herl.cli import main
+    from herl.commands.cli import main
 
     run = tmp_path / "run"
     shutil.copytree(finished, run)

@@ -10,10 +10,10 @@ from collections import Counter
 
 import pytest
 
-from herl.english import is_verb_word, punkt_sentences, tokens
-from herl.ifbench import IFBENCH_IDS, sentences
-from herl.importers import load_prompts
-from herl.rubric import MET, UNMET, VerifiableGrader, describe_item
+from herl.data.importers import load_prompts
+from herl.grading.english import is_verb_word, punkt_sentences, tokens
+from herl.grading.ifbench import IFBENCH_IDS, sentences
+from herl.grading.rubric import MET, UNMET, VerifiableGrader, describe_item
 from tests.helpers import BENCHMARKS, item_verdict
 
 verdict = item_verdict
@@ -254,5 +254,5 @@ def test_agrees_with_the_official_evaluation_of_the_sample_responses(capsys):
             for line in wrong[mode]:
                 print("  " + line)
     assert 1 - len(wrong["strict"]) / n >= 0.99 and 1 - len(wrong["loose"]) / n >= 0.99
-    # the known difference: nltk's tagger calls some imperatives nouns (herl.english)
+    # the known difference: nltk's tagger calls some imperatives nouns (herl.grading.english)
     assert {w.split(":")[0] + ":" + w.split(":")[1] for w in wrong["strict"] + wrong["loose"]} <= {"words:start_verb"}

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from herl.ifeval import IFEVAL_IDS, count_sentences
-from herl.rubric import MET, UNMET, describe_item
+from herl.grading.ifeval import IFEVAL_IDS, count_sentences
+from herl.grading.rubric import MET, UNMET, describe_item
 from tests.helpers import item_verdict
 
 verdict = item_verdict

@@ -8,10 +8,10 @@ import re
 
 import pytest
 
-from herl.ifgen import KINDS, base_requests, builtin_ifgen
-from herl.importers import load_prompts
-from herl.rubric import CHECKS, check_params
-from herl.task import evaluation_prompts, load_pool
+from herl.data.ifgen import KINDS, base_requests, builtin_ifgen
+from herl.data.importers import load_prompts
+from herl.data.pool import evaluation_prompts, load_pool
+from herl.grading.rubric import CHECKS, check_params
 from schemas.config import load_config
 from tests.helpers import BENCHMARKS
 

@@ -8,11 +8,11 @@ from collections import Counter
 import pyarrow.parquet as pq
 import pytest
 
-from herl.cli import main
-from herl.grade_command import grade_file
-from herl.ifeval import IFEVAL_IDS
-from herl.importers import PromptFileError, convert, load_prompts, read_records
-from herl.task import builtin_toy
+from herl.commands.cli import main
+from herl.commands.grade import grade_file
+from herl.data.importers import PromptFileError, convert, load_prompts, read_records
+from herl.data.pool import builtin_toy
+from herl.grading.ifeval import IFEVAL_IDS
 from tests.helpers import BENCHMARKS
 
 needs_benchmarks = pytest.mark.skipif(not BENCHMARKS.exists(), reason=f"benchmark samples not found at {BENCHMARKS}")

@@ -10,8 +10,8 @@ import re
 import pyarrow.parquet as pq
 import pytest
 
-from herl.judge import ParseError, parse_verdicts
-from herl.rubric import MET, UNKNOWN, UNMET, GradeInput, RubricGrader
+from herl.grading.judge import ParseError, parse_verdicts
+from herl.grading.rubric import MET, UNKNOWN, UNMET, GradeInput, RubricGrader
 from schemas.config import GradeConfig, JudgeConfig
 from tests.scripted_judge import ScriptedJudge
 
@@ -120,7 +120,7 @@ def test_cache_means_a_resumed_stage_does_not_pay_twice(tmp_path):
 
 def _herl_grade(tmp_path, rows: list[dict], out) -> tuple[int, set[str]]:
     """`herl grade` on HealthBench-format rows against the scripted judge: (exit status, auth headers seen)."""
-    from herl.cli import main
+    from herl.commands.cli import main
 
     src = tmp_path / "hb.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -178,7 +178,7 @@ def test_local_engine_judge_is_robust_with_a_random_model():
 
 
 def test_grade_stage_uses_the_judge_and_reports_it(tmp_path):
-    from herl.rundir import open_run
+    from herl.runs.rundir import open_run
     from schemas.config import load_config
     from schemas.tables import read_table
     from stages import grade as grade_stage
@@ -210,8 +210,8 @@ def test_grade_stage_uses_the_judge_and_reports_it(tmp_path):
 def test_implicit_holistic_reward(tmp_path):
     """RaR implicit: one 1-10 judge score per response, as (s - 1) / 9; a failed score falls
     back to the weighted item reward and is counted."""
-    from herl.rubric import grade_samples
-    from herl.rundir import open_run
+    from herl.grading.rubric import grade_samples
+    from herl.runs.rundir import open_run
     from schemas.config import load_config
 
     prompt = {"prompt_id": "p", "messages": [{"role": "user", "content": "q"}],
@@ -222,7 +222,7 @@ def test_implicit_holistic_reward(tmp_path):
                                  "grade.judge.base_url": server.base_url, "grade.judge.model": "scripted",
                                  "grade.judge.api_key_env": "HERL_TEST_JUDGE_KEY", "grade.judge.backoff_s": 0.01})
         run = open_run(cfg)
-        rows, scores, stats = grade_samples(run, 0, {"p": prompt},
+        rows, scores, stats = grade_samples(run.run_id, run.judge_cache, 0, {"p": prompt},
                                             [("a", "p", "CASE:score7 fine"), ("b", "p", "CASE:score10 ok"),
                                              ("c", "p", "CASE:always500, oops")], cfg.grade)
     assert scores["a"]["reward"] == pytest.approx(6 / 9) and scores["b"]["reward"] == 1.0
@@ -233,7 +233,7 @@ def test_implicit_holistic_reward(tmp_path):
 
 def test_herl_grade_file_with_implicit_reward(tmp_path):
     """`herl grade` scores rows with the holistic judge score too, with the same fallback."""
-    from herl.grade_command import grade_file
+    from herl.commands.grade import grade_file
     from schemas.config import GradeConfig, JudgeConfig
 
     rows = [{"prompt_id": f"p{i}", "messages": [{"role": "user", "content": "q"}], "response": text,
@@ -271,7 +271,7 @@ def test_an_echoed_authorization_header_never_reaches_a_table(tmp_path, capsys):
 
 
 def test_redact():
-    from herl.judge import redact
+    from herl.grading.judge import redact
 
     text = ("401 {'authorization': 'Bearer sk-abc12345678', \"X-Api-Key\": \"k-99999999\"} "
             "api_key=plainkey123 Authorization: Basic dXNlcjpwYXNzd29yZA== key sk-abc12345678 again")
@@ -282,7 +282,7 @@ def test_redact():
 
 
 def test_judge_prompt_shows_weights_when_they_differ():
-    from herl.judge import JudgeTask, build_judge_prompt
+    from herl.grading.judge import JudgeTask, build_judge_prompt
 
     weighted = build_judge_prompt(JudgeTask("[user]\nQ", "A", ("Is polite.", "Gives a dangerous dose."), (5.0, -8.0)))
     assert "1. Is polite. (weight 5)\n2. Gives a dangerous dose. (weight -8)\n" in weighted

@@ -1,4 +1,4 @@
-"""The mixed-policy loss (herl/loss.py) pinned with hand-computed numbers and gradients:
+"""The mixed-policy loss (herl/training/loss.py) pinned with hand-computed numbers and gradients:
 clipping, dual clip, hindsight shaping of each form, masks, KL, IS weights, aggregation."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from herl.loss import policy_loss
+from herl.training.loss import policy_loss
 from schemas.config import TrainConfig
 
 
@@ -105,7 +105,7 @@ def test_masked_tokens_do_not_count_and_kl_is_added():
 
 
 def test_truncated_importance_weights():
-    from herl.loss import truncated_is_weight
+    from herl.training.loss import truncated_is_weight
 
     ln = math.log
     old = torch.tensor([[ln(0.5), ln(0.9)], [ln(0.5), ln(0.5)]])
@@ -131,7 +131,7 @@ def test_truncated_importance_weights():
 def test_loss_aggregation_modes(mode, expected):
     """Two on-policy sequences at ratio 1: A = -2 over 1 token, A = -1 over 3 tokens, split
     over two micro-batches as the trainer does; the parts add up to each mode's formula."""
-    from herl.loss import loss_denominators
+    from herl.training.loss import loss_denominators
 
     lengths = [1, 3]
     per_chunk = [loss_denominators([n], lengths, mode, norm_length=8) for n in lengths]
@@ -156,7 +156,7 @@ def test_aggregation_with_several_sequences_per_micro_batch(mode):
     """Five sequences (lengths 2, 1, 4, 3, 2; one a hindsight row) cut into micro-batches of
     3 and 2 sequences, as the trainer cuts them: the summed loss and every token's gradient
     equal the mode's formula over the whole mini-batch, written out here token by token."""
-    from herl.loss import loss_denominators
+    from herl.training.loss import loss_denominators
 
     torch.manual_seed(0)
     lengths, norm = [2, 1, 4, 3, 2], 6
@@ -210,7 +210,7 @@ def test_aggregation_with_several_sequences_per_micro_batch(mode):
 
 def test_k3_is_clamped_as_verl_clamps_it():
     """verl's low_var_kl: the log-ratio clamped to [-20, 20], k3 to at most 10."""
-    from herl.loss import k3_kl
+    from herl.training.loss import k3_kl
 
     logp = torch.tensor([[0.0, 0.0, 0.0, -1.0]])
     ref = torch.tensor([[0.5, 30.0, -30.0, -1.0]])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from herl.cli import main
+from herl.commands.cli import main
 
 
 def test_plot_of_a_finished_run(done_run, tmp_path, capsys):

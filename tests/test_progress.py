@@ -3,8 +3,8 @@ the loss; shown on a terminal (or with HERL_PROGRESS=1), silent in logs and CI."
 
 from __future__ import annotations
 
-from herl.progress import Progress
-from herl.rundir import open_run
+from herl.runs.rundir import open_run
+from herl.util.progress import Progress
 from schemas.config import load_config
 from stages import run_iteration
 from tests.helpers import small_overrides

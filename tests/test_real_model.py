@@ -7,10 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from herl.batching import sequence_logprobs
-from herl.engines import GenRequest, SamplingParams, find_vllm_python, load_engine, render_chat
-from herl.model_store import named_model_dir
-from herl.rundir import open_run
+from herl.generation.engines import (
+    GenRequest,
+    SamplingParams,
+    find_vllm_python,
+    load_engine,
+    render_chat,
+)
+from herl.models.store import named_model_dir
+from herl.runs.rundir import open_run
+from herl.training.batching import sequence_logprobs
 from schemas.config import PRESETS, VLLMConfig, load_config
 from schemas.stages import STAGES
 from schemas.tables import read_table

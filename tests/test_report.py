@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 
-from herl.cli import main
-from herl.query import connect_run
-from herl.report import word_diff, write_report
+from herl.commands.cli import main
+from herl.runs.query import connect_run
+from herl.runs.report import word_diff, write_report
 from tests.chromium import BINARY, Browser
 
 

@@ -13,8 +13,8 @@ import time
 import psutil
 import pytest
 
-from herl.query import query_run
-from herl.status import stage_status
+from herl.runs.query import query_run
+from herl.runs.status import stage_status
 from schemas.stages import STAGES
 from schemas.tables import TABLES
 from tests.helpers import ROOT, small_overrides
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 def _herl(*args: str) -> list[str]:
-    return [sys.executable, "-m", "herl.cli", *args]
+    return [sys.executable, "-m", "herl.commands.cli", *args]
 
 
 def _set_args(overrides: dict) -> list[str]:
@@ -107,7 +107,7 @@ def test_sigkill_during_a_stage_then_resume(tmp_path):
 
     # the default tracker: every metric of every iteration (the final held-out evaluation
     # included) is in TensorBoard's event files once, although iteration 0 ended in a kill
-    from herl.rundir import load_run
+    from herl.runs.rundir import load_run
     from tests.test_tracking import expected_points, tensorboard_points
 
     run = load_run(run_dir)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from herl.rubric import (
+from herl.grading.rubric import (
     CHECKS,
     MET,
     UNKNOWN,
@@ -85,10 +85,10 @@ def test_aggregate_modes_and_unknown_policy():
 
 
 def test_plugins_register_checks_for_runs_and_herl_grade(tmp_path, monkeypatch, capsys):
-    from herl.cli import main
+    from herl.commands.cli import main
 
     (tmp_path / "herl_test_plugin_checks.py").write_text(
-        "from herl.rubric import register_check\n"
+        "from herl.grading.rubric import register_check\n"
         "@register_check('test_max_lines', describe=lambda n: f'Use at most {n} lines.')\n"
         "def max_lines(response, *, n):\n    return len(response.strip().splitlines()) <= n\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -111,8 +111,8 @@ def test_plugins_register_checks_for_runs_and_herl_grade(tmp_path, monkeypatch, 
 
 
 def _grade_with(tmp_path, **grade_overrides):
-    from herl.rubric import grade_samples
-    from herl.rundir import open_run
+    from herl.grading.rubric import grade_samples
+    from herl.runs.rundir import open_run
     from schemas.config import load_config
 
     cfg = load_config(None, {"runs_dir": str(tmp_path), "run_id": "r",
@@ -121,7 +121,8 @@ def _grade_with(tmp_path, **grade_overrides):
               dict(item("nope"), item_id="unk")]
     prompt = {"prompt_id": "p", "messages": [{"role": "user", "content": "q"}], "rubric": rubric}
     # strict: the comma on the first line fails no_comma; loose drops that line and it is met
-    rows, scores, _ = grade_samples(open_run(cfg), 0, {"p": prompt},
+    run = open_run(cfg)
+    rows, scores, _ = grade_samples(run.run_id, run.judge_cache, 0, {"p": prompt},
                                     [("a", "p", "Sure, here:\nno commas here"), ("b", "p", "a, 1")], cfg.grade)
     return rows, scores
 
@@ -142,7 +143,7 @@ def test_grade_stage_follows_mode_reward_and_unknown_policy(tmp_path):
 
 
 def test_pitfalls_subtract_or_ignore():
-    from herl.rubric import aggregate
+    from herl.grading.rubric import aggregate
 
     verdicts, weights = ["met", "met", "unmet"], [5.0, -2.0, 3.0]
     assert aggregate(verdicts, weights)[0] == pytest.approx((5 - 2) / 8)  # HealthBench: the pitfall costs 2

@@ -8,14 +8,15 @@ import json
 
 import pytest
 
-from herl.rundir import open_run
+from herl.runs.rundir import open_run
 from schemas.config import load_config
 from stages import run_iteration, train
 from tests.helpers import small_overrides
 
 
 def test_snapshots_are_pruned_and_the_run_still_verifies(tmp_path):
-    from herl.rundir import SnapshotPrunedError, fingerprint, load_run, snapshot_meta
+    from herl.models.snapshot import SnapshotPrunedError, snapshot_meta
+    from herl.runs.rundir import fingerprint, load_run
 
     cfg = load_config(None, small_overrides(tmp_path, iterations=4, **{
         "train.keep_snapshots": 2, "train.keep_every": 0, "task.num_prompts": 8}))

@@ -12,13 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from herl.cli import main
-from herl.engines import GenRequest, PromptTooLongError, SamplingParams, TransformersEngine
-from herl.importers import PromptFileError, load_prompts
-from herl.query import ReadOnlyQueryError, connect_run, query_run
-from herl.rundir import SnapshotAlteredError, fingerprint, load_run, open_run
-from herl.task import check_pool_fits
-from herl.tiny import resolve_model_path
+from herl.commands.cli import main
+from herl.data.importers import PromptFileError, load_prompts
+from herl.data.pool import check_pool_fits
+from herl.generation.engines import (
+    GenRequest,
+    PromptTooLongError,
+    SamplingParams,
+    TransformersEngine,
+)
+from herl.models.paths import resolve_model_path
+from herl.models.snapshot import SnapshotAlteredError
+from herl.runs.query import ReadOnlyQueryError, connect_run, query_run
+from herl.runs.rundir import fingerprint, load_run, open_run
 from schemas.config import ConfigError, load_config
 from stages import rollout, run_iteration, train
 from tests.helpers import small_overrides

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from herl.batching import batch_sequences
-from herl.loss import policy_loss
 from herl.sql import WHITESPACE, run_sql_file
+from herl.training.batching import batch_sequences
+from herl.training.loss import policy_loss
 from schemas.tables import TABLES
 from stages import advantages
 

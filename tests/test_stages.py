@@ -12,11 +12,12 @@ import sys
 import pytest
 import torch
 
-from herl.batching import load_sequences, sequence_logprobs
-from herl.engines import load_engine, load_tokenizer
-from herl.query import ReadOnlyQueryError, connect_run, query_run
-from herl.rundir import load_run, open_run
-from herl.status import stage_status
+from herl.generation.engines import load_engine
+from herl.models.tokenizer import load_tokenizer
+from herl.runs.query import ReadOnlyQueryError, connect_run, query_run
+from herl.runs.rundir import load_run, open_run
+from herl.runs.status import stage_status
+from herl.training.batching import load_sequences, sequence_logprobs
 from schemas.config import load_config
 from schemas.stages import STAGES
 from schemas.tables import TABLES, read_table, write_table
@@ -213,9 +214,9 @@ def test_logprobs_follow_the_sampling_temperature(tmp_path):
 
 
 def test_bad_prompts_file_fails_the_stage_cleanly(tmp_path, capsys):
-    from herl.cli import main
-    from herl.importers import PromptFileError
-    from herl.task import builtin_toy
+    from herl.commands.cli import main
+    from herl.data.importers import PromptFileError
+    from herl.data.pool import builtin_toy
 
     rows = builtin_toy(3, 0)
     rows[2]["messages"] = "hello"
@@ -235,12 +236,12 @@ def test_bad_prompts_file_fails_the_stage_cleanly(tmp_path, capsys):
 def test_init_model_builds_a_loadable_model(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from herl.cli import main
+    from herl.commands.cli import main
 
     assert main(["init-model", str(tmp_path / "m")]) == 0
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert model.config.num_hidden_layers == 2
-    text, ids = __import__("herl.engines", fromlist=["render_chat"]).render_chat(
+    text, ids = __import__("herl.generation.engines", fromlist=["render_chat"]).render_chat(
         load_tokenizer(tmp_path / "m"), [{"role": "user", "content": "hi"}])
     assert text.endswith("<|im_start|>assistant\n") and len(ids) > 3
 
@@ -259,7 +260,7 @@ def test_truncated_is_correction_in_a_real_train_step(tmp_path):
 
 
 def test_micro_batches_respect_rows_and_padded_tokens():
-    from herl.batching import micro_batches
+    from herl.training.batching import micro_batches
 
     lengths = [n + 4 for n in [10] * 40 + [200] * 5]  # prompt + 4 response tokens, sorted
     rows = list(range(len(lengths)))
@@ -277,7 +278,7 @@ def test_token_bounded_micro_batches_give_the_same_update(done_run):
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
-    from herl.trainer import train_on_batch
+    from herl.training.trainer import train_on_batch
 
     rows = load_sequences(done_run, 0)
     snapshot = done_run.snapshot(0)
@@ -302,7 +303,7 @@ def test_processes_needing_the_tiny_model_at_once_share_one_build(tmp_path):
     every process sees the same folder (its fingerprint is recorded by the stages)."""
     import os
 
-    code = ("from herl.tiny import resolve_model_path; from herl.rundir import fingerprint; "
+    code = ("from herl.models.paths import resolve_model_path; from herl.runs.rundir import fingerprint; "
             "print(fingerprint(resolve_model_path('builtin:tiny')))")
     env = {**os.environ, "HERL_HOME": str(tmp_path / "home")}
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -324,8 +325,8 @@ def test_truncated_is_weights_scale_on_policy_tokens_once_per_update():
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
-    from herl.tiny import resolve_model_path
-    from herl.trainer import train_on_batch
+    from herl.models.paths import resolve_model_path
+    from herl.training.trainer import train_on_batch
     from schemas.config import TrainConfig
 
     path = resolve_model_path("builtin:tiny")
@@ -366,8 +367,8 @@ def test_per_sequence_aggregation_trains_with_several_sequences_per_micro_batch(
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
-    from herl.tiny import resolve_model_path
-    from herl.trainer import train_on_batch
+    from herl.models.paths import resolve_model_path
+    from herl.training.trainer import train_on_batch
     from schemas.config import TrainConfig
 
     path = resolve_model_path("builtin:tiny")

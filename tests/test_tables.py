@@ -38,7 +38,7 @@ def test_failed_write_leaves_nothing(tmp_path):
 def test_a_renamed_column_reads_from_an_older_runs_files(tmp_path):
     """rewards.items_total became items_scored: a file written before reads (read_table,
     open_dataset, herl sql) under the new name, with its values."""
-    from herl.query import query_run
+    from herl.runs.query import query_run
     from schemas.tables import open_dataset
 
     row = {"run_id": "r", "iteration": 0, "rollout_id": "a", "prompt_id": "p", "reward": 0.5,

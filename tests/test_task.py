@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from herl.task import builtin_toy, sample_for_iteration
+from herl.data.pool import builtin_toy, sample_for_iteration
 
 
 def test_builtin_task_and_epoch_sampling():

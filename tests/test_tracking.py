@@ -12,8 +12,8 @@ from collections import Counter
 
 import pytest
 
-from herl.rundir import Run
-from herl.tracking import check_trackers, iteration_metrics, sync
+from herl.runs.rundir import Run
+from herl.runs.tracking import check_trackers, iteration_metrics, sync
 from schemas.config import load_config
 
 ALL = ["tensorboard", "wandb", "mlflow"]

@@ -1,4 +1,4 @@
-"""The train job (herl/trainer.py) as launched by the train stage: 1 and 2 processes make
+"""The train job (herl/training/trainer.py) as launched by the train stage: 1 and 2 processes make
 the same update, LoRA adapters with the adapter-disabled KL reference, the merged copy
 the engines generate from, and `herl export`."""
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from herl.lora import engine_model, is_adapter
-from herl.rundir import open_run
+from herl.models.lora import engine_model, is_adapter
+from herl.runs.rundir import open_run
 from schemas.config import load_config
 from stages import advantages, grade, hindsight, rollout, run_iteration, train
 from stages.train import start_job
@@ -64,8 +64,8 @@ def test_lora_trains_an_adapter_with_the_base_as_kl_reference(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from herl.batching import load_sequences
-    from herl.trainer import _prepare
+    from herl.training.batching import load_sequences
+    from herl.training.trainer import _prepare
     from schemas.tables import read_table
 
     run = _through_advantages(tmp_path, **{"train.lora.rank": 8, "train.lora.alpha": 16, "train.kl_coef": 0.05,
@@ -112,7 +112,7 @@ def test_lora_trains_an_adapter_with_the_base_as_kl_reference(tmp_path):
 def test_herl_export_writes_the_final_policy_as_one_hf_folder(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from herl.cli import main as cli
+    from herl.commands.cli import main as cli
 
     run = _through_advantages(tmp_path, **{"train.lora.rank": 4, "train.learning_rate": 5e-3, "iterations": 1})
     train.run(run, 0)
@@ -132,7 +132,7 @@ def test_herl_export_writes_the_final_policy_as_one_hf_folder(tmp_path):
 
 
 def test_export_of_an_earlier_policy_carries_a_model_card(done_run, tmp_path):
-    from herl.cli import main as cli
+    from herl.commands.cli import main as cli
     from schemas.tables import read_table
 
     dest = tmp_path / "policy-1"
@@ -167,7 +167,7 @@ def test_shipped_accelerate_configs_load_and_reach_the_launch_command(name, kind
     assert cmd[cmd.index("--config_file") + 1] == str(path.resolve())
     assert cmd[cmd.index("--num_processes") + 1] == "4" and cmd[cmd.index("--mixed_precision") + 1] == "bf16"
     assert "--multi_gpu" not in cmd  # the file chooses the distributed type
-    assert cmd[-5:] == ["-m", "herl.trainer", str(tmp_path), "3", str(tmp_path / "out")]
+    assert cmd[-5:] == ["-m", "herl.training.trainer", str(tmp_path), "3", str(tmp_path / "out")]
 
 
 @pytest.mark.slow
@@ -178,7 +178,7 @@ def test_herl_run_with_lora_end_to_end(tmp_path):
     import subprocess
     import sys
 
-    from herl.rundir import load_run
+    from herl.runs.rundir import load_run
     from schemas.tables import read_table
     from tests.helpers import ROOT
 
@@ -188,7 +188,7 @@ def test_herl_run_with_lora_end_to_end(tmp_path):
                                                "train.learning_rate": 5e-3}).items():
         if key not in ("run_id", "runs_dir", "iterations"):
             sets += ["--set", f"{key}={json.dumps(value)}"]
-    res = subprocess.run([sys.executable, "-m", "herl.cli", "run", "--run-id", "lora", "--runs-dir", str(runs),
+    res = subprocess.run([sys.executable, "-m", "herl.commands.cli", "run", "--run-id", "lora", "--runs-dir", str(runs),
                           "--iterations", "2", *sets], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     run = load_run(runs / "lora")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from herl.engines import (
+from herl.generation.engines import (
     GenRequest,
     SamplingParams,
     find_vllm_python,
@@ -22,8 +22,8 @@ from herl.engines import (
     release_engines,
     render_chat,
 )
-from herl.rundir import open_run
-from herl.tiny import resolve_model_path
+from herl.models.paths import resolve_model_path
+from herl.runs.rundir import open_run
 from schemas.config import VLLMConfig, load_config
 from schemas.stages import STAGES
 from schemas.tables import read_table
@@ -66,7 +66,7 @@ def test_seeded_sampling_with_split_prompts_on_cpu(tmp_path):
     """Regression: on this model and batch, vLLM's chunked prefill split prompts and then
     crashed rewinding the seeded CPU generators ("CPU Generator does not use offset",
     reproduced with vllm.enable_chunked_prefill = true). herl turns it off on CPUs."""
-    from herl.tiny import build_tiny_model
+    from herl.models.tiny import build_tiny_model
 
     model = build_tiny_model(tmp_path / "m27", hidden=512, layers=8, heads=8, intermediate=1536)
     engine = load_engine("vllm", model, vllm_cfg=VLLMConfig(enforce_eager=True, cpu_kvcache_gib=1))
@@ -127,7 +127,7 @@ def test_two_iterations_with_vllm_start_one_engine(tmp_path):
 
 
 def test_vllm_serve_as_the_http_judge(tmp_path):
-    from herl.cli import main
+    from herl.commands.cli import main
 
     port = free_port()
     model = resolve_model_path("builtin:tiny")
@@ -180,7 +180,7 @@ def test_an_engine_whose_starter_was_killed_goes_too(tmp_path):
     script.write_text(
         "import sys, time\n"
         f"sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
-        "from herl.engines import load_engine\nfrom herl.tiny import resolve_model_path\n"
+        "from herl.generation.engines import load_engine\nfrom herl.models.paths import resolve_model_path\n"
         "from schemas.config import VLLMConfig\nfrom tests.helpers import greedy\n"
         "e = load_engine('vllm', resolve_model_path('builtin:tiny'), vllm_cfg=VLLMConfig(enforce_eager=True, "
         "cpu_kvcache_gib=1))\n"

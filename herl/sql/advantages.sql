@@ -33,7 +33,7 @@ failed as (
 -- reference applies it whatever the sign of (r_rev - r).
 usable_revisions as (
     -- the reference drops empty revisions (nothing left after Python's str.strip());
-    -- $whitespace is every character Python strips (herl.rubric.WHITESPACE), so this
+    -- $whitespace is every character Python strips (herl.grading.rubric.WHITESPACE), so this
     -- and the stage's empty_revisions metric share one definition
     select * from hindsight where length(trim(response_text, $whitespace)) > 0
 ),

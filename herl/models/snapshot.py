@@ -1,0 +1,115 @@
+"""A policy snapshot on disk: its metadata file (herl_snapshot.json) with the size and
+sha256 of every file, sealing, checking and pruning. Used by the run store, the trainer
+and LoRA export; imports nothing of herl's."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from schemas.errors import UserError
+from schemas.tables import atomic_write
+
+SNAPSHOT_META = "herl_snapshot.json"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    with atomic_write(path, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+
+
+class SnapshotAlteredError(UserError, RuntimeError):
+    """A snapshot's files no longer match the digests recorded when it was saved."""
+
+
+# sha256 of files already hashed by this process, keyed by what changes when a file is
+# rewritten (inode, size, mtime, ctime; ctime cannot be set back by a user): a new
+# process (a resume) hashes every snapshot it uses once, a running one does not re-hash.
+_digests: dict[tuple[int, int, int, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _digests:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        _digests[key] = h.hexdigest()
+    return _digests[key]
+
+
+def snapshot_files(folder: Path) -> dict[str, dict]:
+    """{relative path: {bytes, sha256}} of every file of a snapshot but its metadata."""
+    return {str(f.relative_to(folder)): {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+            for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != SNAPSHOT_META)}
+
+
+def seal_snapshot(folder: Path, meta: dict) -> None:
+    """Write the snapshot's metadata with the size and digest of each of its files."""
+    write_json_atomic(folder / SNAPSHOT_META, {**meta, "files": snapshot_files(folder)})
+
+
+class SnapshotPrunedError(UserError, RuntimeError):
+    """A stage must be redone but the snapshot it starts from was pruned (train.keep_snapshots)."""
+
+
+def prune_snapshot(folder: Path, optimizer_only: bool) -> int:
+    """Free a snapshot's disk; returns the bytes freed. optimizer_only drops optimizer.pt
+    (only the newest snapshot needs it to continue AdamW); otherwise every file goes and
+    herl_snapshot.json stays as a tombstone with the snapshot's id, so the manifests that
+    name it still verify. The metadata is rewritten first: a kill midway leaves a folder
+    whose leftovers the next pruning removes."""
+    meta = snapshot_meta(folder)
+    if optimizer_only:
+        meta["files"] = {n: f for n, f in meta.get("files", {}).items() if n != "optimizer.pt"}
+        meta["optimizer_pruned"] = True
+        victims = [folder / "optimizer.pt"]
+    else:
+        meta.update(files={}, pruned=True)
+        victims = [p for p in folder.rglob("*") if p.is_file() and p.name != SNAPSHOT_META]
+    write_json_atomic(folder / SNAPSHOT_META, meta)
+    freed = 0
+    for p in victims:
+        if p.exists():
+            freed += p.stat().st_size
+            p.unlink()
+    return freed
+
+
+def snapshot_meta(folder: Path) -> dict:
+    """A snapshot's herl_snapshot.json ({} when absent). An unreadable one reads as
+    {"files": {}}: the snapshot then does not verify (every file is 'not part of it'), so
+    the train stage that wrote it is redone."""
+    p = folder / SNAPSHOT_META
+    if not p.exists():
+        return {}
+    try:
+        meta = json.loads(p.read_bytes())
+    except (ValueError, OSError):
+        return {"files": {}, "corrupt": True}
+    return meta if isinstance(meta, dict) else {"files": {}, "corrupt": True}
+
+
+def snapshot_problems(folder: Path, meta: dict | None = None) -> list[str]:
+    """What differs between a snapshot's files and the digests recorded at its save ([] when none)."""
+    meta = snapshot_meta(folder) if meta is None else meta
+    if meta.get("pruned"):
+        return []
+    recorded = meta.get("files")
+    if recorded is None:
+        return ["no file digests recorded (a snapshot from an older herl)"]
+    actual = snapshot_files(folder)
+    problems = [f"{name} is missing" for name in recorded if name not in actual]
+    problems += [f"{name} was not part of the saved snapshot" for name in actual if name not in recorded]
+    for name, want in recorded.items():
+        got = actual.get(name)
+        if got is None:
+            continue
+        if got["bytes"] != want["bytes"]:
+            problems.append(f"{name} has {got['bytes']} bytes, {want['bytes']} when saved (truncated or replaced)")
+        elif got["sha256"] != want["sha256"]:
+            problems.append(f"{name} changed since it was saved (sha256 differs)")
+    return problems

@@ -1,0 +1,57 @@
+"""What a run holds: the status of every (iteration, stage) and its disk use (`herl status`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from herl.runs.rundir import load_run
+from schemas.config import stage_config_hash
+from schemas.stages import STAGES
+
+
+def stage_status(run_dir: str | Path) -> list[dict]:
+    """One row per (iteration, stage): status done / failed / running / interrupted /
+    corrupt (its manifest or outputs do not verify) / stale (done under another config:
+    resume redoes it) / missing, rows, seconds."""
+    run = load_run(run_dir)
+    locked = run.is_locked()
+    iters = sorted(int(p.name.split("-")[1]) for p in run.path.glob("iter-*") if p.name.split("-")[1].isdigit())
+    n = max([run.cfg.iterations, *iters]) + 1
+    rows = []
+    for k in range(n):
+        planned = run.cfg.iteration_stages(k)
+        # stages of this config's plan, and any other stage that left a manifest (an earlier, longer run)
+        for stage in planned + [s for s in ("heldout", *STAGES) if s not in planned and run.manifest_path(k, s).exists()]:
+            m = run.read_manifest(k, stage)
+            status = "missing" if m is None else m["status"]
+            if status == "running" and not locked:
+                status = "interrupted"
+            problems = run.output_problems(k, stage, deep=False) if status == "done" else []
+            if problems:  # marked done, but what it wrote is gone or damaged: redone on resume
+                status, m = "corrupt", {**(m or {}), "error": "; ".join(problems) + "; `herl resume` redoes it"}
+            elif status == "done" and m is not None and m.get("config_hash") != stage_config_hash(run.cfg, stage):
+                # done under another config (config.json was edited, or herl's settings changed)
+                status, m = "stale", {**m, "error": "the config it depends on changed since it ran; "
+                                                    "`herl resume` redoes it (and what follows from it)"}
+            out_rows = sum(o["rows"] for name, o in (m or {}).get("outputs", {}).items() if name != "metrics")
+            rows.append({"iteration": k, "stage": stage, "status": status,
+                         "rows": out_rows if status == "done" else None,
+                         "seconds": m.get("seconds") if m else None, "attempts": m.get("attempts") if m else None,
+                         "error": (m or {}).get("error", "")})
+    return rows
+
+
+def disk_line(run_dir: Path) -> str:
+    """What the run holds on disk: snapshots (whole / weights only / pruned) and tables."""
+    def size(paths) -> int:
+        return sum(p.stat().st_size for p in paths if p.is_file())
+
+    snaps = sorted((run_dir / "snapshots").glob("policy-*"))
+    pruned = sum(not (s / "model.safetensors").exists() for s in snaps)
+    with_opt = sum((s / "optimizer.pt").exists() for s in snaps)
+    snap_bytes = size(p for s in snaps for p in s.rglob("*"))
+    table_bytes = size(run_dir.glob("iter-*/*.parquet"))
+    gb = lambda n: f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"  # noqa: E731
+    return (f"disk: {gb(snap_bytes + table_bytes)} ({gb(snap_bytes)} in {len(snaps)} snapshots: "
+            f"{len(snaps) - pruned} with weights, {with_opt} with optimizer state, {pruned} pruned; "
+            f"{gb(table_bytes)} of tables)")
