@@ -72,7 +72,8 @@ def write_synthetic(run_dir: Path, rollouts: int, group: int, seed: int = 0) -> 
         "prompt_text": text, "prompt_token_ids": _token_lists(n, PROMPT_TOKENS, rng), "response_text": text,
         "response_token_ids": _token_lists(n, RESPONSE_TOKENS, rng), "finish_reason": const("stop", pa.string()),
         "num_tokens": const(RESPONSE_TOKENS, pa.int32()), "seed": const(0, pa.int64()),
-        "snapshot_id": const("s", pa.string()), "logprobs": _float_lists(n, RESPONSE_TOKENS, rng)}),
+        "snapshot_id": const("s", pa.string()), "logprobs": _float_lists(n, RESPONSE_TOKENS, rng),
+        "temperature": const(1.0, pa.float64())}),
         run.table(0, "rollouts"))
     items_total = 5
     met = np.round(reward * items_total).astype(np.int32)
@@ -94,6 +95,7 @@ def write_synthetic(run_dir: Path, rollouts: int, group: int, seed: int = 0) -> 
         "response_token_ids": _token_lists(m, RESPONSE_TOKENS, rng), "finish_reason": pa.array(["stop"] * m),
         "num_tokens": pa.array(np.full(m, RESPONSE_TOKENS, np.int32)), "seed": pa.array(np.zeros(m, np.int64)),
         "snapshot_id": pa.array(["s"] * m), "logprobs": _float_lists(m, RESPONSE_TOKENS, rng),
+        "temperature": pa.array(np.full(m, 1.0)),
         "reward": pa.array(rev_reward), "items_met": pa.array(np.round(rev_reward * 5).astype(np.int32)),
         "items_scored": pa.array(np.full(m, 5, np.int32)),
     }

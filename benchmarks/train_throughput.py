@@ -43,9 +43,10 @@ def synthetic_iteration(run, n: int, prompt_tokens: int, response_tokens: int, v
             "run_id": run.run_id, "iteration": 0, "rollout_id": f"s{i}", "prompt_id": f"p{i // 4}", "sample_index": i % 4,
             "prompt_text": "", "prompt_token_ids": [rng.randrange(vocab) for _ in range(prompt_tokens)],
             "response_text": "", "response_token_ids": [rng.randrange(vocab) for _ in range(response_tokens)],
-            "finish_reason": "length", "num_tokens": response_tokens, "seed": 0, "snapshot_id": "s", "logprobs": None})
+            "finish_reason": "length", "num_tokens": response_tokens, "seed": 0, "snapshot_id": "s", "logprobs": None,
+            "temperature": 1.0})
         batch.append({
-            "run_id": run.run_id, "iteration": 0, "sample_id": f"s{i}", "source_id": f"s{i}", "rollout_ref": f"s{i}",
+            "run_id": run.run_id, "iteration": 0, "sample_id": f"s{i}", "rollout_id": f"s{i}", "revision_id": None,
             "prompt_id": f"p{i // 4}", "kind": "rollout", "is_hindsight": False, "hindsight_prompt": False,
             "replaced_rollout_id": None, "temperature": 1.0, "reward": 0.5, "shaped_reward": 0.5, "group_mean": 0.5,
             "group_std": 0.5, "group_size": 4, "advantage": 1.0 if i % 4 < 2 else -1.0})

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas.errors import DiskError, UserError, disk_error, no_space, out_of_space
@@ -37,6 +38,8 @@ _generation = [
     ("seed", pa.int64()),
     ("snapshot_id", pa.string()),
     ("logprobs", pa.list_(pa.float32())),
+    # the temperature the answer was sampled at (1 for greedy): its log-probs are at it
+    ("temperature", pa.float64()),
 ]
 _score = [
     ("reward", pa.float64()),
@@ -142,8 +145,11 @@ TABLES: dict[str, Table] = {
             "batch",
             "one row per training sequence of the mixed groups (what the train stage consumes; "
             "its token lists are the rows of rollouts / hindsight it refers to)",
-            pa.schema([*_ids, ("sample_id", pa.string()), ("source_id", pa.string()),
-                       ("rollout_ref", pa.string()),  # the rollout its prompt (and a non-revision's answer) is from
+            pa.schema([*_ids, ("sample_id", pa.string()),
+                       # the rollout trained (a rollout row), copied (a duplicate) or revised
+                       # (a hindsight row: its prompt, unless trained after the hindsight prompt)
+                       ("rollout_id", pa.string()),
+                       ("revision_id", pa.string()),  # hindsight rows: the revision trained; else null
                        ("prompt_id", pa.string()), ("kind", pa.string()),
                        ("is_hindsight", pa.bool_()),
                        ("hindsight_prompt", pa.bool_()),  # trained after the revision's hindsight prompt
@@ -225,7 +231,20 @@ class SchemaError(UserError, ValueError):
 RENAMED = {"items_total": "items_scored"}  # rewards / hindsight: the items the reward is over
 
 
+# Columns added since an earlier herl version, and what to say when a run lacks them: its
+# tables still answer `herl sql` (the column reads as null), but stages cannot use them.
+ADDED = {"temperature": "rows carry the temperature they were sampled at"}
+
+
 def _migrate(table: pa.Table, spec: Table) -> pa.Table:
+    if spec.name == "batch" and "source_id" in table.column_names:
+        # batch ids before they were named for what they point to: rollout_ref is the rollout
+        # (rollout_id); source_id is the revision for hindsight rows (revision_id), else the
+        # rollout again
+        hindsight = table.column("is_hindsight")
+        revision = pc.if_else(hindsight, table.column("source_id"), pa.scalar(None, pa.string()))
+        table = table.drop_columns(["source_id"]).append_column("revision_id", revision)
+        table = table.rename_columns(["rollout_id" if n == "rollout_ref" else n for n in table.column_names])
     names = [RENAMED[n] if n in RENAMED and spec.schema.get_field_index(RENAMED[n]) >= 0
              and n not in spec.schema.names else n for n in table.column_names]
     return table.rename_columns(names) if names != table.column_names else table
@@ -242,6 +261,10 @@ def _check(table: pa.Table, spec: Table, where: str) -> pa.Table:
     expected = spec.schema
     missing = [f.name for f in expected if f.name not in table.column_names]
     extra = [n for n in table.column_names if expected.get_field_index(n) < 0]
+    if missing and not extra and set(missing) <= set(ADDED):
+        raise SchemaError(f"{where}: table '{spec.name}' has no field(s) {missing}: it was written by an earlier "
+                          f"herl version (now {'; '.join(ADDED[m] for m in missing)}); `herl sql` still reads it, "
+                          "but a run continues only from stages written by this version: start a new run")
     if missing or extra:
         raise SchemaError(f"{where}: table '{spec.name}' has missing fields {missing} and unexpected fields {extra}")
     table = table.select(expected.names)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from herl.generation.engines import sampling_temperature
 from herl.runs.rundir import Run
 from herl.sql import WHITESPACE, run_sql_file, sql_file_reader
 from schemas.tables import empty, open_dataset, table_writer
@@ -34,9 +33,7 @@ def sql_params(cfg, k: int) -> dict:
         "replace_top_n": a.replace_top_n, "fallback": a.duplicate_best_fallback,
         "std_normalize": a.std_normalize, "eps": a.eps, "seed": f"{cfg.seed}:{k}",
         "hindsight_prompt": cfg.hindsight.train_prompt == "hindsight",
-        "rollout_temperature": sampling_temperature(cfg.rollout.temperature),
-        "revision_logprob_temperature": sampling_temperature(
-            cfg.rollout.temperature if cfg.train.revision_logprob_temperature == "rollout" else cfg.hindsight.temperature),
+        "revision_logprobs_at_rollout_temperature": cfg.train.revision_logprob_temperature == "rollout",
         "whitespace": WHITESPACE,
     }
 

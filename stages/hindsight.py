@@ -17,7 +17,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from herl.data.hindsight_prompt import build_hindsight_prompt, encode_prompt
-from herl.generation.engines import GenRequest, SamplingParams, derive_seed, shared_engine
+from herl.generation.engines import (
+    GenRequest,
+    SamplingParams,
+    derive_seed,
+    sampling_temperature,
+    shared_engine,
+)
 from herl.grading.rubric import grade_samples
 from herl.runs.rundir import Run
 from herl.sql import is_blank, run_sql_file
@@ -119,6 +125,7 @@ def _revise(run: Run, k: int, candidates: list[dict], rollouts, inputs) -> tuple
                 "response_text": comp.text, "response_token_ids": comp.token_ids,
                 "finish_reason": comp.finish_reason, "num_tokens": len(comp.token_ids), "seed": req.seed,
                 "snapshot_id": snapshot_id, "logprobs": comp.logprobs,
+                "temperature": sampling_temperature(cfg.hindsight.temperature),
             })
     verdict_rows, scores, grader_stats = grade_samples(
         run.run_id, run.judge_cache, k, prompts, [(r["revision_id"], r["prompt_id"], r["response_text"]) for r in rows], cfg.grade)

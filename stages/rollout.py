@@ -18,6 +18,7 @@ from herl.generation.engines import (
     SamplingParams,
     derive_seed,
     render_chat,
+    sampling_temperature,
     shared_engine,
 )
 from herl.runs.rundir import Run
@@ -64,6 +65,7 @@ def run(run: Run, k: int) -> dict:
                     "response_text": c.text, "response_token_ids": c.token_ids,
                     "finish_reason": c.finish_reason, "num_tokens": len(c.token_ids),
                     "seed": req.seed, "snapshot_id": snapshot_id, "logprobs": c.logprobs,
+                    "temperature": sampling_temperature(cfg.rollout.temperature),
                 })
         tokens = sum(r["num_tokens"] for r in rollout_rows)
         out = {

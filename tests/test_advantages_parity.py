@@ -79,7 +79,7 @@ def rid(pid: str, j: int) -> str:
 
 
 def oracle(groups: dict, revisions: list, replace_top_n: int, bonus: bool = True, fallback: bool = True) -> dict:
-    """{prompt_id: sorted [(kind, source_id, replaced_rollout_id or None, reward, shaped, advantage)]}."""
+    """{prompt_id: sorted [(kind, trained row id, replaced_rollout_id or None, reward, shaped, advantage)]}."""
     out = {}
     for pid, members in groups.items():
         ids = [rid(pid, j) for j in range(len(members))]
@@ -130,7 +130,7 @@ def herl_batch(groups: dict, revisions: list, replace_top_n: int, bonus: bool = 
             ro.append({"run_id": "r", "iteration": 0, "rollout_id": rid(pid, j), "prompt_id": pid, "sample_index": j,
                        "prompt_text": pid, "prompt_token_ids": [1], "response_text": "a",
                        "response_token_ids": [2], "finish_reason": "stop", "num_tokens": 1, "seed": 0,
-                       "snapshot_id": "s", "logprobs": None})
+                       "snapshot_id": "s", "logprobs": None, "temperature": 1.0})
             rw.append({"run_id": "r", "iteration": 0, "rollout_id": rid(pid, j), "prompt_id": pid, "reward": reward,
                        "items_met": met, "items_scored": 4, "items_unknown": 0})
     for cand, index, reward, text in revisions:
@@ -138,16 +138,16 @@ def herl_batch(groups: dict, revisions: list, replace_top_n: int, bonus: bool = 
                    "prompt_id": cand.split(":")[1], "revision_index": index, "hindsight_prompt_text": "H",
                    "prompt_token_ids": [3], "response_text": text, "response_token_ids": [4],
                    "finish_reason": "stop", "num_tokens": 1, "seed": 0, "snapshot_id": "s", "logprobs": None,
-                   "reward": reward, "items_met": 0, "items_scored": 4, "items_unknown": 0})
+                   "temperature": 1.0, "reward": reward, "items_met": 0, "items_scored": 4, "items_unknown": 0})
     tables = [pa.Table.from_pylist(rows, schema=TABLES[name].schema)
               for rows, name in ((ro, "rollouts"), (rw, "rewards"), (hs, "hindsight"))]
     params = dict(threshold=THRESHOLD, bonus=bonus, alpha=ALPHA, replace_top_n=replace_top_n, fallback=fallback,
-                  std_normalize=True, eps=EPS, seed=SEED, hindsight_prompt=True, rollout_temperature=1.0,
-                  revision_logprob_temperature=1.0, whitespace=WHITESPACE)
+                  std_normalize=True, eps=EPS, seed=SEED, hindsight_prompt=True,
+                  revision_logprobs_at_rollout_temperature=True, whitespace=WHITESPACE)
     out: dict = {}
     for r in advantages.compute_batch(*tables, params).to_pylist():
         out.setdefault(r["prompt_id"], []).append(
-            (r["kind"], r["source_id"], r["replaced_rollout_id"], r["reward"], r["shaped_reward"], r["advantage"]))
+            (r["kind"], r["revision_id"] or r["rollout_id"], r["replaced_rollout_id"], r["reward"], r["shaped_reward"], r["advantage"]))
     return {pid: sorted(rows) for pid, rows in out.items()}
 
 

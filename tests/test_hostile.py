@@ -474,3 +474,57 @@ def test_a_view_that_cannot_be_written_asks_for_another_place_not_a_resume(finis
     err = capsys.readouterr().err
     assert "cannot write" in err and f"herl {cmd} RUN_DIR --out FILE" in err and "herl resume" not in err
     assert main([cmd, str(run), "--out", str(tmp_path / f"elsewhere-{name}")]) == 0
+
+
+@pytest.mark.slow
+def test_a_sigkill_of_supervisor_and_worker_together_leaves_no_process(tmp_path):
+    """`pkill -9 -f "herl run"` kills the supervisor and its worker at once: nobody is left
+    to reap Prefect's server, the training job's fork server or the resource tracker. The
+    watchdog (herl/util/watchdog.py) ends every process that carries the run's token."""
+    import psutil
+
+    from herl.util.watchdog import TOKEN_ENV
+
+    runs = tmp_path / "runs"
+    run_dir = runs / "both"
+    log = tmp_path / "run.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "herl.commands.cli", "run", "--run-id", "both", "--runs-dir",
+                                 str(runs), "--iterations", "3", *_set_args(small_overrides(runs, run_id="both"))],
+                                cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 300
+        while time.time() < deadline:  # the train stage runs: server, fork server and job all exist
+            m = run_dir / "iter-0" / "_manifests" / "train.json"
+            if m.exists() and json.loads(m.read_text()).get("status") == "running":
+                break
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.05)
+        else:
+            pytest.fail("the run never reached the train stage")
+        (worker,) = [c for c in psutil.Process(proc.pid).children() if "herl.util.watchdog" not in c.cmdline()]
+        token = worker.environ()[TOKEN_ENV]
+        helpers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if p.pid != worker.pid and "herl.util.watchdog" not in p.cmdline()]
+        assert any("prefect.server" in " ".join(p.cmdline()) for p in helpers), [p.cmdline() for p in helpers]
+        for pid in (proc.pid, worker.pid):
+            os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def carriers():
+        found = []
+        for p in psutil.process_iter():
+            try:
+                if p.environ().get(TOKEN_ENV) == token:
+                    found.append(p)
+            except psutil.Error:
+                continue
+        return found
+
+    deadline = time.time() + 30
+    while carriers() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not carriers(), [p.cmdline() for p in carriers()]
+    _, alive = psutil.wait_procs(helpers, timeout=1)
+    # a zombie is dead, waiting for init to reap it (how soon is init's business)
+    running = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not running, [p.cmdline() for p in running]

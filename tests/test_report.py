@@ -43,7 +43,7 @@ def test_the_page_in_chromium_shows_what_the_tables_hold(done_run, tmp_path, cap
     k, rev_id, pid, candidate, replaced, advantage, text = con.execute("""
         SELECT h.iteration, h.revision_id, h.prompt_id, h.candidate_rollout_id, b.replaced_rollout_id, b.advantage,
                h.response_text
-        FROM hindsight h JOIN batch b ON b.iteration = h.iteration AND b.source_id = h.revision_id
+        FROM hindsight h JOIN batch b ON b.iteration = h.iteration AND b.revision_id = h.revision_id
         WHERE b.replaced_rollout_id IS NOT NULL ORDER BY h.iteration, h.revision_id LIMIT 1""").fetchone()
     items = {r[0]: r[1] for r in con.execute(
         "SELECT item_index, item_id FROM (SELECT unnest(rubric, recursive := true), generate_subscripts(rubric, 1) - 1 "

@@ -19,7 +19,7 @@ from stages import advantages
 SEED = "0:0"
 
 
-def _rollouts(groups: dict[str, list[tuple[float, int]]]):
+def _rollouts(groups: dict[str, list[tuple[float, int]]], temperature: float = 1.0):
     """groups: prompt_id -> [(reward, items_met), ...]; returns (rollouts, rewards) tables."""
     ro, rw = [], []
     for pid, members in groups.items():
@@ -28,26 +28,26 @@ def _rollouts(groups: dict[str, list[tuple[float, int]]]):
             ro.append({"run_id": "r", "iteration": 0, "rollout_id": rid, "prompt_id": pid, "sample_index": j,
                        "prompt_text": pid, "prompt_token_ids": [1, 2], "response_text": f"a{j}",
                        "response_token_ids": [10 + j], "finish_reason": "stop", "num_tokens": 1, "seed": 0,
-                       "snapshot_id": "s", "logprobs": None})
+                       "snapshot_id": "s", "logprobs": None, "temperature": temperature})
             rw.append({"run_id": "r", "iteration": 0, "rollout_id": rid, "prompt_id": pid, "reward": reward,
                        "items_met": met, "items_scored": 4, "items_unknown": 0})
     return (pa.Table.from_pylist(ro, schema=TABLES["rollouts"].schema),
             pa.Table.from_pylist(rw, schema=TABLES["rewards"].schema))
 
 
-def _revisions(revs: list[tuple]):
+def _revisions(revs: list[tuple], temperature: float = 0.3):
     """revs: [(candidate rollout id, prompt id, reward[, text])] -> hindsight table."""
     rows = [{"run_id": "r", "iteration": 0, "revision_id": f"{cand}:rev-0", "candidate_rollout_id": cand,
              "prompt_id": pid, "revision_index": 0, "hindsight_prompt_text": "H", "prompt_token_ids": [7, 7, 7],
              "response_text": text[0] if text else "rev", "response_token_ids": [99], "finish_reason": "stop",
-             "num_tokens": 1, "seed": 0, "snapshot_id": "s", "logprobs": None, "reward": reward, "items_met": 0,
+             "num_tokens": 1, "seed": 0, "snapshot_id": "s", "logprobs": None, "temperature": temperature, "reward": reward, "items_met": 0,
              "items_scored": 4, "items_unknown": 0} for cand, pid, reward, *text in revs]
     return pa.Table.from_pylist(rows, schema=TABLES["hindsight"].schema)
 
 
 def _params(**kw):
     base = dict(threshold=1.0, bonus=True, alpha=0.05, replace_top_n=1, fallback=True, std_normalize=True,
-                eps=1e-6, seed=SEED, hindsight_prompt=True, rollout_temperature=1.0, revision_logprob_temperature=0.3,
+                eps=1e-6, seed=SEED, hindsight_prompt=True, revision_logprobs_at_rollout_temperature=False,
                 whitespace=WHITESPACE)
     return {**base, **kw}
 
@@ -132,7 +132,7 @@ def test_bonus_selection_replacement_and_advantages():
     (rvictim,) = _victims("r", 1, 4)
     dup = r["0:r:2:dup-1"]
     assert dup["kind"] == "duplicate" and not dup["is_hindsight"] and dup["replaced_rollout_id"] == rvictim
-    assert dup["source_id"] == "0:r:2" and dup["response_token_ids"] == [12]
+    assert dup["rollout_id"] == "0:r:2" and dup["revision_id"] is None and dup["response_token_ids"] == [12]
     # the candidate's bonus is negative here: 0.25 + 0.05 * (0.0 - 0.25), copied with it
     assert dup["shaped_reward"] == pytest.approx(0.25 - 0.05 * 0.25)
 
@@ -164,7 +164,7 @@ def test_tier_two_fills_when_too_few_beat_the_group():
     assert {x["replaced_rollout_id"] for x in p if x["kind"] == "hindsight"} == set(_victims("p", 2, 4))
     # with a single slot only the strictly better one is kept
     p1 = _by_prompt(compute_batch(ro, rw, hs, _params(replace_top_n=1)))["p"]
-    assert [x["source_id"] for x in p1 if x["kind"] == "hindsight"] == ["0:p:0:rev-0"]
+    assert [x["revision_id"] for x in p1 if x["kind"] == "hindsight"] == ["0:p:0:rev-0"]
 
 
 def test_group_of_one_gets_mean_zero_std_one():
@@ -232,12 +232,12 @@ def test_ties_among_qualifying_revisions_go_to_the_higher_ranked_candidate():
     hs = _revisions([("0:p:2", "p", 1.0), ("0:p:0", "p", 1.0)])
     for seed in ("0:0", "1:0", "2:5", "x"):
         batch = _by_prompt(compute_batch(ro, rw, hs, _params(seed=seed)))
-        kept = [r["source_id"] for r in batch["p"] if r["kind"] == "hindsight"]
+        kept = [r["revision_id"] for r in batch["p"] if r["kind"] == "hindsight"]
         assert kept == ["0:p:0:rev-0"], seed
     # a higher tier still wins over rank: the lower-ranked candidate's revision beats the group
     hs = _revisions([("0:p:2", "p", 1.0), ("0:p:0", "p", 0.5)])
     batch = _by_prompt(compute_batch(ro, rw, hs, _params()))
-    assert [r["source_id"] for r in batch["p"] if r["kind"] == "hindsight"] == ["0:p:2:rev-0"]
+    assert [r["revision_id"] for r in batch["p"] if r["kind"] == "hindsight"] == ["0:p:2:rev-0"]
 
 
 @pytest.mark.parametrize("text", ["", "   \n\t ", "\u00a0\u2028\u3000"])
@@ -249,15 +249,17 @@ def test_empty_revisions_are_dropped(text):
     batch = _by_prompt(compute_batch(ro, rw, hs, _params()))
     kinds = sorted(r["kind"] for r in batch["p"])
     assert kinds == ["duplicate", "rollout", "rollout", "rollout"]
-    assert {r["shaped_reward"] for r in batch["p"] if r["source_id"] == "0:p:0"} == {0.5}  # no bonus
+    assert {r["shaped_reward"] for r in batch["p"] if r["rollout_id"] == "0:p:0" and r["kind"] == "rollout"} == {0.5}  # no bonus
     kept = _by_prompt(compute_batch(ro, rw, _revisions([("0:p:0", "p", 1.0, "fine")]), _params()))
     assert sorted(r["kind"] for r in kept["p"]) == ["hindsight", "rollout", "rollout", "rollout"]
 
 
 def test_batch_rows_carry_their_sampling_temperature():
-    ro, rw = _rollouts({"p": GROUPS["p"], "r": GROUPS["r"]})
-    hs = _revisions([("0:p:0", "p", 1.0), ("0:r:2", "r", 0.0)])
-    rows = compute_batch(ro, rw, hs, _params(rollout_temperature=0.7, revision_logprob_temperature=0.3)).to_pylist()
+    """Each batch row's temperature comes from the row it trains (rollouts and hindsight
+    carry the temperature they were sampled at), not from the config."""
+    ro, rw = _rollouts({"p": GROUPS["p"], "r": GROUPS["r"]}, temperature=0.7)
+    hs = _revisions([("0:p:0", "p", 1.0), ("0:r:2", "r", 0.0)], temperature=0.3)
+    rows = compute_batch(ro, rw, hs, _params()).to_pylist()
     assert {(r["kind"], r["temperature"]) for r in rows} == {("rollout", 0.7), ("hindsight", 0.3),
                                                              ("duplicate", 0.7)}
 
@@ -275,8 +277,8 @@ def test_revision_logprobs_default_to_the_rollout_temperature(choice, expected):
 
     cfg = load_config(None, {"rollout": {"temperature": 0.8}, "hindsight": {"temperature": 0.3},
                              "train": {"revision_logprob_temperature": choice}})
-    ro, rw = _rollouts({"p": GROUPS["p"], "r": GROUPS["r"]})
-    hs = _revisions([("0:p:0", "p", 1.0), ("0:r:2", "r", 0.0)])
+    ro, rw = _rollouts({"p": GROUPS["p"], "r": GROUPS["r"]}, temperature=0.8)
+    hs = _revisions([("0:p:0", "p", 1.0), ("0:r:2", "r", 0.0)], temperature=0.3)
     rows = compute_batch(ro, rw, hs, {**sql_params(cfg, 0), "seed": SEED}).to_pylist()
     assert {(r["kind"], r["temperature"]) for r in rows} == {("rollout", 0.8), ("hindsight", expected),
                                                              ("duplicate", 0.8)}

@@ -334,7 +334,8 @@ def test_truncated_is_weights_scale_on_policy_tokens_once_per_update():
     rows = []
     for j in range(4):
         rows.append({"prompt_id": "p", "prompt_token_ids": [5, 6, 7 + j], "response_token_ids": [40 + j, 50, 60],
-                     "advantage": [-1.0, -1.0, 1.0, 1.0][j], "is_hindsight": j == 3, "engine_logprobs": None})
+                     "advantage": [-1.0, -1.0, 1.0, 1.0][j], "is_hindsight": j == 3, "engine_logprobs": None,
+                     "temperature": 1.0})
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     with torch.no_grad():
         lp, mask = sequence_logprobs(model, [r["prompt_token_ids"] for r in rows],
@@ -374,7 +375,8 @@ def test_per_sequence_aggregation_trains_with_several_sequences_per_micro_batch(
     path = resolve_model_path("builtin:tiny")
     tok = load_tokenizer(path)
     rows = [{"prompt_id": f"p{j % 2}", "prompt_token_ids": [5, 6, 7 + j], "response_token_ids": [40 + j] * (1 + j),
-             "advantage": [-1.0, 1.0, 0.5, -0.5, 1.0, -1.0][j], "is_hindsight": j == 4, "engine_logprobs": None}
+             "advantage": [-1.0, 1.0, 0.5, -0.5, 1.0, -1.0][j], "is_hindsight": j == 4, "engine_logprobs": None,
+             "temperature": 1.0}
             for j in range(6)]
     model = AutoModelForCausalLM.from_pretrained(path)
     before = torch.cat([p.detach().flatten() for p in model.parameters()])

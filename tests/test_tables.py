@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas.config import HerlConfig
-from schemas.tables import SchemaError, read_table, write_table
+from schemas.tables import TABLES, SchemaError, read_table, write_table
 
 
 def _metric_rows():
@@ -55,3 +55,41 @@ def test_a_renamed_column_reads_from_an_older_runs_files(tmp_path):
     assert open_dataset("rewards", tmp_path / "iter-0" / "rewards.parquet").to_table().to_pylist() == [row]
     got = query_run(tmp_path, "SELECT rollout_id, items_scored FROM rewards ORDER BY 1").fetchall()
     assert got == [("a", 2), ("b", 3)]
+
+
+def test_an_older_batch_reads_with_ids_named_for_what_they_point_to(tmp_path):
+    """batch.rollout_ref became rollout_id and source_id became revision_id (hindsight rows
+    only): a file written before reads with the new ids, by the stages and by herl sql."""
+    from herl.runs.query import query_run
+
+    base = {"run_id": "r", "iteration": 0, "prompt_id": "p", "hindsight_prompt": False, "temperature": 1.0,
+            "reward": 0.5, "shaped_reward": 0.5, "group_mean": 0.5, "group_std": 0.1, "group_size": 2, "advantage": 0.0}
+    old = [{**base, "sample_id": "0:p:0", "source_id": "0:p:0", "rollout_ref": "0:p:0", "kind": "rollout",
+            "is_hindsight": False, "replaced_rollout_id": None},
+           {**base, "sample_id": "0:p:1:rev-0", "source_id": "0:p:1:rev-0", "rollout_ref": "0:p:1", "kind": "hindsight",
+            "is_hindsight": True, "replaced_rollout_id": "0:p:2"}]
+    (tmp_path / "iter-0").mkdir()
+    pq.write_table(pa.Table.from_pylist(old), tmp_path / "iter-0" / "batch.parquet")
+    (tmp_path / "config.json").write_text(HerlConfig().model_dump_json())
+    got = read_table("batch", tmp_path / "iter-0" / "batch.parquet").select(["sample_id", "rollout_id", "revision_id"])
+    assert got.to_pylist() == [{"sample_id": "0:p:0", "rollout_id": "0:p:0", "revision_id": None},
+                               {"sample_id": "0:p:1:rev-0", "rollout_id": "0:p:1", "revision_id": "0:p:1:rev-0"}]
+    assert query_run(tmp_path, "SELECT count(revision_id) FROM batch").fetchall() == [(1,)]
+
+
+def test_rows_without_their_temperature_are_refused_by_stages_and_read_by_sql(tmp_path):
+    """Rollouts written before rows carried their sampling temperature: a stage reading
+    them says so and what to do; herl sql still reads them (temperature null)."""
+    from herl.runs.query import query_run
+
+    row = {"run_id": "r", "iteration": 0, "rollout_id": "0:p:0", "prompt_id": "p", "sample_index": 0,
+           "prompt_text": "q", "prompt_token_ids": [1], "response_text": "a", "response_token_ids": [2],
+           "finish_reason": "stop", "num_tokens": 1, "seed": 0, "snapshot_id": "s", "logprobs": None}
+    (tmp_path / "iter-0").mkdir()
+    path = tmp_path / "iter-0" / "rollouts.parquet"
+    pq.write_table(pa.Table.from_pylist([row], schema=TABLES["rollouts"].schema.remove(
+        TABLES["rollouts"].schema.get_field_index("temperature"))), path)
+    (tmp_path / "config.json").write_text(HerlConfig().model_dump_json())
+    with pytest.raises(SchemaError, match=r"no field\(s\) \['temperature'\].*earlier herl version.*start a new run"):
+        read_table("rollouts", path)
+    assert query_run(tmp_path, "SELECT rollout_id, temperature FROM rollouts").fetchall() == [("0:p:0", None)]

@@ -20,6 +20,10 @@ So the command runs in a worker process under a small supervisor:
   and one that has not stopped 60 s after the first is killed.
 - The worker dies with the supervisor (PR_SET_PDEATHSIG), so a SIGKILL of the
   supervisor itself ends the worker, whose exit handlers stop the server.
+- A SIGKILL of both at once leaves nobody to do either: a watchdog in its own session
+  (herl/util/watchdog.py) waits for both and then terminates every process that carries
+  the run's token in its environment (Prefect's server, the fork server, the resource
+  tracker, an engine).
 
 Elsewhere than Linux the command runs in-process, as before.
 """
@@ -32,6 +36,7 @@ import subprocess
 import sys
 import time
 
+from herl.util import watchdog
 from herl.util.procs import become_subreaper, die_with_parent
 
 SUPERVISED_ENV = "HERL_SUPERVISED"
@@ -78,14 +83,18 @@ def _reap_all(grace_s: float = 10.0) -> None:
 
 def run_supervised(argv: list[str]) -> int:
     """Run `herl <argv>` as a supervised worker; returns its exit status (128 + signal when killed)."""
+    import uuid
+
     become_subreaper()
-    env = {**os.environ, SUPERVISED_ENV: "1"}
+    token = uuid.uuid4().hex
+    env = {**os.environ, SUPERVISED_ENV: "1", watchdog.TOKEN_ENV: token}
     # its own session: a terminal's Ctrl-C (SIGINT to the foreground group) reaches only the
     # supervisor, which passes it to the worker alone. Prefect's temporary server and the
     # training job's fork server, children of the worker, must not get it: a server that
     # died first would leave the stopping worker retrying a dead connection.
     worker = subprocess.Popen([sys.executable, "-m", "herl.commands.cli", *argv], env=env, preexec_fn=_die_with_parent,
                               start_new_session=True)
+    watchdog.start(token, [os.getpid(), worker.pid])
     deadline: list[float] = []
     asked: dict[str, float] = {}  # the signal passed on, and when
 

@@ -80,13 +80,13 @@ def report_data(run_dir: Path, iterations: list[int] | None = None) -> dict:
             rev_verdicts = _rows(con, """SELECT sample_id, item_index, verdict, verdict_strict, verdict_loose, grader,
                                         detail FROM hindsight_verdicts WHERE iteration = ? ORDER BY sample_id, item_index""", [k])
         if _has(con, "batch"):
-            mixed = _rows(con, """SELECT source_id, sample_id, kind, replaced_rollout_id, advantage, shaped_reward,
+            mixed = _rows(con, """SELECT coalesce(revision_id, rollout_id) AS trained_id, sample_id, kind, replaced_rollout_id, advantage, shaped_reward,
                                   hindsight_prompt FROM batch WHERE iteration = ? AND is_hindsight""", [k])
         by_sample: dict[str, list[dict]] = {}
         for v in verdicts + rev_verdicts:
             by_sample.setdefault(v.pop("sample_id"), []).append(v)
-        in_batch = {m["source_id"]: m for m in mixed}
-        replaced_by = {m["replaced_rollout_id"]: m["source_id"] for m in mixed if m["replaced_rollout_id"]}
+        in_batch = {m["trained_id"]: m for m in mixed}
+        replaced_by = {m["replaced_rollout_id"]: m["trained_id"] for m in mixed if m["replaced_rollout_id"]}
         drafts = {a["rollout_id"]: a["response_text"] for a in answers}
         out = []
         for p in prompts:

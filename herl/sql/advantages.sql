@@ -13,16 +13,16 @@
 --   $eps              added to the std
 --   $seed             seeds which members are replaced ("a random member")
 --   $hindsight_prompt train revisions after the hindsight prompt (else the original one)
---   $rollout_temperature   the temperature rollouts (and duplicates) were sampled at
---   $revision_logprob_temperature
---                     the temperature revisions' log-probs are taken at: the rollout
---                     temperature by default (train.revision_logprob_temperature)
+--   $revision_logprobs_at_rollout_temperature
+--                     true: a revision's log-probs are taken at its draft's (rollout)
+--                     temperature, the default; false: at the temperature it was sampled
+--                     at (train.revision_logprob_temperature). Every row carries its own.
 --   $whitespace       the characters an empty revision consists of
 with
 
 -- the narrow columns of the graded rollouts, read once (two models use them)
 graded as materialized (
-    select rollout_id, prompt_id, sample_index, reward, items_met from originals
+    select rollout_id, prompt_id, sample_index, reward, items_met, temperature from originals
 ),
 
 failed as (
@@ -51,6 +51,7 @@ shaped as (
         o.sample_index,
         o.reward,
         o.items_met,
+        o.temperature,
         b.best_revision_reward,
         case
             when $bonus and b.best_revision_reward is not null
@@ -72,6 +73,9 @@ qualifying as (
         h.revision_index,
         c.items_met as candidate_items_met,
         c.sample_index as candidate_sample_index,
+        -- revisions' log-probs: at their draft's temperature (the rollout one) or their own
+        case when $revision_logprobs_at_rollout_temperature then c.temperature else h.temperature end
+            as temperature,
         case when h.reward > f.best_reward then 1 else 2 end as tier
     from usable_revisions as h
     join failed as f using (prompt_id)
@@ -135,11 +139,11 @@ fills as (
         s.prompt_id,
         s.slot,
         coalesce(k.revision_id, b.rollout_id || ':dup-' || s.slot) as sample_id,
-        coalesce(k.revision_id, b.rollout_id) as source_id,
-        -- the rollout whose tokens a duplicate copies, or whose prompt a revision keeps
-        coalesce(k.candidate_rollout_id, b.rollout_id) as rollout_ref,
+        -- the rollout whose tokens a duplicate copies, or the draft a revision revised
+        coalesce(k.candidate_rollout_id, b.rollout_id) as rollout_id,
+        k.revision_id,
         case when k.revision_id is not null then 'hindsight' else 'duplicate' end as kind,
-        case when k.revision_id is not null then $revision_logprob_temperature else $rollout_temperature end as temperature,
+        coalesce(k.temperature, b.temperature) as temperature,
         coalesce(k.reward, b.reward) as reward,
         coalesce(k.reward, b.shaped_reward) as shaped_reward
     from open_slots as s
@@ -179,13 +183,13 @@ replaced as (
 mixed as (
     select
         s.rollout_id as sample_id,
-        s.rollout_id as source_id,
-        s.rollout_id as rollout_ref,
+        s.rollout_id,
+        cast(null as varchar) as revision_id,
         s.prompt_id,
         'rollout' as kind,
         false as is_hindsight,
         cast(null as varchar) as replaced_rollout_id,
-        $rollout_temperature as temperature,
+        s.temperature,
         s.reward,
         s.shaped_reward
     from shaped as s
@@ -193,8 +197,8 @@ mixed as (
     union all
     select
         sample_id,
-        source_id,
-        rollout_ref,
+        rollout_id,
+        revision_id,
         prompt_id,
         kind,
         kind = 'hindsight' as is_hindsight,
@@ -235,8 +239,8 @@ final as (
 
 select
     sample_id,
-    source_id,
-    rollout_ref,
+    rollout_id,
+    revision_id,
     prompt_id,
     kind,
     is_hindsight,

@@ -11,6 +11,7 @@ final as (
         r.prompt_token_ids,
         r.response_token_ids,
         r.logprobs,
+        r.temperature,
         w.reward,
         w.items_met
     from rollouts as r

@@ -2,8 +2,9 @@
 -- Grain: one row per training sequence (a batch row).
 -- Inputs: batch, rollouts, hindsight (of the same iteration).
 -- A revision's answer (and, when batch.hindsight_prompt, its hindsight prompt) comes from
--- `hindsight`; everything else from the rollout the row refers to (`rollout_ref`: the
--- rollout itself, the one a duplicate copies, or the candidate a revision revised).
+-- `hindsight` (`revision_id`); everything else from the rollout the row names
+-- (`rollout_id`: the rollout itself, the one a duplicate copies, or the draft a revision
+-- revised).
 with
 
 final as (
@@ -18,8 +19,8 @@ final as (
         b.temperature,
         b.advantage
     from batch as b
-    join rollouts as r on r.rollout_id = b.rollout_ref
-    left join hindsight as h on h.revision_id = b.source_id and b.is_hindsight
+    join rollouts as r on r.rollout_id = b.rollout_id
+    left join hindsight as h on h.revision_id = b.revision_id
 )
 
 select * from final

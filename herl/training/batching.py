@@ -135,7 +135,7 @@ class Sequences:
     response_ids: list[list[int]]
     advantage: list[float]
     is_hindsight: list[bool]
-    temperature: list[float]  # the temperature log-probs are taken at (1 where unknown)
+    temperature: list[float]  # the temperature log-probs are taken at (the row's own)
     engine_logprobs: list[list[float] | None]
     lengths: list[int] = field(init=False)  # prompt + response tokens
 
@@ -150,8 +150,7 @@ class Sequences:
             response_ids=[r["response_token_ids"] for r in rows],
             advantage=[float(r["advantage"]) for r in rows],
             is_hindsight=[bool(r["is_hindsight"]) for r in rows],
-            # rows without a temperature (hand-built batches) count as sampled at T = 1
-            temperature=[r.get("temperature") or 1.0 for r in rows],
+            temperature=[float(r["temperature"]) for r in rows],
             engine_logprobs=[r.get("engine_logprobs") for r in rows],
         )
 
@@ -159,14 +158,13 @@ class Sequences:
     def from_table(cls, table) -> Sequences:
         """From a batch table (pyarrow), one column at a time: no dict per row."""
         col = table.column
-        temps = col("temperature").to_pylist() if "temperature" in table.column_names else [None] * table.num_rows
         engine = col("engine_logprobs").to_pylist() if "engine_logprobs" in table.column_names \
             else [None] * table.num_rows
         return cls(prompt_id=col("prompt_id").to_pylist(), prompt_ids=col("prompt_token_ids").to_pylist(),
                    response_ids=col("response_token_ids").to_pylist(),
                    advantage=[float(a) for a in col("advantage").to_pylist()],
                    is_hindsight=[bool(h) for h in col("is_hindsight").to_pylist()],
-                   temperature=[t or 1.0 for t in temps], engine_logprobs=engine)
+                   temperature=[float(t) for t in col("temperature").to_pylist()], engine_logprobs=engine)
 
     def __len__(self) -> int:
         return len(self.prompt_id)

@@ -15,6 +15,8 @@ from schemas.config import TrainConfig
 
 @dataclass
 class LossParts:
+    """One micro-batch's loss (with its graph) and what the metrics need from it."""
+
     loss: torch.Tensor
     on_policy: float  # contribution of on-policy tokens to the loss
     hindsight: float  # contribution of hindsight tokens
@@ -23,6 +25,56 @@ class LossParts:
     on_tokens: int
     hindsight_tokens: int
     ratio_sum: float
+
+
+@dataclass
+class LossTotals:
+    """Running sums of an update's LossParts (and of the truncated IS weights' statistics),
+    turned into the train stage's metrics by `metrics`."""
+
+    loss: float = 0.0
+    on_policy: float = 0.0
+    hindsight: float = 0.0
+    kl: float = 0.0
+    clipped_tokens: float = 0.0
+    on_tokens: float = 0.0
+    hindsight_tokens: float = 0.0
+    ratio_sum: float = 0.0
+    is_ratio_sum: float = 0.0
+    is_truncated: float = 0.0
+    is_tokens: float = 0.0
+
+    def add(self, parts: LossParts) -> None:
+        self.loss += float(parts.loss.detach())
+        for name in ("on_policy", "hindsight", "kl", "clipped_tokens", "on_tokens", "hindsight_tokens", "ratio_sum"):
+            setattr(self, name, getattr(self, name) + getattr(parts, name))
+
+    def add_is(self, stats: dict[str, float]) -> None:
+        """Add truncated_is_weight's sums."""
+        for name, value in stats.items():
+            setattr(self, name, getattr(self, name) + value)
+
+    def as_list(self) -> list[float]:
+        return [float(v) for v in vars(self).values()]
+
+    @classmethod
+    def from_list(cls, values: list[float]) -> LossTotals:
+        return cls(*values)
+
+    def metrics(self, steps: int) -> dict[str, float]:
+        """Per optimizer step (losses, KL) and per token (clip fraction, ratios)."""
+        tokens = self.on_tokens + self.hindsight_tokens
+        return {
+            "loss": self.loss / steps,
+            "loss_on_policy": self.on_policy / steps,
+            "loss_hindsight": self.hindsight / steps,
+            "kl": self.kl / steps,
+            "clip_fraction": self.clipped_tokens / max(1, self.on_tokens),
+            "mean_ratio": self.ratio_sum / max(1, self.on_tokens),
+            "hindsight_token_fraction": self.hindsight_tokens / max(1, tokens),
+            "is_mean_ratio": self.is_ratio_sum / max(1, self.is_tokens),
+            "is_truncated_fraction": self.is_truncated / max(1, self.is_tokens),
+        }
 
 
 def hindsight_weight(logp: torch.Tensor, old_logp: torch.Tensor, form: str, gamma: float) -> torch.Tensor:
@@ -36,55 +88,75 @@ def hindsight_weight(logp: torch.Tensor, old_logp: torch.Tensor, form: str, gamm
     return x / (x + gamma) if gamma > 0 else x
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                is_hindsight: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig, denominator: float | torch.Tensor,
-                ref_logp: torch.Tensor | None = None, is_weight: torch.Tensor | None = None) -> LossParts:
-    """HeRL's mixed-policy loss, summed over tokens and divided by `denominator`.
+def importance_ratio(logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor:
+    """pi_theta / pi_old per token, (B, T); the reference clamps log-ratios to [-20, 20] so
+    exp() cannot overflow."""
+    return torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))
 
-    logp, old_logp, mask, ref_logp, is_weight: (B, T); advantages: (B,); is_hindsight: (B,)
-    bool. `denominator` is a number (token_mean: the mini-batch's response-token count, so
-    summing the returned losses over its micro-batches gives the token mean) or one per
-    sequence, (B,) (see loss_denominators). `is_weight` (truncated importance weights
-    pi_old / pi_engine, no gradient) scales the on-policy tokens' loss.
-    """
-    mask = mask.to(logp.dtype)
-    if isinstance(denominator, torch.Tensor):  # one per sequence: (B, 1), applied per token
-        per_seq = denominator.to(logp.dtype)[:, None]
-        total = lambda x: (x * mask / per_seq).sum()  # noqa: E731
-    else:  # one number: sum first, then divide (the token mean's exact rounding)
-        total = lambda x: (x * mask).sum() / denominator  # noqa: E731
-    adv = advantages[:, None].to(logp.dtype).expand_as(logp)  # (B, T)
-    off = is_hindsight[:, None].expand_as(logp)  # (B, T)
 
-    # the reference clamps log-ratios to [-20, 20] so exp() cannot overflow
-    ratio = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))
+def on_policy_loss(ratio: torch.Tensor, adv: torch.Tensor, cfg: TrainConfig,
+                   is_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate with the dual clip for negative advantages, per token; (B, T).
+
+    ratio, adv (broadcast per token), is_weight: (B, T). Returns the loss and where the
+    clip was active (the unclipped term was the smaller loss). `is_weight` (truncated
+    importance weights pi_old / pi_engine, no gradient) scales it."""
     pg1 = -adv * ratio
     pg2 = -adv * torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high)
     clipped = torch.maximum(pg1, pg2)
     dual = torch.minimum(-adv * cfg.dual_clip_c, clipped)
-    on_loss = torch.where(adv < 0, dual, clipped)
+    loss = torch.where(adv < 0, dual, clipped)
     if is_weight is not None:
-        on_loss = on_loss * is_weight.detach()
+        loss = loss * is_weight.detach()
+    return loss, pg2 > pg1
 
-    off_loss = -adv * hindsight_weight(logp, old_logp, cfg.hindsight_weight, cfg.gamma)
 
+def hindsight_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """The revision tokens' loss, -A * w (hindsight_weight), per token; (B, T)."""
+    return -adv * hindsight_weight(logp, old_logp, cfg.hindsight_weight, cfg.gamma)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, denominator: float | torch.Tensor) -> torch.Tensor:
+    """Sum a per-token quantity (B, T) over the masked tokens and divide by `denominator`
+    (loss_denominators): one number (summed first, then divided: the token mean's exact
+    rounding) or one per sequence, (B,) (each token divided by its sequence's first)."""
+    if isinstance(denominator, torch.Tensor):
+        return (per_token * mask / denominator.to(per_token.dtype)[:, None]).sum()
+    return (per_token * mask).sum() / denominator
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                is_hindsight: torch.Tensor, mask: torch.Tensor, cfg: TrainConfig, denominator: float | torch.Tensor,
+                ref_logp: torch.Tensor | None = None, is_weight: torch.Tensor | None = None) -> LossParts:
+    """HeRL's mixed-policy loss of a micro-batch: on-policy tokens by on_policy_loss,
+    hindsight tokens by hindsight_loss, plus kl_coef x k3 KL, aggregated by `aggregate`.
+
+    logp, old_logp, mask, ref_logp, is_weight: (B, T); advantages: (B,); is_hindsight: (B,)
+    bool; denominator as `aggregate` takes it.
+    """
+    mask = mask.to(logp.dtype)
+    adv = advantages[:, None].to(logp.dtype).expand_as(logp)  # (B, T)
+    off = is_hindsight[:, None].expand_as(logp)  # (B, T)
+
+    ratio = importance_ratio(logp, old_logp)
+    on_loss, clip_active = on_policy_loss(ratio, adv, cfg, is_weight)
+    off_loss = hindsight_loss(logp, old_logp, adv, cfg)
     per_token = torch.where(off, off_loss, on_loss)
     kl_val = torch.zeros((), dtype=logp.dtype)
     if ref_logp is not None and cfg.kl_coef > 0:
         k3 = k3_kl(logp, ref_logp)
         per_token = per_token + cfg.kl_coef * k3
-        kl_val = total(k3)
+        kl_val = aggregate(k3, mask, denominator)
 
-    loss = total(per_token)
     on_mask = mask * (~off)
     off_mask = mask * off
     on_loss, off_loss, ratio = on_loss.detach(), off_loss.detach(), ratio.detach()
     return LossParts(
-        loss=loss,
-        on_policy=float(total(on_loss * (~off))),
-        hindsight=float(total(off_loss * off)),
+        loss=aggregate(per_token, mask, denominator),
+        on_policy=float(aggregate(on_loss * (~off), mask, denominator)),
+        hindsight=float(aggregate(off_loss * off, mask, denominator)),
         kl=float(kl_val.detach()),
-        clipped_tokens=int(((pg2 > pg1) & (on_mask > 0)).sum()),
+        clipped_tokens=int((clip_active & (on_mask > 0)).sum()),
         on_tokens=int(on_mask.sum()),
         hindsight_tokens=int(off_mask.sum()),
         ratio_sum=float((ratio * on_mask).sum()),

@@ -39,7 +39,7 @@ from herl.training.batching import (
     micro_batches,
     shares,
 )
-from herl.training.loss import loss_denominators, policy_loss, truncated_is_weight
+from herl.training.loss import LossTotals, loss_denominators, policy_loss, truncated_is_weight
 from herl.util.procs import die_with_parent
 from schemas.config import TrainConfig
 from schemas.errors import disk_error, no_space, out_of_space
@@ -64,7 +64,7 @@ def _policy(model):
 
 
 def _prepare(model, seqs: Sequences, mine: list[int], cfg: TrainConfig, pad_id: int, ref_model,
-             adapter_reference: bool, totals: dict) -> Prepared:
+             adapter_reference: bool, totals: LossTotals) -> Prepared:
     """Old log-probs (the snapshot as loaded: the behaviour policy of the rollouts), the
     reference's and the truncated IS weights of the sequences `mine`, once per update."""
     prep = Prepared()
@@ -78,8 +78,7 @@ def _prepare(model, seqs: Sequences, mine: list[int], cfg: TrainConfig, pad_id: 
                 engine_lp, usable = seqs.engine_logprobs_of(chunk, lp.size(1), lp.dtype, lp.device)
                 w, stats = truncated_is_weight(lp, engine_lp, usable, m, cfg.is_cap)
                 prep.is_weight.update((i, w[b, : n[b]].cpu()) for b, i in enumerate(chunk))
-                for key, value in stats.items():
-                    totals[key] += value
+                totals.add_is(stats)
             if ref_model is not None or adapter_reference:
                 # LoRA: the initial policy is the same weights with the adapter switched off
                 ctx = _policy(model).disable_adapter() if adapter_reference else contextlib.nullcontext()
@@ -103,8 +102,7 @@ def train_on_batch(model, optimizer, accelerator, batch: Sequences | list[dict],
     micro, budget = cfg.micro_batch_size, cfg.micro_batch_tokens
     norm_length = norm_length or max(seqs.response_length(i) for i in range(len(seqs)))
     use_ref = cfg.kl_coef > 0 and (ref_model is not None or adapter_reference)
-    totals = dict(loss=0.0, on=0.0, off=0.0, kl=0.0, clipped=0, on_tokens=0, off_tokens=0, ratio=0.0,
-                  is_ratio_sum=0.0, is_truncated=0, is_tokens=0)
+    totals = LossTotals()
 
     # sequences sorted by length, so a micro-batch pads short rollouts to short lengths only
     order = sorted(range(len(seqs)), key=lambda i: seqs.lengths[i])
@@ -147,15 +145,11 @@ def train_on_batch(model, optimizer, accelerator, batch: Sequences | list[dict],
                     # share of a sum over the whole mini-batch, so undo the average
                     accelerator.backward(parts.loss * (0.0 if dummy else float(world)))
                 if not dummy:
-                    for key, value in (("loss", float(parts.loss.detach())), ("on", parts.on_policy),
-                                       ("off", parts.hindsight), ("kl", parts.kl), ("clipped", parts.clipped_tokens),
-                                       ("on_tokens", parts.on_tokens), ("off_tokens", parts.hindsight_tokens),
-                                       ("ratio", parts.ratio_sum)):
-                        totals[key] += value
+                    totals.add(parts)
             norm = _clip(model, accelerator, cfg.max_grad_norm)  # None: DeepSpeed clips inside its engine
             where = f"epoch {epoch}, mini-batch {mb_index} (optimizer step {steps + 1})"
-            if not math.isfinite(totals["loss"]) or (norm is not None and not math.isfinite(norm)):
-                raise NonFiniteUpdate(f"the loss ({totals['loss']:g} so far) or the gradient norm ({norm}) is "
+            if not math.isfinite(totals.loss) or (norm is not None and not math.isfinite(norm)):
+                raise NonFiniteUpdate(f"the loss ({totals.loss:g} so far) or the gradient norm ({norm}) is "
                                       f"not finite at {where}")
             grad_norm += float("nan") if norm is None else norm
             optimizer.step()
@@ -163,21 +157,13 @@ def train_on_batch(model, optimizer, accelerator, batch: Sequences | list[dict],
             if not all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad):
                 raise NonFiniteUpdate(f"the weights are not finite after {where} (learning rate {cfg.learning_rate:g})")
             steps += 1
-            progress.update(1, loss=totals["loss"] / steps)
+            progress.update(1, loss=totals.loss / steps)
     progress.close()
     totals = _sum_over_processes(accelerator, totals)
-    tokens = int(totals["on_tokens"] + totals["off_tokens"])
+    tokens = int(totals.on_tokens + totals.hindsight_tokens)
     return {
-        "loss": totals["loss"] / steps,
-        "loss_on_policy": totals["on"] / steps,
-        "loss_hindsight": totals["off"] / steps,
-        "kl": totals["kl"] / steps,
-        "clip_fraction": totals["clipped"] / max(1, totals["on_tokens"]),
-        "mean_ratio": totals["ratio"] / max(1, totals["on_tokens"]),
+        **totals.metrics(steps),
         "grad_norm": grad_norm / steps,
-        "hindsight_token_fraction": totals["off_tokens"] / max(1, tokens),
-        "is_mean_ratio": totals["is_ratio_sum"] / max(1, totals["is_tokens"]),
-        "is_truncated_fraction": totals["is_truncated"] / max(1, totals["is_tokens"]),
         "optimizer_steps": steps,
         "tokens": tokens // cfg.ppo_epochs,
         "sequences": len(seqs),
@@ -211,13 +197,12 @@ def _clip(model, accelerator, max_norm: float) -> float | None:
     return float(torch.sqrt(sum((p.grad.detach().float() ** 2).sum() for p in params if p.grad is not None)))
 
 
-def _sum_over_processes(accelerator, totals: dict) -> dict:
+def _sum_over_processes(accelerator, totals: LossTotals) -> LossTotals:
     if accelerator.num_processes == 1:
         return totals
-    keys = sorted(totals)
-    summed = accelerator.reduce(torch.tensor([float(totals[k]) for k in keys], dtype=torch.float64,
-                                             device=accelerator.device), reduction="sum")
-    return dict(zip(keys, summed.tolist()))
+    summed = accelerator.reduce(torch.tensor(totals.as_list(), dtype=torch.float64, device=accelerator.device),
+                                reduction="sum")
+    return LossTotals.from_list(summed.tolist())
 
 
 def precision_warning(cfg: TrainConfig) -> str | None:
