@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 
 def prefect_defaults() -> None:
@@ -18,6 +19,41 @@ def prefect_defaults() -> None:
     # its own shutdown (events still in flight when it is stopped) as tracebacks after
     # every run; a failure that matters reaches the flow through its client anyway.
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
+
+
+_held_slot: list = []  # the open lock file of this process's database slot
+
+
+def private_temporary_server(slots: int = 16) -> Path | None:
+    """Give Prefect's temporary server (started by `herl run`, `herl resume`, `herl eval`)
+    a database of herl's own, so that it neither lists herl's runs in, nor locks, the
+    database of a `prefect server start` (both default to ~/.prefect/prefect.db).
+
+    A Prefect server already configured (PREFECT_API_URL) is used as it is, and a database
+    the user chose (PREFECT_API_DATABASE_CONNECTION_URL) is kept: returns None. Otherwise
+    the first free of `slots` SQLite files under $HERL_HOME/prefect/ is taken and held
+    (flock) for this process's life: runs at once get one each, runs one after another
+    reuse the first (an existing database starts about 5 s faster than a new one)."""
+    import fcntl
+
+    from herl.util.home import herl_home
+
+    if os.environ.get("PREFECT_API_URL") or os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL"):
+        return None
+    folder = herl_home() / "prefect"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(slots):
+        lock = open(folder / f"server-{i}.lock", "a")  # noqa: SIM115 (held until this process ends)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        _held_slot.append(lock)
+        db = folder / f"server-{i}.db"
+        os.environ["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{db}"
+        return db
+    return None  # every slot busy: Prefect's default database
 
 
 def artifact_key(*parts: str) -> str:
@@ -43,13 +79,31 @@ class _NoUserErrorTracebacks(logging.Filter):
         return True
 
 
+class _QuietConsole(logging.Filter):
+    """On the terminal only (the Prefect UI keeps every record): drops the line each task
+    logs when it completes (the stage's own line says it is done, with its time) and the
+    crash lines a stop signal causes (herl says once, calmly, how to resume)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg == "Finished in state Completed()" and record.name.startswith("prefect.task_runs"):
+            return False
+        if "aborted by an interrupt signal" in msg or "aborted by a termination signal" in msg:
+            return False
+        return True
+
+
 def hide_user_error_tracebacks() -> None:
     """Attach the filter to every handler Prefect's logging set up (console and API)."""
     import prefect  # noqa: F401  (its logging is configured on import)
 
     loggers = [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict)
                                       if n == "prefect" or n.startswith("prefect."))]
+    from prefect.logging.handlers import PrefectConsoleHandler
+
     for logger in loggers:
         for handler in getattr(logger, "handlers", []):
             if not any(isinstance(f, _NoUserErrorTracebacks) for f in handler.filters):
                 handler.addFilter(_NoUserErrorTracebacks())
+            if isinstance(handler, PrefectConsoleHandler) and not any(isinstance(f, _QuietConsole) for f in handler.filters):
+                handler.addFilter(_QuietConsole())

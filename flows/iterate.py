@@ -46,7 +46,8 @@ def run_stage(run_dir: str, stage: str, iteration: int) -> dict:
 
 def metrics_rows(run: Run, k: int) -> list[dict]:
     """Iteration k's metrics: one {stage, metric, value} per metric of each stage."""
-    return [{"stage": s, "metric": n, "value": v} for s, n, v in run.metric_rows(k)]
+    # four significant digits: what a table in the UI can show (the tables hold the rest)
+    return [{"stage": s, "metric": n, "value": float(f"{v:.4g}")} for s, n, v in run.metric_rows(k)]
 
 
 def metrics_markdown(run: Run, k: int) -> str:
@@ -97,6 +98,12 @@ def iterate(config: str | None = None, run_id: str | None = None, iterations: in
     run = open_run(cfg, Path(run_dir) if run_dir else None)
     logger = get_run_logger()
     logger.info("run directory: %s", run.path)
+    # first in the UI's artifacts: where the run lives and how to look at it from a shell
+    create_markdown_artifact(key=artifact_key("herl", run.run_id, "run"),
+                             markdown=f"# herl run `{run.run_id}`\n\nrun folder: `{run.path}`\n\n"
+                                      f"```\nherl status {run.path}\nherl view {run.path}\n"
+                                      f"herl sql {run.path} \"SELECT iteration, avg(reward) FROM rewards GROUP BY 1\"\n```",
+                             description=f"herl {run.run_id}: run folder {run.path}")
     # held for the whole flow: a second writer fails at once; the stages of an iteration
     # that generate share one engine, which closes before train and at the end
     with run.lock():
@@ -104,7 +111,7 @@ def iterate(config: str | None = None, run_id: str | None = None, iterations: in
             plan = [(k, stage) for k in range(cfg.iterations + 1) for stage in cfg.iteration_stages(k)]
             progress: Any = create_progress_artifact(0.0, key=artifact_key("herl", run.run_id, "progress"),
                                                 description=f"herl {run.run_id}: stages done of {len(plan)}")
-            done = 0
+            done, drawn = 0, None
             for k in range(cfg.iterations + 1):
                 stages = cfg.iteration_stages(k)
                 for stage in stages:
@@ -119,7 +126,13 @@ def iterate(config: str | None = None, run_id: str | None = None, iterations: in
                 create_table_artifact(key=artifact_key("herl", run.run_id, f"iter-{k}-table"),
                                       table=metrics_rows(run, k), description=f"herl {run.run_id} iteration {k} metrics")
                 sync_trackers(run, k, logger)
-                publish_plot(run, k, logger)
+                every = cfg.tracking.plot_every
+                if every and (k + 1) % every == 0:  # the whole run is redrawn: seconds that grow with it
+                    publish_plot(run, k, logger)
+                    drawn = k
+                last = k
+            if drawn != last:
+                publish_plot(run, last, logger)
         finally:
             release_engines()
     return str(run.path)

@@ -306,6 +306,8 @@ class TrackingConfig(_Section):
     """W&B entity (team or user); unset: the account's default."""
     mlflow_uri: str | None = None
     """MLflow tracking URI, e.g. http://127.0.0.1:5000; unset: a file store in runs/<id>/tracking/mlruns."""
+    plot_every: int = 0
+    """Redraw plot.png (and its Prefect artifact) every this many iterations while the run goes; 0 draws it once, when the run ends (each redraw reads the whole run: seconds that grow with it). `herl plot RUN` draws it any time."""
 
 
 class HerlConfig(_Section):
@@ -356,6 +358,7 @@ class HerlConfig(_Section):
              "not starting with '.' or '-'): a run lives inside runs_dir and cannot name a path")
         need(self.iterations >= 1, "iterations must be >= 1")
         need(self.stage_retries >= 0, "stage_retries must be >= 0")
+        need(self.tracking.plot_every >= 0, "tracking.plot_every must be >= 0 (0: plot.png is drawn when the run ends)")
         need(self.task.prompts_per_iteration >= 1, "task.prompts_per_iteration must be >= 1")
         need(not self.task.source.startswith("builtin:") or self.task.source in ("builtin:toy", "builtin:ifgen"),
              f"task.source {self.task.source!r}: the built-in pools are builtin:toy and builtin:ifgen")

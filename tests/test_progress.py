@@ -40,3 +40,84 @@ def test_an_iteration_shows_generation_grading_and_training(tmp_path, capfd, mon
     assert "generate: 16/16 sequences" in err and "tokens/s" in err  # 4 prompts x 4 answers
     assert "grade: 16/16 answers" in err
     assert "train: 2/2 optimizer steps, loss " in err  # train.mini_batches = 2
+
+
+# ---- what a run says: its summary, a quiet console, the engine line, Prefect's database --
+
+
+def test_a_run_ends_with_a_summary_of_what_happened(done_run):
+    """The lines `herl run` ends with: iterations, mean reward first -> last (the grade
+    stage's own numbers), seconds per stage kind, the engine, where to look."""
+    from herl.runs.status import run_summary
+
+    lines = run_summary(done_run.path, 12.5)
+    text = "\n".join(lines)
+    reward = {k: v for k in (0, 1) for s, n, v in done_run.metric_rows(k, ["grade"]) if n == "mean_reward"}
+    assert lines[0] == "2 of 2 iterations done (this command: 12.5 s)"
+    assert f"mean reward:  {reward[0]:.3f} (iteration 0) -> {reward[1]:.3f} (iteration 1)" in text
+    stage_line = next(line for line in lines if line.startswith("stage time:"))
+    assert all(f"{s} " in stage_line for s in ("rollout", "grade", "hindsight", "advantages", "train"))
+    assert "engine:       transformers (rollout.engine = transformers)" in text
+    assert f"herl view {done_run.path}" in text and str(done_run.path / "tracking" / "tensorboard") in text
+
+
+def test_the_console_drops_completed_lines_and_crash_noise_but_keeps_the_rest():
+    import logging
+
+    from flows import _QuietConsole
+
+    def record(name, msg, level=logging.INFO):
+        return logging.LogRecord(name, level, __file__, 1, msg, None, None)
+
+    quiet = _QuietConsole()
+    assert not quiet.filter(record("prefect.task_runs", "Finished in state Completed()"))
+    assert not quiet.filter(record("prefect.flow_runs", "Crash detected! Execution was aborted by an interrupt signal.",
+                                   logging.ERROR))
+    assert quiet.filter(record("prefect.flow_runs", "Finished in state Completed()"))  # the run's own end stays
+    assert quiet.filter(record("prefect.task_runs", "Finished in state Failed('boom')", logging.ERROR))
+    assert quiet.filter(record("prefect.task_runs", "rollout iteration 0: done (1.0 s)"))
+
+
+def test_the_run_engine_says_when_it_is_ready(capsys):
+    from herl.generation.engines import release_engines, shared_engine
+    from herl.models.paths import resolve_model_path
+
+    release_engines()
+    try:
+        shared_engine("transformers", resolve_model_path("builtin:tiny"))
+        shared_engine("transformers", resolve_model_path("builtin:tiny"))  # the same engine: said once
+    finally:
+        release_engines()
+    err = capsys.readouterr().err
+    assert err.count("herl: transformers engine ready for tiny-v1 in ") == 1, err
+
+
+def test_the_temporary_server_gets_a_database_of_its_own(tmp_path, monkeypatch):
+    """Not ~/.prefect's (a `prefect server start` shares nothing with herl), one per
+    concurrent herl process; a configured server or database is left alone."""
+    import os
+    import subprocess
+    import sys
+
+    import flows
+
+    monkeypatch.setenv("HERL_HOME", str(tmp_path))
+    for var in ("PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL"):
+        monkeypatch.delenv(var, raising=False)
+    # another herl process holds the first slot
+    holder = subprocess.Popen([sys.executable, "-c", "import flows, sys; print(flows.private_temporary_server(), "
+                               "flush=True); sys.stdin.read()"], env={**os.environ}, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == str(tmp_path / "prefect" / "server-0.db")
+        monkeypatch.setattr(flows, "_held_slot", [])
+        db = flows.private_temporary_server()
+        assert db == tmp_path / "prefect" / "server-1.db"
+        assert os.environ["PREFECT_API_DATABASE_CONNECTION_URL"] == f"sqlite+aiosqlite:///{db}"
+    finally:
+        holder.communicate("")
+        for lock in flows._held_slot:
+            lock.close()
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    monkeypatch.delenv("PREFECT_API_DATABASE_CONNECTION_URL")
+    assert flows.private_temporary_server() is None and "PREFECT_API_DATABASE_CONNECTION_URL" not in os.environ

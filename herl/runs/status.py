@@ -55,3 +55,38 @@ def disk_line(run_dir: Path) -> str:
     return (f"disk: {gb(snap_bytes + table_bytes)} ({gb(snap_bytes)} in {len(snaps)} snapshots: "
             f"{len(snaps) - pruned} with weights, {with_opt} with optimizer state, {pruned} pruned; "
             f"{gb(table_bytes)} of tables)")
+
+
+def run_summary(run_dir: str | Path, wall_seconds: float | None = None) -> list[str]:
+    """The lines `herl run` ends with: iterations done, mean reward first -> last, seconds
+    per stage kind (summed over iterations), the engine used, and where to look next."""
+    run = load_run(run_dir)
+    rows = stage_status(run.path)
+    done = [r for r in rows if r["status"] == "done"]
+    trained = sorted({r["iteration"] for r in done if r["stage"] == "train"})
+    rewards = {k: v for k in trained for stage, name, v in run.metric_rows(k, ["grade"]) if name == "mean_reward"}
+    seconds: dict[str, float] = {}
+    for r in done:
+        seconds[r["stage"]] = seconds.get(r["stage"], 0.0) + (r["seconds"] or 0.0)
+    in_stages = sum(seconds.values())
+    lines = [f"{len(trained)} of {run.cfg.iterations} iterations done"
+             + (f" (this command: {wall_seconds:.1f} s)" if wall_seconds is not None else "")]
+    if rewards:
+        first, last = min(rewards), max(rewards)
+        lines.append(f"mean reward:  {rewards[first]:.3f} (iteration {first}) -> {rewards[last]:.3f} (iteration {last})")
+    if seconds:
+        order = [s for s in ("heldout", *STAGES) if s in seconds]
+        lines.append(f"stage time:   {in_stages:.1f} s: " + ", ".join(f"{s} {seconds[s]:.1f} s" for s in order))
+    engines = [dict((n, v) for _, n, v in run.metric_rows(k, ["rollout"])) for k in trained]
+    if engines:
+        startup = sum(e.get("engine_startup_seconds", 0.0) for e in engines)
+        starts = sum(e.get("engine_startup_seconds", 0.0) > 0 for e in engines)
+        kind = "vllm" if any(e.get("engine_vllm") for e in engines) else "transformers"
+        lines.append(f"engine:       {kind} (rollout.engine = {run.cfg.rollout.engine})"
+                     + (f", {starts} start-up(s), {startup:.1f} s" if starts else ""))
+    path = run.path
+    lines += [f"run folder:   {path}",
+              f"look at it:   herl status {path}  |  herl view {path}  |  herl plot {path}  |  herl sql {path} \"...\""]
+    if "tensorboard" in run.cfg.tracking.report_to:
+        lines.append(f"tensorboard:  tensorboard --logdir {path / 'tracking' / 'tensorboard'}")
+    return lines
