@@ -329,6 +329,21 @@ def atomic_write(path: Path, mode: str = "wb"):
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def public_files(folder: Path) -> None:
+    """Give every file under `folder` the permissions a plain write would (0666 less the
+    umask): temporary files are made 0600, which a model one shares must not keep."""
+    mode = 0o666 & ~_umask()
+    for f in Path(folder).rglob("*"):
+        if f.is_file():
+            os.chmod(f, mode)
+
+
 @contextmanager
 def atomic_directory(dest: Path):
     """Yield a new, empty temporary folder beside `dest`; when the with-block succeeds the
@@ -342,6 +357,7 @@ def atomic_directory(dest: Path):
         raise disk_error(exc, dest) or exc from None
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # what mkdir would have made (mkdtemp's is 0700)
         if dest.exists():  # an earlier attempt got this far (a killed run, or a stale copy)
             shutil.rmtree(dest)
         os.replace(tmp, dest)

@@ -56,6 +56,9 @@ def test_herl_grade_with_the_local_judge_backend_grades_the_example_answers(tmp_
     assert len(judged) == 4 and all(r["verdict_strict"] in ("met", "unmet", "unknown") for r in judged)
     unknown = sum(r["verdict_strict"] == "unknown" for r in judged)
     assert f"unknown_items              {unknown}" in proc.stdout
+    if unknown:  # why: the first reason, said on the terminal (the column holds every one)
+        first = next(r["detail"] for r in rows if r["verdict_strict"] == "unknown")
+        assert f"  first unknown verdict: {first[:300]}" in proc.stdout
     for key in [("lighthouse", "short"), ("lighthouse", "no_comma"), ("recipe", "bullets"), ("recipe", "ending"),
                 ("capital", "answer"), ("capital", "lowercase"), ("haiku", "title"), ("haiku", "lines")]:
         assert by_item[key]["verdict_strict"] == "met", (key, by_item[key]["detail"])

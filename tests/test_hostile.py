@@ -260,6 +260,9 @@ def test_ctrl_c_and_sigterm_stop_in_seconds_and_resume_identically(finished, tmp
         assert seconds < 40, (seconds, out[-3000:])  # about 5 s; 20 more when the signal is sent again
         assert proc.returncode == 128 + signum, out[-3000:]
         assert f"Resume with: herl resume {run_dir}" in out and "Traceback" not in out, out[-3000:]
+        # said once, calmly: no Prefect ERROR line (its crash report) before herl's own line
+        before = out.split("Resume with:")[0]
+        assert "| ERROR " not in before and "Crash detected" not in before, out[-3000:]
         assert not load_run(run_dir).is_locked()
         status = {(r["iteration"], r["stage"]): r["status"] for r in stage_status(run_dir)}
         assert status[stage] == "failed"

@@ -121,3 +121,25 @@ def test_the_temporary_server_gets_a_database_of_its_own(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
     monkeypatch.delenv("PREFECT_API_DATABASE_CONNECTION_URL")
     assert flows.private_temporary_server() is None and "PREFECT_API_DATABASE_CONNECTION_URL" not in os.environ
+
+
+def test_herl_run_prints_one_summary_no_completed_echoes_and_the_engine_line(tmp_path):
+    """What a user reads at the end of a small `herl run`: one line per stage (not two),
+    the engine's ready line, one summary block naming the run folder."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    runs = tmp_path / "runs"
+    sets = [x for k, v in small_overrides(runs, run_id="said").items() if k not in ("run_id", "runs_dir", "iterations")
+            for x in ("--set", f"{k}={v}")]
+    proc = subprocess.run([sys.executable, "-m", "herl.commands.cli", "run", "--runs-dir", str(runs), "--run-id", "said",
+                           "--iterations", "1", *sets], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count("Finished in state Completed()") == 1, out  # the flow's own end; no task echoes it
+    assert out.count("rollout iteration 0: done") == 1 and out.count("train iteration 0: done") == 1, out
+    assert out.count("herl: transformers engine ready for tiny-v1 in ") == 1, out
+    assert out.count("herl run: 1 of 1 iterations done (this command: ") == 1, out
+    assert f"run folder:   {runs / 'said'}" in out

@@ -120,6 +120,14 @@ def test_herl_export_writes_the_final_policy_as_one_hf_folder(tmp_path):
     assert cli(["export", str(run.path), str(dest)]) == 0
     assert not is_adapter(dest) and (dest / "model.safetensors").exists() and (dest / "tokenizer.json").exists()
     assert not (dest / "optimizer.pt").exists()
+    # a model to share: the folder and its files as a plain mkdir and write make them (umask 022 here)
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o777 & ~umask
+    assert {stat.S_IMODE(f.stat().st_mode) for f in dest.iterdir()} == {0o666 & ~umask}
     model = AutoModelForCausalLM.from_pretrained(dest)
     merged = load_file(engine_model(run.snapshot(1)) / "model.safetensors")
     for name, p in model.state_dict().items():

@@ -186,6 +186,8 @@ def cmd_grade(args) -> int:
     for name in ("judge_calls", "judge_cache_hits", "judge_retries", "judge_failures"):
         if name in summary:
             print(f"  {name:<26} {summary[name]}")
+    if summary.get("first_unknown_reason"):
+        print(f"  first unknown verdict: {summary['first_unknown_reason'][:300]}")
     print(f"items: {summary['output']}\nrows:  {summary['rows_output']}")
     return 0
 

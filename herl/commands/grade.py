@@ -93,5 +93,8 @@ def grade_file(input_path: Path, output: Path, fmt: str = "auto", drop_unsupport
         metrics["implicit_fallbacks"] = fallbacks
     if responses is not None:
         metrics["missing_responses"] = missing
+    # the reason of the first item no verdict could be had for (its column holds them all)
+    unknown = next((r["detail"] for r in item_rows if r["verdict_strict"] == "unknown" and r["detail"]), None)
     return {**report, "graded_rows": len(row_rows), "graded_items": len(item_rows), "metrics": metrics,
-            **grader.stats(), "output": str(output), "rows_output": str(rows_path(output))}
+            **grader.stats(), "output": str(output), "rows_output": str(rows_path(output)),
+            "first_unknown_reason": unknown}

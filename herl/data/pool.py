@@ -139,10 +139,15 @@ def evaluation_prompts(cfg) -> list[dict]:
     return prompts
 
 
+_SAID: set[tuple] = set()
+
+
 def check_pool_fits(cfg) -> int:
     """Load the run's prompt pool and refuse it, before anything starts, when a prompt
     plus the longest answer the run asks for does not fit the initial model's context
     (PromptTooLongError naming the prompts). Returns the pool's size."""
+    import sys
+
     from herl.generation.engines import (
         GenRequest,
         check_prompt_lengths,
@@ -153,7 +158,12 @@ def check_pool_fits(cfg) -> int:
     from herl.models.tokenizer import load_tokenizer
 
     pool = task_pool(cfg)
-    split_pool(pool, cfg.task.holdout, cfg.seed, cfg.task.source)
+    train, _ = split_pool(pool, cfg.task.holdout, cfg.seed, cfg.task.source)
+    said = (cfg.task.source, cfg.task.prompts_per_iteration, len(train))
+    if cfg.task.prompts_per_iteration > len(train) and said not in _SAID:  # sample_for_iteration keeps one copy of each
+        _SAID.add(said)  # once: the pre-flight check and the flow both run this
+        print(f"herl: task.prompts_per_iteration = {cfg.task.prompts_per_iteration}, but the training pool holds "
+              f"{len(train)} prompts: each iteration uses those {len(train)}", file=sys.stderr, flush=True)
     model = resolve_model_path(cfg.model.path)
     limit = context_length(model, cfg.vllm.max_model_len)
     if limit is None:

@@ -14,7 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-from schemas.tables import atomic_directory
+from schemas.tables import atomic_directory, public_files
 
 ADAPTER_CONFIG = "adapter_config.json"
 MERGED_STAMP = "herl_merged_from.json"  # in a merged copy: the adapter snapshot it was made from
@@ -54,6 +54,7 @@ def write_merged(snapshot: Path, dest: Path, dtype: str = "float32", extra: dict
                                                     "stamp": _stamp(snapshot), "base": str(base)}))
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
+    public_files(dest)  # a model to share: readable as any file the user writes
     return dest
 
 
@@ -92,6 +93,7 @@ def export_policy(snapshot: Path, dest: Path, dtype: str = "float32", extra: dic
     if is_adapter(snapshot):
         write_merged(snapshot, dest, dtype, extra)
         (dest / MERGED_STAMP).unlink()
+        public_files(dest)
         return dest
     with atomic_directory(dest) as tmp:
         for f in snapshot.iterdir():
@@ -99,4 +101,5 @@ def export_policy(snapshot: Path, dest: Path, dtype: str = "float32", extra: dic
                 shutil.copy2(f, tmp / f.name)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
+    public_files(dest)  # a model to share: readable as any file the user writes
     return dest
