@@ -242,3 +242,40 @@ def test_the_train_stage_with_gradient_checkpointing(tmp_path):
         warnings.simplefilter("error", FutureWarning)  # the current transformers API, not the deprecated one
         frac, _ = _train_once(tmp_path, **{"train.gradient_checkpointing": True, "train.learning_rate": 1e-4})
     assert frac > 0.5
+
+
+def test_the_first_minibatch_takes_old_logprobs_from_its_own_forward(monkeypatch):
+    """With one PPO epoch, epoch 0's first mini-batch is trained before any update: its old
+    log-probs are the forward's own (no extra pass). Same update and loss as taking them
+    from the extra pass, to 1e-6; the pass covers only the later mini-batch."""
+    import torch
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from herl.models.paths import resolve_model_path
+    from herl.models.tokenizer import load_tokenizer
+    from herl.training import trainer
+    from schemas.config import TrainConfig
+
+    path = resolve_model_path("builtin:tiny")
+    pad = load_tokenizer(path).pad_token_id
+    rows = [{"prompt_id": f"p{j % 4}", "prompt_token_ids": [5, 6, 7 + j], "response_token_ids": [40 + j] * (2 + j % 3),
+             "advantage": [-1.0, 1.0, 0.5, -0.5][j % 4] * (1 + j // 4), "is_hindsight": j == 5,
+             "engine_logprobs": None, "temperature": 1.0} for j in range(8)]
+    cfg = TrainConfig(mini_batches=2, micro_batch_size=2, kl_coef=0.0)
+
+    def update():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is the gradient itself
+        metrics = trainer.train_on_batch(model, opt, Accelerator(cpu=True), [dict(r) for r in rows], cfg, 0, pad)
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), metrics
+
+    reused, m_reused = update()
+    monkeypatch.setattr(trainer, "_first_minibatch", lambda *a: [])  # every old log-prob from the extra pass
+    passed, m_passed = update()
+    assert m_reused["old_logprob_pass_sequences"] == 4 and m_passed["old_logprob_pass_sequences"] == 8
+    assert abs(m_reused["loss"] - m_passed["loss"]) < 1e-6
+    assert torch.allclose(reused, passed, atol=1e-6, rtol=0)
+    before = torch.cat([p.detach().flatten() for p in AutoModelForCausalLM.from_pretrained(path).parameters()])
+    assert not torch.allclose(reused, before)  # it did update

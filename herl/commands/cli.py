@@ -75,11 +75,20 @@ def cmd_run(args) -> int:
     private_temporary_server()
     hide_user_error_tracebacks()
     runs_dir = Path(params["runs_dir"])
+    from herl.util.procs import stop_requested
+
     t0 = time.perf_counter()
     try:
         path = iterate(**params)
-    except (KeyboardInterrupt, SystemExit) as exc:
+    except BaseException as exc:
         import signal
+
+        # a stop signal's exception can surface wrapped by the library it interrupted (say
+        # pydantic's serializer during Prefect's start-up): the noted signal decides
+        if not isinstance(exc, (KeyboardInterrupt, SystemExit)) and stop_requested() is None:
+            raise
+        if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            exc = SystemExit(130 if stop_requested() == signal.SIGINT else 128 + int(stop_requested() or 0))
 
         # stopping now: a repeated signal (the supervisor asks again after a while) must not
         # break Prefect's own shutdown that follows

@@ -64,28 +64,40 @@ def _policy(model):
 
 
 def _prepare(model, seqs: Sequences, mine: list[int], cfg: TrainConfig, pad_id: int, ref_model,
-             adapter_reference: bool, totals: LossTotals) -> Prepared:
+             adapter_reference: bool, totals: LossTotals, old_later: frozenset[int] = frozenset()) -> Prepared:
     """Old log-probs (the snapshot as loaded: the behaviour policy of the rollouts), the
-    reference's and the truncated IS weights of the sequences `mine`, once per update."""
+    reference's and the truncated IS weights of the sequences `mine`, once per update.
+    Sequences in `old_later` get their old log-probs from the first update's own forward
+    (see train_on_batch): no pass here unless the reference needs one."""
     prep = Prepared()
     model.eval()
     with torch.no_grad():
         for chunk in micro_batches(mine, seqs.lengths, cfg.micro_batch_size, cfg.micro_batch_tokens):
-            lp, m = seqs.logprobs(model, chunk, pad_id)  # (B, R)
-            n = m.sum(dim=1).tolist()
-            prep.old.update((i, lp[b, : n[b]].cpu()) for b, i in enumerate(chunk))
-            if cfg.is_correction == "truncated":
-                engine_lp, usable = seqs.engine_logprobs_of(chunk, lp.size(1), lp.dtype, lp.device)
-                w, stats = truncated_is_weight(lp, engine_lp, usable, m, cfg.is_cap)
-                prep.is_weight.update((i, w[b, : n[b]].cpu()) for b, i in enumerate(chunk))
-                totals.add_is(stats)
+            old_chunk = [i for i in chunk if i not in old_later]
+            if old_chunk:
+                lp, m = seqs.logprobs(model, old_chunk, pad_id)  # (B, R)
+                n = m.sum(dim=1).tolist()
+                prep.old.update((i, lp[b, : n[b]].cpu()) for b, i in enumerate(old_chunk))
+                if cfg.is_correction == "truncated":
+                    engine_lp, usable = seqs.engine_logprobs_of(old_chunk, lp.size(1), lp.dtype, lp.device)
+                    w, stats = truncated_is_weight(lp, engine_lp, usable, m, cfg.is_cap)
+                    prep.is_weight.update((i, w[b, : n[b]].cpu()) for b, i in enumerate(old_chunk))
+                    totals.add_is(stats)
             if ref_model is not None or adapter_reference:
                 # LoRA: the initial policy is the same weights with the adapter switched off
                 ctx = _policy(model).disable_adapter() if adapter_reference else contextlib.nullcontext()
                 with ctx:
-                    rl, _ = seqs.logprobs(model if adapter_reference else ref_model, chunk, pad_id)
-                prep.ref.update((i, rl[b, : n[b]].cpu()) for b, i in enumerate(chunk))
+                    rl, rm = seqs.logprobs(model if adapter_reference else ref_model, chunk, pad_id)
+                rn = rm.sum(dim=1).tolist()
+                prep.ref.update((i, rl[b, : rn[b]].cpu()) for b, i in enumerate(chunk))
     return prep
+
+
+def _first_minibatch(groups: dict[str, list[int]], seed: int, n_mb: int, lengths: list[int]) -> list[int]:
+    """The sequences of epoch 0's first mini-batch (the order train_on_batch deals them in)."""
+    group_order = sorted(groups)
+    random.Random(f"{seed}:0").shuffle(group_order)
+    return sorted((i for pid in group_order[0::n_mb] for i in groups[pid]), key=lambda i: lengths[i])
 
 
 def train_on_batch(model, optimizer, accelerator, batch: Sequences | list[dict], cfg: TrainConfig, seed: int,
@@ -106,8 +118,18 @@ def train_on_batch(model, optimizer, accelerator, batch: Sequences | list[dict],
 
     # sequences sorted by length, so a micro-batch pads short rollouts to short lengths only
     order = sorted(range(len(seqs)), key=lambda i: seqs.lengths[i])
+    groups: dict[str, list[int]] = {}
+    for i in order:
+        groups.setdefault(seqs.prompt_id[i], []).append(i)
+    # With one epoch, the first mini-batch is trained before any update: its old log-probs
+    # are the policy's own, taken from its forward (detached) instead of a pass here, as
+    # TRL's GRPOTrainer does when num_iterations == 1. Not with truncated IS weights (they
+    # need the old log-probs before the loss).
+    reuse = cfg.ppo_epochs == 1 and cfg.is_correction != "truncated"
+    old_later = frozenset(_first_minibatch(groups, seed, min(cfg.mini_batches, len(groups)), seqs.lengths)
+                          if reuse else ())
     prep = _prepare(model, seqs, shares(order, world)[rank], cfg, pad_id, ref_model if use_ref else None,
-                    adapter_reference and use_ref, totals)
+                    adapter_reference and use_ref, totals, old_later)
     if world > 1:  # every process needs every sequence's: mini-batches are re-dealt each epoch
         from accelerate.utils import gather_object
 
@@ -115,9 +137,6 @@ def train_on_batch(model, optimizer, accelerator, batch: Sequences | list[dict],
             prep.update(part)
 
     model.train()
-    groups: dict[str, list[int]] = {}
-    for i in order:
-        groups.setdefault(seqs.prompt_id[i], []).append(i)
     steps, grad_norm = 0, 0.0
     from herl.util.progress import Progress
 
@@ -165,6 +184,7 @@ def train_on_batch(model, optimizer, accelerator, batch: Sequences | list[dict],
         **totals.metrics(steps),
         "grad_norm": grad_norm / steps,
         "optimizer_steps": steps,
+        "old_logprob_pass_sequences": len(seqs) - len(old_later),
         "tokens": tokens // cfg.ppo_epochs,
         "sequences": len(seqs),
         "processes": world,
@@ -176,6 +196,10 @@ def _micro_step(model, seqs: Sequences, chunk: list[int], prep: Prepared, cfg: T
     """Forward one micro-batch and return its LossParts (loss a share of the mini-batch's)."""
     logp, mask = seqs.logprobs(model, chunk, pad_id)  # (B, R)
     width, device = logp.size(1), logp.device
+    n = mask.sum(dim=1).tolist()
+    for b, i in enumerate(chunk):  # the first update's sequences: old log-probs are these, before any step
+        if i not in prep.old:
+            prep.old[i] = logp[b, : n[b]].detach().cpu()
     denom = loss_denominators([seqs.response_length(i) for i in chunk], mb_lengths, cfg.loss_aggregation, norm_length)
     return policy_loss(
         logp, prep.padded("old", chunk, width, device),

@@ -39,6 +39,11 @@ def note_stop(signum: int) -> None:
         _stop_signals.append(signum)
 
 
+def stop_requested() -> int | None:
+    """The first stop signal this process got, if any."""
+    return _stop_signals[0] if _stop_signals else None
+
+
 def raise_if_stop_requested() -> None:
     """Raise what the first stop signal should have raised (KeyboardInterrupt for SIGINT,
     SystemExit(128 + n) otherwise), if one arrived."""
