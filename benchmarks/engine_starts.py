@@ -28,7 +28,7 @@ from herl.generation.engines import find_vllm_python, release_engines  # noqa: E
 from herl.runs.rundir import open_run  # noqa: E402
 from schemas.config import load_config  # noqa: E402
 from schemas.tables import read_table  # noqa: E402
-from stages import run_stage  # noqa: E402
+from stages import run_named_stage  # noqa: E402
 
 
 def one_mode(mode: str, args, runs_dir: Path) -> dict:
@@ -45,7 +45,7 @@ def one_mode(mode: str, args, runs_dir: Path) -> dict:
     t0 = time.perf_counter()
     for k in range(args.iterations):
         for stage in run.cfg.iteration_stages(k):
-            run_stage(stage, run, k)
+            run_named_stage(stage, run, k)
         for stage in ("rollout", "hindsight"):
             m = {r["name"]: r["value"] for r in read_table("metrics", run.table(k, "metrics", stage)).to_pylist()}
             starts += m.get("engine_startup_seconds", 0.0) > 0

@@ -32,13 +32,13 @@ from herl.runs.rundir import Run, load_run, open_run
 from herl.runs.tracking import check_trackers, sync_trackers
 from herl.util.procs import raise_if_stop_requested
 from schemas.config import load_config
-from stages import run_stage as run_stage_alone
+from stages import run_named_stage
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{stage}-{iteration}")
 def run_stage(run_dir: str, stage: str, iteration: int) -> dict:
     """One stage of one iteration; returns its manifest summary (paths, not tables)."""
-    m = run_stage_alone(stage, load_run(run_dir), iteration)
+    m = run_named_stage(stage, load_run(run_dir), iteration)
     get_run_logger().info("%s iteration %d: %s%s (%.1f s)", stage, iteration, m["status"],
                           " (skipped: manifest current)" if m["skipped"] else "", m.get("seconds", 0.0))
     return {k: m.get(k) for k in ("stage", "iteration", "status", "skipped", "seconds", "outputs")}

@@ -136,29 +136,29 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     """
     mask = mask.to(logp.dtype)
     adv = advantages[:, None].to(logp.dtype).expand_as(logp)  # (B, T)
-    off = is_hindsight[:, None].expand_as(logp)  # (B, T)
+    revision = is_hindsight[:, None].expand_as(logp)  # (B, T): hindsight tokens
 
     ratio = importance_ratio(logp, old_logp)
     on_loss, clip_active = on_policy_loss(ratio, adv, cfg, is_weight)
-    off_loss = hindsight_loss(logp, old_logp, adv, cfg)
-    per_token = torch.where(off, off_loss, on_loss)
+    revision_loss = hindsight_loss(logp, old_logp, adv, cfg)
+    per_token = torch.where(revision, revision_loss, on_loss)
     kl_val = torch.zeros((), dtype=logp.dtype)
     if ref_logp is not None and cfg.kl_coef > 0:
         k3 = k3_kl(logp, ref_logp)
         per_token = per_token + cfg.kl_coef * k3
         kl_val = aggregate(k3, mask, denominator)
 
-    on_mask = mask * (~off)
-    off_mask = mask * off
-    on_loss, off_loss, ratio = on_loss.detach(), off_loss.detach(), ratio.detach()
+    on_mask = mask * (~revision)
+    revision_mask = mask * revision
+    on_loss, revision_loss, ratio = on_loss.detach(), revision_loss.detach(), ratio.detach()
     return LossParts(
         loss=aggregate(per_token, mask, denominator),
-        on_policy=float(aggregate(on_loss * (~off), mask, denominator)),
-        hindsight=float(aggregate(off_loss * off, mask, denominator)),
+        on_policy=float(aggregate(on_loss * (~revision), mask, denominator)),
+        hindsight=float(aggregate(revision_loss * revision, mask, denominator)),
         kl=float(kl_val.detach()),
         clipped_tokens=int((clip_active & (on_mask > 0)).sum()),
         on_tokens=int(on_mask.sum()),
-        hindsight_tokens=int(off_mask.sum()),
+        hindsight_tokens=int(revision_mask.sum()),
         ratio_sum=float((ratio * on_mask).sum()),
     )
 
