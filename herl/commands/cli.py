@@ -132,6 +132,8 @@ def cmd_status(args) -> int:
         print(f"{r['iteration']:>4}  {r['stage']:<11} {r['status']:<12} {'' if r['rows'] is None else r['rows']:>7} "
               f"{'' if r['seconds'] is None else format(r['seconds'], '.1f'):>8} {r['attempts'] or '':>8}")
     done = sum(r["status"] == "done" for r in rows)
+    print("rows: what the stage wrote, its tables but metrics added up (rollout: prompts + rollouts; "
+          "grade: verdicts + rewards; hindsight: revisions + their verdicts)")
     print(f"\n{done}/{len(rows)} stages done")
     print(disk_line(Path(args.run_dir)))
     for r in rows:
