@@ -53,6 +53,13 @@ def test_the_page_in_chromium_shows_what_the_tables_hold(done_run, tmp_path, cap
     try:
         browser.open(page.as_uri())
         assert browser.js("document.title") == f"herl run {done_run.run_id}"
+        # it opens on the newest iteration in numbers, the curves shown
+        last = con.execute("SELECT max(iteration) FROM rollouts").fetchone()[0]
+        n_prompts, mean = con.execute("SELECT count(DISTINCT prompt_id), avg(reward) FROM rewards WHERE iteration = ?",
+                                      [last]).fetchone()
+        summary = browser.js("document.querySelector('#detail .summary').textContent")
+        assert summary.startswith(f"{n_prompts} prompts, ") and f"mean reward {mean:.3f}" in summary, summary
+        assert browser.js("document.querySelector('details.curves').open")
         browser.js(f"(() => {{ const s = document.querySelector('#iteration'); s.value = '{k}'; "
                    "s.dispatchEvent(new Event('change')); })()")
         browser.click(f'nav button[data-prompt="{pid}"]')
