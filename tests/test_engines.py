@@ -100,3 +100,45 @@ def test_a_run_generates_from_each_new_snapshot(tmp_path, mode):
     assert [r["response_token_ids"] for r in rows] == again
     m = {r["name"]: r["value"] for r in read_table("metrics", run.table(1, "metrics", "rollout")).to_pylist()}
     assert (m["engine_weight_sync_seconds"] > 0) == (mode != "restart")
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 5), (0.0, 0)])
+def test_the_transformers_engine_keeps_one_step_of_logits_and_the_same_logprobs(temperature, top_k):
+    """Log-probs taken step by step (one step's logits at a time) equal those from every
+    step's logits kept over the whole vocabulary (generate's output_logits), token for
+    token, with the same samples: sampling, a top-k sampler, greedy."""
+    import torch
+
+    from herl.generation.engines import (
+        GenRequest,
+        SamplingParams,
+        TransformersEngine,
+        derive_seed,
+        sampling_temperature,
+    )
+
+    engine = TransformersEngine(resolve_model_path("builtin:tiny"), batch_size=8)
+    reqs = [GenRequest(str(i), [5, 6, 7 + i, 9][: 2 + i], 100 + i, 1) for i in range(3)]
+    params = SamplingParams(temperature, 1.0, top_k, 12)
+    got = engine._generate_batch(reqs, params)
+
+    # the reference: every step's logits kept, then log_softmax(logits / T) gathered
+    pad, width = engine.tokenizer.pad_token_id, max(len(r.prompt_token_ids) for r in reqs)
+    ids = torch.full((len(reqs), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(reqs), width), dtype=torch.long)
+    for b, r in enumerate(reqs):
+        ids[b, width - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
+        attn[b, width - len(r.prompt_token_ids):] = 1
+    kw = dict(max_new_tokens=12, do_sample=temperature > 0, pad_token_id=pad, eos_token_id=sorted(engine.eos_ids),
+              return_dict_in_generate=True, output_logits=True)
+    if temperature > 0:
+        kw.update(temperature=temperature, top_p=1.0, top_k=top_k or None)
+    torch.manual_seed(derive_seed(*(r.seed for r in reqs), len(reqs)))
+    with torch.no_grad():
+        out = engine.model.generate(input_ids=ids, attention_mask=attn, **kw)
+    new = out.sequences[:, width:]
+    logits = torch.stack(out.logits, dim=1).float() / sampling_temperature(temperature)
+    want = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+    for b, comp in enumerate(got):
+        assert comp.token_ids == new[b, : len(comp.token_ids)].tolist()
+        assert torch.allclose(torch.tensor(comp.logprobs), want[b, : len(comp.token_ids)], atol=1e-6, rtol=0)

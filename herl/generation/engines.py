@@ -128,6 +128,46 @@ def check_prompt_lengths(requests: list[GenRequest], max_tokens: int, limit: int
             "Shorten or remove those prompts, or lower the max_tokens setting")
 
 
+class _StepLogprobs:
+    """The log-prob of each sampled token under logits / T, kept step by step while
+    `generate` runs, instead of every step's logits over the whole vocabulary
+    (`output_logits`: B x S x V floats, 1.6 GB for SmolLM2 at 64 x 128 tokens, 13 GB for a
+    262k vocabulary). A forward hook keeps the newest step's log-softmax (B, V); the next
+    forward's input ids are the tokens sampled from it, so its pre-hook takes their
+    log-probs (B,). The logits are the ones generate samples from (the last position's,
+    in float32), divided by T as the trainer and vLLM's processed_logprobs do."""
+
+    def __init__(self, model, temperature: float):
+        self.temperature, self.prev, self.taken = temperature, None, []
+        self.handles = [model.register_forward_pre_hook(self._before, with_kwargs=True),
+                        model.register_forward_hook(self._after)]
+
+    def _before(self, _module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.prev is not None and ids is not None:  # ids[:, -1]: the tokens sampled from self.prev
+            self.taken.append(self.prev.gather(-1, ids[:, -1:]).squeeze(-1))  # (B,)
+            self.prev = None
+
+    def _after(self, _module, _args, output):
+        import torch
+
+        logits = output.logits[:, -1, :].float()  # (B, V), as generate takes them
+        self.prev = torch.log_softmax(logits / self.temperature, dim=-1)
+
+    def result(self, new):
+        """(B, S) log-probs of the generated tokens `new` (B, S)."""
+        import torch
+
+        if self.prev is not None:  # the last step: nothing was generated after it
+            self.taken.append(self.prev.gather(-1, new[:, len(self.taken):len(self.taken) + 1]).squeeze(-1))
+            self.prev = None
+        return torch.stack(self.taken[: new.size(1)], dim=1)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 class TransformersEngine:
     """Batched, seeded sampling with transformers `generate` (left padding).
 
@@ -205,20 +245,20 @@ class TransformersEngine:
         greedy = params.temperature == 0
         gen_kwargs = dict(
             max_new_tokens=params.max_tokens, do_sample=not greedy, pad_token_id=pad,
-            eos_token_id=sorted(self.eos_ids), return_dict_in_generate=True, output_logits=True,
+            eos_token_id=sorted(self.eos_ids), return_dict_in_generate=True,
         )
         if not greedy:
             gen_kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
         generator_seed = derive_seed(*(r.seed for r in reqs), len(reqs))
         torch.manual_seed(generator_seed)
-        with torch.no_grad():
-            out = self.model.generate(input_ids=input_ids, attention_mask=attn, **gen_kwargs)
+        steps = _StepLogprobs(self.model, sampling_temperature(params.temperature))
+        try:
+            with torch.no_grad():
+                out = self.model.generate(input_ids=input_ids, attention_mask=attn, **gen_kwargs)
+        finally:
+            steps.remove()
         new = out.sequences[:, width:]  # (B, S)
-        logits = torch.stack(out.logits, dim=1).float()  # (B, S, V) raw, before temperature
-        # log-probs of the distribution sampled from: logits / T, as the trainer and vLLM's
-        # processed_logprobs compute them (greedy counts as T = 1)
-        logits = logits / sampling_temperature(params.temperature)
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)  # (B, S)
+        logp = steps.result(new)  # (B, S)
         comps = []
         for b in range(len(reqs)):
             ids = new[b].tolist()
