@@ -279,3 +279,24 @@ def test_the_first_minibatch_takes_old_logprobs_from_its_own_forward(monkeypatch
     assert torch.allclose(reused, passed, atol=1e-6, rtol=0)
     before = torch.cat([p.detach().flatten() for p in AutoModelForCausalLM.from_pretrained(path).parameters()])
     assert not torch.allclose(reused, before)  # it did update
+
+
+def test_the_gpu_check_runs_on_a_cpu_in_a_tiny_shape(capsys):
+    """benchmarks/gpu_check.py (made for a lent GPU) runs here in its `tiny` shape, so it
+    cannot rot: every variant asked for gets a row with finite tokens/s for both steps."""
+    import math
+    import sys
+
+    from tests.helpers import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    assert gpu_check.main(["--shapes", "tiny", "--variants", "full,lora_gc", "--sequences", "4",
+                           "--prompt-tokens", "8", "--response-tokens", "8", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| tiny |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["full", "lora_gc"], out
+    for r in rows:
+        herl, plain = float(r.split("|")[3]), float(r.split("|")[4])
+        assert math.isfinite(herl) and herl > 0 and math.isfinite(plain) and plain > 0, r
