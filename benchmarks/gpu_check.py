@@ -93,7 +93,8 @@ def time_steps(step, steps: int, device) -> tuple[float, float]:
     return statistics.median(times), peak
 
 
-def measure(shape: str, variant: str, rows: list[dict], steps: int) -> dict:
+def herl_step(shape: str, variant: str, rows: list[dict], steps: int) -> tuple[float, float]:
+    """herl: the train job's wrapping and one update over one mini-batch."""
     import torch
     from accelerate import Accelerator
 
@@ -104,31 +105,31 @@ def measure(shape: str, variant: str, rows: list[dict], steps: int) -> dict:
     gpu = torch.cuda.is_available()
     precision = "bf16" if gpu else "no"
     rank, gc = VARIANTS[variant]
-    tokens = sum(len(r["prompt_token_ids"]) + len(r["response_token_ids"]) for r in rows)
-    out = {"shape": shape, "variant": variant, "tokens": tokens}
-
-    # herl: the train job's wrapping and one update over one mini-batch
     acc = Accelerator(cpu=not gpu, mixed_precision=precision)
     model = build(shape, rank, gc, acc.device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     wrapped, opt = acc.prepare(ResponseLogprobs(model), opt)
     cfg = TrainConfig(mini_batches=1, micro_batch_size=len(rows), kl_coef=0.0, mixed_precision=precision,
                       gradient_checkpointing=gc)
-    out["herl_s"], out["herl_peak_gb"] = time_steps(
-        lambda: train_on_batch(wrapped, opt, acc, [dict(r) for r in rows], cfg, 0, pad_id=0), steps, acc.device)
-    del wrapped, opt, model
-    if gpu:
-        torch.cuda.empty_cache()
+    return time_steps(lambda: train_on_batch(wrapped, opt, acc, [dict(r) for r in rows], cfg, 0, pad_id=0),
+                      steps, acc.device)
 
-    # plain: transformers' own loss over the full vocabulary
-    acc = Accelerator(cpu=not gpu, mixed_precision=precision)
+
+def plain_step(shape: str, variant: str, rows: list[dict], steps: int) -> tuple[float, float]:
+    """plain: transformers' own loss over the full vocabulary, backward, AdamW."""
+    import torch
+    from accelerate import Accelerator
+
+    gpu = torch.cuda.is_available()
+    rank, gc = VARIANTS[variant]
+    acc = Accelerator(cpu=not gpu, mixed_precision="bf16" if gpu else "no")
     model = build(shape, rank, gc, acc.device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     model, opt = acc.prepare(model, opt)
     width = max(len(r["prompt_token_ids"]) + len(r["response_token_ids"]) for r in rows)
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T), right-padded
     attn = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
+    labels = torch.full_like(ids, -100)  # loss on response tokens only
     for b, r in enumerate(rows):
         seq = r["prompt_token_ids"] + r["response_token_ids"]
         ids[b, : len(seq)] = torch.tensor(seq)
@@ -136,17 +137,25 @@ def measure(shape: str, variant: str, rows: list[dict], steps: int) -> dict:
         labels[b, len(r["prompt_token_ids"]): len(seq)] = torch.tensor(r["response_token_ids"])
     ids, attn, labels = ids.to(acc.device), attn.to(acc.device), labels.to(acc.device)
 
-    def plain():
+    def step():
         model.train()
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         acc.backward(loss)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    out["plain_s"], out["plain_peak_gb"] = time_steps(plain, steps, acc.device)
-    del model, opt
-    if gpu:
+    return time_steps(step, steps, acc.device)
+
+
+def measure(shape: str, variant: str, rows: list[dict], steps: int) -> dict:
+    import torch
+
+    tokens = sum(len(r["prompt_token_ids"]) + len(r["response_token_ids"]) for r in rows)
+    out = {"shape": shape, "variant": variant, "tokens": tokens}
+    out["herl_s"], out["herl_peak_gb"] = herl_step(shape, variant, rows, steps)
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    out["plain_s"], out["plain_peak_gb"] = plain_step(shape, variant, rows, steps)
     out["herl_tok_s"], out["plain_tok_s"] = tokens / out["herl_s"], tokens / out["plain_s"]
     out["ratio"] = out["herl_tok_s"] / out["plain_tok_s"]
     return out
