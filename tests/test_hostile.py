@@ -257,7 +257,9 @@ def test_ctrl_c_and_sigterm_stop_in_seconds_and_resume_identically(finished, tmp
                                     stderr=subprocess.STDOUT, start_new_session=True)
             seconds, tree = _stop_at(proc, run_dir, stage, signum, log)
         out = log.read_text()
-        assert seconds < 40, (seconds, out[-3000:])  # about 5 s; 20 more when the signal is sent again
+        # the first signal stops it (3-13 s measured, Prefect's shutdown included): before the
+        # supervisor's resend at 20 s (herl.commands.supervise.RESEND_S), which a lost first one needs
+        assert seconds < 20, (seconds, out[-3000:])
         assert proc.returncode == 128 + signum, out[-3000:]
         assert f"Resume with: herl resume {run_dir}" in out and "Traceback" not in out, out[-3000:]
         # said once, calmly: no Prefect ERROR line (its crash report) before herl's own line
