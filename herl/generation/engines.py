@@ -138,7 +138,8 @@ class _StepLogprobs:
     in float32), divided by T as the trainer and vLLM's processed_logprobs do."""
 
     def __init__(self, model, temperature: float):
-        self.temperature, self.prev, self.taken = temperature, None, []
+        self.temperature, self.prev = temperature, None
+        self.taken: list = []  # (B,) log-probs, one per step taken
         self.handles = [model.register_forward_pre_hook(self._before, with_kwargs=True),
                         model.register_forward_hook(self._after)]
 

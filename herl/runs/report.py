@@ -22,8 +22,8 @@ import os
 import re
 from pathlib import Path
 
-from herl.runs.query import connect_run
 from herl.grading.rubric import user_prompt
+from herl.runs.query import connect_run
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "report.html"
 
