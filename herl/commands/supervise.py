@@ -37,7 +37,7 @@ import sys
 import time
 
 from herl.util import watchdog
-from herl.util.procs import become_subreaper, die_with_parent
+from herl.util.procs import become_subreaper, die_with_parent, terminate_then_kill
 
 SUPERVISED_ENV = "HERL_SUPERVISED"
 STOP_GRACE_S = 60.0  # how long a worker asked to stop may take before it is killed
@@ -64,21 +64,7 @@ def _descendants() -> list:
 
 def _reap_all(grace_s: float = 10.0) -> None:
     """Terminate every process left under the supervisor, then kill what remains."""
-    import psutil
-
-    procs = _descendants()
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+    terminate_then_kill(_descendants(), grace_s)
 
 
 def run_supervised(argv: list[str]) -> int:

@@ -27,6 +27,25 @@ def become_subreaper() -> bool:
     return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
+def terminate_then_kill(procs: list, grace_s: float) -> None:
+    """SIGTERM each psutil process, SIGKILL those still running `grace_s` later (gone
+    ones are skipped), and wait a little for the killed."""
+    import psutil
+
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
 # ---- stop requests that must not be lost ---------------------------------------------
 # A signal handler's exception can be dropped: when it lands while a __del__ runs, Python
 # prints "Exception ignored" and carries on. The worker's handlers therefore also record

@@ -59,20 +59,10 @@ def carriers(token: str) -> list:
 
 def terminate_carriers(token: str, grace_s: float = 5.0) -> int:
     """SIGTERM every carrier, SIGKILL those left after `grace_s`; returns how many there were."""
-    import psutil
+    from herl.util.procs import terminate_then_kill
 
     procs = carriers(token)
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
+    terminate_then_kill(procs, grace_s)
     return len(procs)
 
 
