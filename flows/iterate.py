@@ -111,7 +111,7 @@ def iterate(config: str | None = None, run_id: str | None = None, iterations: in
             plan = [(k, stage) for k in range(cfg.iterations + 1) for stage in cfg.iteration_stages(k)]
             progress: Any = create_progress_artifact(0.0, key=artifact_key("herl", run.run_id, "progress"),
                                                 description=f"herl {run.run_id}: stages done of {len(plan)}")
-            done, drawn = 0, None
+            done, last = 0, plan[-1][0]  # plot.png is drawn for the last planned iteration
             for k in range(cfg.iterations + 1):
                 stages = cfg.iteration_stages(k)
                 for stage in stages:
@@ -127,12 +127,9 @@ def iterate(config: str | None = None, run_id: str | None = None, iterations: in
                                       table=metrics_rows(run, k), description=f"herl {run.run_id} iteration {k} metrics")
                 sync_trackers(run, k, logger)
                 every = cfg.tracking.plot_every
-                if every and (k + 1) % every == 0:  # the whole run is redrawn: seconds that grow with it
+                # each redraw reads the whole run: seconds that grow with it
+                if k == last or (every and (k + 1) % every == 0):
                     publish_plot(run, k, logger)
-                    drawn = k
-                last = k
-            if drawn != last:
-                publish_plot(run, last, logger)
         finally:
             release_engines()
     return str(run.path)

@@ -71,31 +71,33 @@ def cmd_run(args) -> int:
     params = preflight(args)
     from flows import hide_user_error_tracebacks, private_temporary_server
     from flows.iterate import iterate
+    from herl.util.procs import stop_requested
 
     private_temporary_server()
     hide_user_error_tracebacks()
     runs_dir = Path(params["runs_dir"])
-    from herl.util.procs import stop_requested
-
     t0 = time.perf_counter()
     try:
         path = iterate(**params)
     except BaseException as exc:
         import signal
 
-        # a stop signal's exception can surface wrapped by the library it interrupted (say
-        # pydantic's serializer during Prefect's start-up): the noted signal decides
-        if not isinstance(exc, (KeyboardInterrupt, SystemExit)) and stop_requested() is None:
+        signum = stop_requested()
+        if isinstance(exc, SystemExit) and isinstance(exc.code, int):
+            code = exc.code
+        elif isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            code = 130
+        elif signum is not None:
+            # a stop signal's exception can surface wrapped by the library it interrupted
+            # (say pydantic's serializer during Prefect's start-up): the noted signal decides
+            code = 130 if signum == signal.SIGINT else 128 + signum
+        else:
             raise
-        if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            exc = SystemExit(130 if stop_requested() == signal.SIGINT else 128 + int(stop_requested() or 0))
-
         # stopping now: a repeated signal (the supervisor asks again after a while) must not
         # break Prefect's own shutdown that follows
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 130
         run_dir = Path(params.get("run_dir") or runs_dir / params["run_id"])
         if (run_dir / "config.json").exists():
             print(f"herl {args.cmd}: stopped ({_signal_name(code)}); finished stages are kept. "

@@ -93,11 +93,18 @@ def _prepare(model, seqs: Sequences, mine: list[int], cfg: TrainConfig, pad_id: 
     return prep
 
 
-def _first_minibatch(groups: dict[str, list[int]], seed: int, n_mb: int, lengths: list[int]) -> list[int]:
-    """The sequences of epoch 0's first mini-batch (the order train_on_batch deals them in)."""
+def minibatches(groups: dict[str, list[int]], seed: int, epoch: int, n_mb: int, lengths: list[int]) -> list[list[int]]:
+    """Epoch `epoch`'s mini-batches: whole groups dealt round-robin from a seeded shuffle,
+    each mini-batch's sequences sorted by length."""
     group_order = sorted(groups)
-    random.Random(f"{seed}:0").shuffle(group_order)
-    return sorted((i for pid in group_order[0::n_mb] for i in groups[pid]), key=lambda i: lengths[i])
+    random.Random(f"{seed}:{epoch}").shuffle(group_order)
+    return [sorted((i for pid in group_order[j::n_mb] for i in groups[pid]), key=lambda i: lengths[i])
+            for j in range(n_mb)]
+
+
+def _first_minibatch(groups: dict[str, list[int]], seed: int, n_mb: int, lengths: list[int]) -> list[int]:
+    """The sequences of epoch 0's first mini-batch (trained before any update)."""
+    return minibatches(groups, seed, 0, n_mb, lengths)[0]
 
 
 def train_on_batch(model, optimizer, accelerator, batch: Sequences | list[dict], cfg: TrainConfig, seed: int,
@@ -121,13 +128,13 @@ def train_on_batch(model, optimizer, accelerator, batch: Sequences | list[dict],
     groups: dict[str, list[int]] = {}
     for i in order:
         groups.setdefault(seqs.prompt_id[i], []).append(i)
+    n_mb = min(cfg.mini_batches, len(groups))  # a mini-batch holds whole groups
     # With one epoch, the first mini-batch is trained before any update: its old log-probs
     # are the policy's own, taken from its forward (detached) instead of a pass here, as
     # TRL's GRPOTrainer does when num_iterations == 1. Not with truncated IS weights (they
     # need the old log-probs before the loss).
     reuse = cfg.ppo_epochs == 1 and cfg.is_correction != "truncated"
-    old_later = frozenset(_first_minibatch(groups, seed, min(cfg.mini_batches, len(groups)), seqs.lengths)
-                          if reuse else ())
+    old_later = frozenset(_first_minibatch(groups, seed, n_mb, seqs.lengths) if reuse else ())
     prep = _prepare(model, seqs, shares(order, world)[rank], cfg, pad_id, ref_model if use_ref else None,
                     adapter_reference and use_ref, totals, old_later)
     if world > 1:  # every process needs every sequence's: mini-batches are re-dealt each epoch
@@ -140,15 +147,11 @@ def train_on_batch(model, optimizer, accelerator, batch: Sequences | list[dict],
     steps, grad_norm = 0, 0.0
     from herl.util.progress import Progress
 
-    total_steps = cfg.ppo_epochs * min(cfg.mini_batches, len(groups))
+    total_steps = cfg.ppo_epochs * n_mb
     # one process draws the line (the others would repeat it)
     progress = Progress("train", total_steps if accelerator.is_main_process else 0, "optimizer steps")
     for epoch in range(cfg.ppo_epochs):
-        group_order = sorted(groups)
-        random.Random(f"{seed}:{epoch}").shuffle(group_order)
-        n_mb = min(cfg.mini_batches, len(group_order))
-        for mb_index in range(n_mb):
-            mb = sorted((i for pid in group_order[mb_index::n_mb] for i in groups[pid]), key=lambda i: seqs.lengths[i])
+        for mb_index, mb in enumerate(minibatches(groups, seed, epoch, n_mb, seqs.lengths)):
             mb_lengths = [seqs.response_length(i) for i in mb]
             # every process runs as many forward/backward passes (gradients are all-reduced
             # on the last one): a process with fewer micro-batches pads with zero-loss ones
