@@ -3,8 +3,8 @@
     python benchmarks/gpu_check.py [--shapes qwen2.5-0.5b,qwen2.5-1.5b] [--sequences 16]
         [--prompt-tokens 256 --response-tokens 256] [--steps 3] [--variants full,full_gc,lora,lora_gc]
 
-For each model shape (a randomly initialised Qwen2 built from the published config's
-sizes: nothing is fetched) and each variant (full fine-tuning or LoRA rank 16, with or
+For each model shape (a randomly initialised Qwen2, or Llama for smollm2-135m, built from
+the published config's sizes: nothing is fetched) and each variant (full fine-tuning or LoRA rank 16, with or
 without gradient checkpointing), it times one optimizer step of
 
 - herl: `train_on_batch` (herl/training/trainer.py) on one mini-batch of random
@@ -36,6 +36,9 @@ SHAPES = {
                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
     "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    # SmolLM2-135M-Instruct's (a Llama): the CPU comparison of herl's step with a plain one
+    "smollm2-135m": dict(architecture="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=1, vocab_size=512, tie_word_embeddings=True),
 }
@@ -44,10 +47,13 @@ VARIANTS = {"full": (0, False), "full_gc": (0, True), "lora": (16, False), "lora
 
 def build(shape: str, lora_rank: int, checkpointing: bool, device):
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**SHAPES[shape], max_position_embeddings=4096)).to(device)
+    sizes = dict(SHAPES[shape])
+    config, causal_lm = (LlamaConfig, LlamaForCausalLM) if sizes.pop("architecture", "qwen2") == "llama" \
+        else (Qwen2Config, Qwen2ForCausalLM)
+    model = causal_lm(config(**sizes, max_position_embeddings=4096)).to(device)
     if lora_rank:
         from peft import LoraConfig, get_peft_model
 

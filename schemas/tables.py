@@ -13,6 +13,7 @@ Layout inside a run directory (see herl.runs.rundir):
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -303,23 +304,100 @@ def _disk_error(exc: BaseException, path: Path) -> DiskError | None:
     return err
 
 
+# ---- digests ------------------------------------------------------------------------
+# sha256 of the files this process knows, keyed by what changes whenever a file is
+# rewritten: (device, inode, size, mtime, ctime). ctime cannot be set back by a user, so a
+# file whose key is unchanged holds the bytes that were hashed. Filled by hashing, by
+# atomic_write (which hashes what it writes as it writes it) and by `remember_digest`
+# (digests another process recorded with the file's stat, in a manifest).
+_digests: dict[tuple[int, int, int, int, int], str] = {}
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file; hashed at most once per process while the file is unchanged."""
+    key = _stat_key(path.stat())
+    if key not in _digests:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        _digests[key] = h.hexdigest()
+    return _digests[key]
+
+
+def digest_record(path: Path) -> dict:
+    """{sha256, stat} of a file, to store beside it (a manifest, a snapshot's metadata):
+    another process hands it to `remember_digest` instead of reading the file again."""
+    st = path.stat()
+    return {"sha256": file_sha256(path), "stat": [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]}
+
+
+def remember_digest(path: Path, record: dict) -> None:
+    """Trust a `digest_record` for `path` when the file's inode, size, mtime and ctime are
+    still the recorded ones (a rewritten, touched or copied file has another ctime or
+    inode, and is hashed again)."""
+    try:
+        st = path.stat()
+        stat, digest = record["stat"], record["sha256"]
+    except (OSError, KeyError, TypeError):
+        return
+    if isinstance(digest, str) and stat == [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]:
+        _digests[_stat_key(st)] = digest
+
+
+class _HashingFile:
+    """A binary file that hashes what is written through it (pyarrow writes through it)."""
+
+    def __init__(self, fh):
+        self.fh, self.sha, self.written = fh, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.written += len(data)
+        return self.fh.write(data)
+
+    def tell(self) -> int:
+        return self.written
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+    def fileno(self) -> int:
+        return self.fh.fileno()
+
+    @property
+    def closed(self) -> bool:
+        return self.fh.closed
+
+    def close(self) -> None:  # the with-block of atomic_write closes the real file
+        pass
+
+
 @contextmanager
 def atomic_write(path: Path, mode: str = "wb"):
     """Open a temporary file beside `path`; on success fsync it and rename it to `path`.
 
     Readers see the old file or the complete new one, never a partial one; on error
-    (or a kill) only a `.<name>.*.tmp` file remains, which the next attempt removes."""
+    (or a kill) only a `.<name>.*.tmp` file remains, which the next attempt removes.
+    A binary file is hashed as it is written: its digest costs no second read."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise disk_error(exc, path) or exc from None
     try:
-        with os.fdopen(fd, mode) as fh:
+        with os.fdopen(fd, mode) as raw:
+            fh = _HashingFile(raw) if mode == "wb" else raw
             yield fh
             fh.flush()
-            os.fsync(fh.fileno())
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
+        if isinstance(fh, _HashingFile):
+            _digests[_stat_key(path.stat())] = fh.sha.hexdigest()
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         # a full or read-only disk, said with the file meant (not the temporary one)

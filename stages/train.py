@@ -188,8 +188,10 @@ def run(run: Run, k: int) -> dict:
         if (warning := precision_warning(cfg.train)) is not None:
             warnings.warn(warning, stacklevel=1)
         with atomic_directory(out_dir) as tmp:  # the job writes into tmp; renamed into place when sealed
+            t_job = time.perf_counter()
             job, what = start_job(cfg, run.path.resolve(), k, tmp)
             rc = _wait(job, cfg.train.launcher.timeout_s)
+            job_seconds = time.perf_counter() - t_job
             if rc == DISK_FULL_EXIT or (rc != 0 and out_of_space(tmp)):
                 raise no_space(out_dir)
             if rc == NONFINITE_EXIT and (tmp / ERROR_FILE).exists():
@@ -199,12 +201,17 @@ def run(run: Run, k: int) -> dict:
                                     "its output above says why")
             metrics = json.loads((tmp / METRICS_FILE).read_text())
             (tmp / METRICS_FILE).unlink()
+            # the job's start and exit (fork or launch, imports, tearing down): its wall time
+            # less what it measured of itself
+            metrics["job_overhead_seconds"] = job_seconds - metrics["seconds"]
+            t_seal = time.perf_counter()
             snapshot_id = hashlib.sha256(json.dumps(
                 [run.run_id, k, stage_config_hash(cfg, STAGE), {n: p.name for n, p in inputs.items()},
                  metrics["loss"]], sort_keys=True).encode()).hexdigest()[:16]
             seal_snapshot(tmp, {"snapshot_id": f"{run.run_id}/policy-{k + 1}/{snapshot_id}",
                                 "parent": str(inputs["snapshot"]), "iteration": k,
                                 **({"base": str(run.snapshot(0)), "lora": True} if cfg.train.lora.rank else {})})
+            metrics["seal_seconds"] = time.perf_counter() - t_seal
         return {"snapshot": (out_dir, metrics["sequences"]), "metrics": write_metrics(run, k, STAGE, metrics)}
 
     manifest = run.run_stage(k, STAGE, inputs, body)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -136,6 +137,37 @@ def test_replaced_or_truncated_snapshot_weights_redo_train(two_iterations):
         # the next iteration's stages see the same snapshot id: still current, not redone
         assert rollout.run(load_run(run.path), 1)["skipped"] is True
     assert run.read_manifest(1, "rollout") == rollout_before
+
+
+def test_recorded_digests_spare_hashing_only_while_a_file_is_unchanged(two_iterations, monkeypatch):
+    """A stage's inputs and a snapshot's weights are hashed by whoever wrote them (as they
+    were written); a later process takes those digests from the manifests and
+    herl_snapshot.json without reading the bytes, unless the file was rewritten or touched
+    since (then it is hashed again)."""
+    import schemas.tables as tables
+
+    run = load_run(two_iterations.path)
+    assert all("sha256" in o for o in run.read_manifest(1, "grade")["outputs"].values())
+    hashed: list[str] = []
+    real = tables.hashlib.sha256
+
+    class Spy:
+        @staticmethod
+        def sha256(*a):
+            hashed.append("x")
+            return real(*a)
+
+    monkeypatch.setattr(tables, "hashlib", Spy)
+    monkeypatch.setattr(tables, "_digests", {})  # a new process: it has hashed nothing
+    assert rollout.run(load_run(run.path), 1)["skipped"] is True
+    assert train.run(load_run(run.path), 1)["skipped"] is True  # batch, rollouts, hindsight, policy-1
+    assert hashed == []  # every input and output recalled: not one byte read to verify them
+    rewards = run.table(1, "rewards")
+    os.utime(rewards)  # same bytes, but nothing vouches for them any more
+    monkeypatch.setattr(tables, "_digests", {})
+    run.recall_digests([rewards])
+    assert hashed == [] and fingerprint(rewards) == "sha256:" + real(rewards.read_bytes()).hexdigest()[:24]
+    assert len(hashed) == 1  # hashed again, once
 
 
 def test_snapshot_without_recorded_digests_is_not_trusted(two_iterations, tmp_path):

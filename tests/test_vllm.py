@@ -40,28 +40,6 @@ CPU_VLLM = VLLMConfig(enforce_eager=True, cpu_kvcache_gib=1)
 LOGPROB_TOL = 1e-4  # engine vs trainer log-probs on the same weights (float32)
 
 
-def test_greedy_parity_logprobs_and_per_request_seeds():
-    path = resolve_model_path("builtin:tiny")
-    tf = load_engine("transformers", path)
-    vl = load_engine("vllm", path, vllm_cfg=CPU_VLLM)
-    prompts = [render_chat(tf.tokenizer, [{"role": "user", "content": f"Write {i} words about cats."}])[1]
-               for i in range(4)]
-    reqs = [GenRequest(f"r{i}", ids, 1000 + i, 2) for i, ids in enumerate(prompts)]
-    greedy = SamplingParams(temperature=0.0, max_tokens=16)
-    a, b = tf.generate(reqs, greedy), vl.generate(reqs, greedy)
-    for ca, cb in zip(a, b):
-        for x, y in zip(ca, cb):
-            assert x.token_ids == y.token_ids and x.finish_reason == y.finish_reason
-            assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < LOGPROB_TOL
-    assert vl.last_stats["startup_seconds"] > 0
-
-    # sampling: the same seed in two requests of one batch gives the same samples; another seed differs
-    same = [GenRequest("a", prompts[0], 7, 2), GenRequest("b", prompts[0], 7, 2), GenRequest("c", prompts[0], 8, 2)]
-    out = vl.generate(same, SamplingParams(temperature=1.0, max_tokens=16))
-    ids = [[c.token_ids for c in o] for o in out]
-    assert ids[0] == ids[1] and ids[0] != ids[2]
-
-
 def test_seeded_sampling_with_split_prompts_on_cpu(tmp_path):
     """Regression: on this model and batch, vLLM's chunked prefill split prompts and then
     crashed rewinding the seeded CPU generators ("CPU Generator does not use offset",
@@ -76,28 +54,35 @@ def test_seeded_sampling_with_split_prompts_on_cpu(tmp_path):
     assert [len(o) for o in out] == [8] * 16
 
 
-def test_reloaded_weights_match_a_fresh_engine_and_a_killed_engine_is_replaced(tmp_path):
-    """The run's engine loads a new snapshot in place: its greedy tokens and log-probs then
-    equal a fresh engine's on that snapshot (within 1e-4) and differ from the old
-    snapshot's; after a SIGKILL of its process the next call starts a fresh one on the
-    current weights."""
+def test_parity_seeds_reloaded_weights_and_a_killed_engine_replaced(tmp_path):
+    """One engine through its life. On the initial weights its greedy tokens and log-probs
+    equal the transformers engine's (within 1e-4), and a request's seed alone decides its
+    samples. It then loads a new snapshot in place: its greedy tokens and log-probs equal
+    a fresh engine's on that snapshot (within 1e-4), and the transformers engine's there,
+    and differ from the old snapshot's. After a SIGKILL of its process the next call
+    starts that fresh engine: on the current weights."""
     base = resolve_model_path("builtin:tiny")
     b = perturbed_copy(base, tmp_path / "policy-1", seed=1)
     engine = load_engine("vllm", base, vllm_cfg=CPU_VLLM)
     try:
         on_a = greedy(engine)
+        assert same(on_a, greedy(load_engine("transformers", base)), LOGPROB_TOL)
+        assert engine.last_stats["startup_seconds"] > 0
+        # sampling: the same seed in two requests of one batch gives the same samples; another seed differs
+        prompt = render_chat(engine.tokenizer, [{"role": "user", "content": "Write 3 words about cats."}])[1]
+        reqs = [GenRequest("a", prompt, 7, 2), GenRequest("b", prompt, 7, 2), GenRequest("c", prompt, 8, 2)]
+        ids = [[c.token_ids for c in o] for o in engine.generate(reqs, SamplingParams(temperature=1.0, max_tokens=16))]
+        assert ids[0] == ids[1] and ids[0] != ids[2]
+
         engine.load_weights(b)
         assert (engine.starts, engine.syncs) == (1, 1) and engine.sync_seconds > 0
         reloaded = greedy(engine)
-        fresh = load_engine("vllm", b, vllm_cfg=CPU_VLLM)
-        try:
-            on_b = greedy(fresh)
-        finally:
-            fresh.close()
+        on_b = greedy(load_engine("transformers", b))
         assert same(reloaded, on_b, LOGPROB_TOL) and not same(on_a, on_b, LOGPROB_TOL)
         os.killpg(engine._proc.pid, signal.SIGKILL)
         engine._proc.wait()
-        assert same(greedy(engine), on_b, LOGPROB_TOL) and engine.starts == 2
+        fresh = greedy(engine)  # a fresh engine, started on the current snapshot
+        assert engine.starts == 2 and same(fresh, reloaded, LOGPROB_TOL) and same(fresh, on_b, LOGPROB_TOL)
     finally:
         engine.close()
 

@@ -4,12 +4,11 @@ and LoRA export; imports nothing of herl's."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from schemas.errors import UserError
-from schemas.tables import atomic_write
+from schemas.tables import atomic_write, digest_record, file_sha256, remember_digest
 
 SNAPSHOT_META = "herl_snapshot.json"
 
@@ -23,33 +22,25 @@ class SnapshotAlteredError(UserError, RuntimeError):
     """A snapshot's files no longer match the digests recorded when it was saved."""
 
 
-# sha256 of files already hashed by this process, keyed by what changes when a file is
-# rewritten (inode, size, mtime, ctime; ctime cannot be set back by a user): a new
-# process (a resume) hashes every snapshot it uses once, a running one does not re-hash.
-_digests: dict[tuple[int, int, int, int, int], str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    st = path.stat()
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    if key not in _digests:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        _digests[key] = h.hexdigest()
-    return _digests[key]
-
-
 def snapshot_files(folder: Path) -> dict[str, dict]:
     """{relative path: {bytes, sha256}} of every file of a snapshot but its metadata."""
     return {str(f.relative_to(folder)): {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
             for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != SNAPSHOT_META)}
 
 
+def _sealed_files(folder: Path) -> dict[str, dict]:
+    """snapshot_files with each file's stat at sealing (`digest_record`): a later process
+    that finds a file unchanged (inode, size, mtime, ctime) takes its digest from here
+    instead of hashing gigabytes of weights again."""
+    out = {}
+    for name, entry in snapshot_files(folder).items():
+        out[name] = {**entry, "stat": digest_record(folder / name)["stat"]}
+    return out
+
+
 def seal_snapshot(folder: Path, meta: dict) -> None:
     """Write the snapshot's metadata with the size and digest of each of its files."""
-    write_json_atomic(folder / SNAPSHOT_META, {**meta, "files": snapshot_files(folder)})
+    write_json_atomic(folder / SNAPSHOT_META, {**meta, "files": _sealed_files(folder)})
 
 
 class SnapshotPrunedError(UserError, RuntimeError):
@@ -101,6 +92,9 @@ def snapshot_problems(folder: Path, meta: dict | None = None) -> list[str]:
     recorded = meta.get("files")
     if recorded is None:
         return ["no file digests recorded (a snapshot from an older herl)"]
+    for name, want in recorded.items():
+        if isinstance(want, dict):
+            remember_digest(folder / name, want)
     actual = snapshot_files(folder)
     problems = [f"{name} is missing" for name in recorded if name not in actual]
     problems += [f"{name} was not part of the saved snapshot" for name in actual if name not in recorded]

@@ -40,7 +40,7 @@ from herl.training.batching import (
     shares,
 )
 from herl.training.loss import LossTotals, loss_denominators, policy_loss, truncated_is_weight
-from herl.util.procs import die_with_parent
+from herl.util.procs import die_with_parent, peak_rss_gb
 from schemas.config import TrainConfig
 from schemas.errors import disk_error, no_space, out_of_space
 
@@ -135,8 +135,10 @@ def train_on_batch(model, optimizer, accelerator, batch: Sequences | list[dict],
     # need the old log-probs before the loss).
     reuse = cfg.ppo_epochs == 1 and cfg.is_correction != "truncated"
     old_later = frozenset(_first_minibatch(groups, seed, n_mb, seqs.lengths) if reuse else ())
+    t_prepare = time.perf_counter()
     prep = _prepare(model, seqs, shares(order, world)[rank], cfg, pad_id, ref_model if use_ref else None,
                     adapter_reference and use_ref, totals, old_later)
+    prepare_seconds = time.perf_counter() - t_prepare  # the old (and reference) log-prob pass
     if world > 1:  # every process needs every sequence's: mini-batches are re-dealt each epoch
         from accelerate.utils import gather_object
 
@@ -145,6 +147,7 @@ def train_on_batch(model, optimizer, accelerator, batch: Sequences | list[dict],
 
     model.train()
     steps, grad_norm = 0, 0.0
+    t_steps = time.perf_counter()
     from herl.util.progress import Progress
 
     total_steps = cfg.ppo_epochs * n_mb
@@ -181,6 +184,7 @@ def train_on_batch(model, optimizer, accelerator, batch: Sequences | list[dict],
             steps += 1
             progress.update(1, loss=totals.loss / steps)
     progress.close()
+    steps_seconds = time.perf_counter() - t_steps
     totals = _sum_over_processes(accelerator, totals)
     tokens = int(totals.on_tokens + totals.hindsight_tokens)
     return {
@@ -188,6 +192,8 @@ def train_on_batch(model, optimizer, accelerator, batch: Sequences | list[dict],
         "grad_norm": grad_norm / steps,
         "optimizer_steps": steps,
         "old_logprob_pass_sequences": len(seqs) - len(old_later),
+        "old_logprob_pass_seconds": prepare_seconds,
+        "optimizer_steps_seconds": steps_seconds,
         "tokens": tokens // cfg.ppo_epochs,
         "sequences": len(seqs),
         "processes": world,
@@ -278,9 +284,7 @@ def load_policy(snapshot: Path, base: Path, cfg: TrainConfig, model_dtype: str, 
 def peak_memory() -> dict[str, float]:
     """This process's peak resident memory (GB; it includes the libraries imported, about
     0.5 GB) and, on a GPU, the peak memory torch allocated there."""
-    import resource
-
-    out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}  # ru_maxrss is in KiB on Linux
+    out = {"peak_rss_gb": peak_rss_gb()}
     if torch.cuda.is_available():
         out["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return out
@@ -320,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     # wrapped so that the lean log-prob path is the forward the distributed wrapper sees
     model, optimizer = accelerator.prepare(ResponseLogprobs(model), optimizer)
 
+    load_seconds = time.perf_counter() - t0  # accelerate, the model, its optimizer state
     sequences = load_sequences(run, k)
     t_update = time.perf_counter()
     try:
@@ -337,7 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         return NONFINITE_EXIT
     metrics["update_seconds"] = time.perf_counter() - t_update
     metrics["tokens_per_second"] = metrics["tokens"] * t.ppo_epochs / metrics["update_seconds"]
+    metrics["load_seconds"] = load_seconds
+    metrics["sequences_seconds"] = t_update - t0 - load_seconds  # the batch's token lists, joined
     metrics.update(peak_memory())
+    t_save = time.perf_counter()
 
     # every process takes part in gathering a sharded model's weights; the main one writes
     state = {name.removeprefix("model."): value for name, value in accelerator.get_state_dict(model).items()}
@@ -356,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"herl.training.trainer: {disk_error(exc, out_dir) or no_space(out_dir)}", file=sys.stderr, flush=True)
             return DISK_FULL_EXIT
+        metrics["save_seconds"] = time.perf_counter() - t_save
         metrics["seconds"] = time.perf_counter() - t0
         metrics["learning_rate"] = t.learning_rate
         tmp = out_dir / (METRICS_FILE + ".tmp")

@@ -89,3 +89,19 @@ def stop_on_signals() -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
     if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # nohup: a closed terminal does not stop the run
         signal.signal(signal.SIGHUP, on_sigterm)  # a hang-up stops the run as SIGTERM does, resumably
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory in GB: /proc's VmHWM, which belongs to this
+    program's own memory (getrusage's ru_maxrss survives exec, so a child started by a
+    large parent reports the parent's peak). Elsewhere than Linux, ru_maxrss."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
