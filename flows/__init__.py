@@ -90,6 +90,12 @@ class _QuietConsole(logging.Filter):
             return False
         if "aborted by an interrupt signal" in msg or "aborted by a termination signal" in msg:
             return False
+        # a hang-up (SIGHUP) stops the run with SystemExit(129), which Prefect reports as an
+        # exit call; only when a stop signal was noted (a sys.exit of a bug stays visible)
+        if "aborted by Python system exit call" in msg:
+            from herl.util.procs import stop_requested
+
+            return stop_requested() is None
         return True
 
 
