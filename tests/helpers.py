@@ -86,3 +86,30 @@ def greedy(engine) -> list[tuple[list[int], list[float]]]:
 def same(a, b, tol: float = 1e-4) -> bool:
     """Equal greedy tokens, and log-probs within tol."""
     return all(x[0] == y[0] and max(abs(p - q) for p, q in zip(x[1], y[1])) < tol for x, y in zip(a, b))
+
+
+# ---- what experiment trackers hold (tests/unit/test_tracking.py, tests/system/test_resume.py) ----
+
+def sig5(value: float) -> float:
+    return float(f"{value:.5g}")  # TensorBoard keeps float32: compare 5 significant digits
+
+
+def tensorboard_points(run):
+    """Counter of (tag, step, value) of every scalar in the run's TensorBoard event files."""
+    from collections import Counter
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run.path / "tracking" / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return Counter((tag, e.step, sig5(e.value)) for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag))
+
+
+def expected_points(run):
+    """Counter of (metric, iteration, value) the trackers should hold: the metrics tables'."""
+    from collections import Counter
+
+    from herl.runs.tracking import iteration_metrics
+
+    return Counter((key, k, sig5(value)) for k in range(run.cfg.iterations + 1)
+                   for key, value in (iteration_metrics(run, k) or {}).items())

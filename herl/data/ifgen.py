@@ -4,7 +4,7 @@ The shape of the paper's training data (HIR-16K): a natural request plus 1-3 con
 that the prompt states and the rubric checks, drawn from herl's IFEval checks with
 sampled arguments and the checks' own descriptions. Requests are written for this pool
 (kinds IFEval asks for: letters, stories, explanations, lists, summaries, ads, poems)
-and combined with subjects; none is an IFEval prompt (tests/test_ifgen.py checks that
+and combined with subjects; none is an IFEval prompt (tests/unit/test_ifgen.py checks that
 the pool shares no request with IFEval's 541), so IFEval stays a held-out evaluation.
 
     pool = builtin_ifgen(num_prompts=500, seed=0)

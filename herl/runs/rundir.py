@@ -326,8 +326,7 @@ class Run:
                 continue
             folder = self.snapshot(j)
             meta = snapshot_meta(folder)
-            keep = (t.keep_snapshots is None or j > newest - t.keep_snapshots
-                    or (t.keep_every > 0 and j % t.keep_every == 0) or j == self.cfg.iterations)
+            keep = keeps_weights(j, newest, self.cfg.iterations, t.keep_snapshots, t.keep_every)
             if not keep and not meta.get("pruned"):
                 freed += prune_snapshot(folder, optimizer_only=False)
             elif keep and not meta.get("pruned") and (folder / "optimizer.pt").exists():
@@ -343,6 +342,13 @@ class Run:
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 tmp.unlink(missing_ok=True)
+
+
+def keeps_weights(j: int, newest: int, final: int, keep_snapshots: int | None, keep_every: int) -> bool:
+    """Whether snapshot j keeps its weights once snapshot `newest` exists: one of the newest
+    `keep_snapshots` (None: all), every `keep_every`-th (0: none), or the final one."""
+    return (keep_snapshots is None or j > newest - keep_snapshots
+            or (keep_every > 0 and j % keep_every == 0) or j == final)
 
 
 def new_run_id() -> str:

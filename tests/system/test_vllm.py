@@ -28,7 +28,15 @@ from schemas.config import VLLMConfig, load_config
 from schemas.stages import STAGES
 from schemas.tables import read_table
 from stages import run_iteration
-from tests.helpers import free_port, greedy, perturbed_copy, same, small_overrides, wait_for_http
+from tests.helpers import (
+    ROOT,
+    free_port,
+    greedy,
+    perturbed_copy,
+    same,
+    small_overrides,
+    wait_for_http,
+)
 
 VLLM_PYTHON = find_vllm_python()
 pytestmark = [
@@ -164,7 +172,7 @@ def test_an_engine_whose_starter_was_killed_goes_too(tmp_path):
     script = tmp_path / "starter.py"
     script.write_text(
         "import sys, time\n"
-        f"sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
         "from herl.generation.engines import load_engine\nfrom herl.models.paths import resolve_model_path\n"
         "from schemas.config import VLLMConfig\nfrom tests.helpers import greedy\n"
         "e = load_engine('vllm', resolve_model_path('builtin:tiny'), vllm_cfg=VLLMConfig(enforce_eager=True, "

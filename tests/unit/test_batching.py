@@ -1,6 +1,6 @@
-"""Training at users' sizes, the parts a CPU can check: float32 master weights under a
-bfloat16 model dtype, mixed precision, gradient checkpointing, and log-probs computed
-without (B, L, V) logits."""
+"""The batch as sequences (herl/training/batching.py): lean log-probs equal the full-logits
+path, gradient checkpointing gives the same gradients, micro-batches bounded by rows and
+padded tokens."""
 
 from __future__ import annotations
 
@@ -53,3 +53,17 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     (lp2 * mask).sum().backward()
     for a, b in zip(plain, (p.grad for p in model.parameters())):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_micro_batches_respect_rows_and_padded_tokens():
+    from herl.training.batching import micro_batches
+
+    lengths = [n + 4 for n in [10] * 40 + [200] * 5]  # prompt + 4 response tokens, sorted
+    rows = list(range(len(lengths)))
+    assert [len(c) for c in micro_batches(rows, lengths, 32)] == [32, 13]
+    chunks = micro_batches(rows, lengths, 32, max_tokens=500)
+    assert sum(len(c) for c in chunks) == 45
+    for c in chunks:  # every chunk within both bounds, unless a single row is longer than the budget
+        longest = max(lengths[r] for r in c)
+        assert len(c) <= 32 and (len(c) * longest <= 500 or len(c) == 1)
+    assert [len(c) for c in chunks][-3:] == [2, 2, 1]  # the 204-token rows go two at a time

@@ -1,4 +1,6 @@
-"""Config validation, table contracts and atomic writes, prompts-file errors, sampling."""
+"""Table contracts (schemas/tables.py): checked writes and reads, atomic writes that leave
+nothing on failure, older runs' files read under renamed columns, rows without their
+temperature."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Config validation, table contracts and atomic writes, prompts-file errors, sampling."""
+"""The config (schemas/config.py): the reference's defaults, plain GRPO in one line, errors
+that name the field and the fix, stage hashes, presets, plugins."""
 
 from __future__ import annotations
 

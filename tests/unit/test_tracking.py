@@ -13,8 +13,9 @@ from collections import Counter
 import pytest
 
 from herl.runs.rundir import Run
-from herl.runs.tracking import check_trackers, iteration_metrics, sync
+from herl.runs.tracking import check_trackers, sync
 from schemas.config import load_config
+from tests.helpers import expected_points, sig5, tensorboard_points
 
 ALL = ["tensorboard", "wandb", "mlflow"]
 
@@ -27,25 +28,13 @@ def _tracked_copy(done_run, tmp_path, report_to) -> Run:
     return Run(path=path, cfg=cfg)
 
 
-def _sig(value: float) -> float:
-    return float(f"{value:.5g}")  # TensorBoard keeps float32: compare 5 significant digits
-
-
-def tensorboard_points(run: Run) -> Counter:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run.path / "tracking" / "tensorboard"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return Counter((tag, e.step, _sig(e.value)) for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag))
-
-
 def mlflow_points(run: Run) -> Counter:
     from mlflow.tracking import MlflowClient
 
     run_id = json.loads((run.path / "tracking" / "ledger.json").read_text())["mlflow"]["run_id"]
     client = MlflowClient((run.path / "tracking" / "mlruns").resolve().as_uri())
     keys = client.get_run(run_id).data.metrics
-    return Counter((k, m.step, _sig(m.value)) for k in keys for m in client.get_metric_history(run_id, k))
+    return Counter((k, m.step, sig5(m.value)) for k in keys for m in client.get_metric_history(run_id, k))
 
 
 def _wandb_records(path: str):
@@ -79,13 +68,8 @@ def wandb_points(run: Run) -> Counter:
                 for item in rec.history.item:
                     key = item.key or "/".join(item.nested_key)  # "grade/x" is stored as a nested key
                     if not key.startswith("_"):  # W&B's own _step, _runtime, _timestamp
-                        out[(key, rec.history.step.num, _sig(json.loads(item.value_json)))] += 1
+                        out[(key, rec.history.step.num, sig5(json.loads(item.value_json)))] += 1
     return out
-
-
-def expected_points(run: Run) -> Counter:
-    return Counter((key, k, _sig(value)) for k in range(run.cfg.iterations + 1)
-                   for key, value in (iteration_metrics(run, k) or {}).items())
 
 
 def test_every_metric_once_in_each_tracker_across_a_lost_ledger(done_run, tmp_path):

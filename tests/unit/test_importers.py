@@ -81,7 +81,7 @@ def test_herl_grade_ifbench_with_responses_in_their_own_file(tmp_path, capsys):
     items = pq.read_table(out).to_pylist()
     assert len(items) == 335 and {i["verdict_strict"] for i in items} == {"met", "unmet"}
     # IFBench's official evaluation of the same responses: 77/294 prompts strict; herl
-    # differs on 3 words:start_verb items (tests/test_ifbench.py), all three met here
+    # differs on 3 words:start_verb items (tests/unit/test_ifbench.py), all three met here
     rows = pq.read_table(tmp_path / "ifbench.rows.parquet").to_pylist()
     assert sum(r["all_met_strict"] for r in rows) == 77 + 3
 

@@ -1,4 +1,5 @@
-"""Config validation, table contracts and atomic writes, prompts-file errors, sampling."""
+"""The prompt pool (herl/data/pool.py): the built-in task, sampling by epochs, a batch
+larger than the pool said once before the run."""
 
 from __future__ import annotations
 

@@ -5,13 +5,16 @@ the engines generate from, and `herl export`."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from herl.models.lora import engine_model, is_adapter
+from herl.models.tokenizer import load_tokenizer
 from herl.runs.rundir import open_run
+from herl.training.batching import load_sequences, sequence_logprobs
 from schemas.config import load_config
 from stages import advantages, grade, hindsight, rollout, run_iteration, train
 from stages.train import start_job
@@ -300,3 +303,99 @@ def test_the_gpu_check_runs_on_a_cpu_in_a_tiny_shape(capsys):
     for r in rows:
         herl, plain = float(r.split("|")[3]), float(r.split("|")[4])
         assert math.isfinite(herl) and herl > 0 and math.isfinite(plain) and plain > 0, r
+
+
+def test_token_bounded_micro_batches_give_the_same_update(done_run):
+    """Splitting a mini-batch differently changes only speed: the update is the same."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from herl.training.trainer import train_on_batch
+
+    rows = load_sequences(done_run, 0)
+    snapshot = done_run.snapshot(0)
+    pad = load_tokenizer(snapshot).pad_token_id
+    params = []
+    for budget in (None, 300):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(snapshot)
+        # SGD: the update is the gradient itself (Adam would blow rounding noise on
+        # near-zero gradients up to a full step of lr)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        cfg = done_run.cfg.train.model_copy(update={"micro_batch_tokens": budget})
+        train_on_batch(model, opt, Accelerator(cpu=True), rows, cfg, 0, pad)
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.equal(params[0], torch.cat([p.detach().flatten() for p in
+                                                 AutoModelForCausalLM.from_pretrained(snapshot).parameters()]))
+    assert torch.allclose(params[0], params[1], atol=1e-5)
+
+
+def test_truncated_is_weights_scale_on_policy_tokens_once_per_update():
+    """Engine log-probs 4x less likely than the trainer's: every on-policy token's weight is
+    truncated to is_cap = 2, so the first step's on-policy loss doubles; hindsight rows and
+    rows with unusable engine log-probs are left alone; two PPO epochs report the same ratios."""
+    import math
+
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from herl.models.paths import resolve_model_path
+    from herl.training.trainer import train_on_batch
+    from schemas.config import TrainConfig
+
+    path = resolve_model_path("builtin:tiny")
+    tok = load_tokenizer(path)
+    rows = []
+    for j in range(4):
+        rows.append({"prompt_id": "p", "prompt_token_ids": [5, 6, 7 + j], "response_token_ids": [40 + j, 50, 60],
+                     "advantage": [-1.0, -1.0, 1.0, 1.0][j], "is_hindsight": j == 3, "engine_logprobs": None,
+                     "temperature": 1.0})
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        lp, mask = sequence_logprobs(model, [r["prompt_token_ids"] for r in rows],
+                                     [r["response_token_ids"] for r in rows], tok.pad_token_id)
+    for r, row_lp in zip(rows, lp):
+        r["engine_logprobs"] = [float(x) - math.log(4.0) for x in row_lp[:3]]
+    rows[2]["engine_logprobs"] = rows[2]["engine_logprobs"][:2]  # wrong length: unusable, weight 1
+
+    def update(correction: str, epochs: int = 1) -> dict:
+        m = AutoModelForCausalLM.from_pretrained(path)
+        opt = torch.optim.SGD(m.parameters(), lr=0.0)  # lr 0: the first step's ratios stay exactly 1
+        cfg = TrainConfig(is_correction=correction, is_cap=2.0, mini_batches=1, ppo_epochs=epochs)
+        return train_on_batch(m, opt, Accelerator(cpu=True), [dict(r) for r in rows], cfg, 0, tok.pad_token_id)
+
+    plain, corrected = update("none"), update("truncated")
+    # on-policy rows 0, 1 (A = -1, weight 2) and 2 (A = +1, weight 1): -A * ratio * w per token, / 12 tokens
+    assert plain["loss_on_policy"] == pytest.approx((3 + 3 - 3) / 12, abs=1e-5)
+    assert corrected["loss_on_policy"] == pytest.approx((2 * 3 + 2 * 3 - 3) / 12, abs=1e-5)
+    assert corrected["loss_hindsight"] == pytest.approx(plain["loss_hindsight"], abs=1e-6)
+    assert corrected["is_mean_ratio"] == pytest.approx(4.0, rel=1e-4)
+    assert corrected["is_truncated_fraction"] == 1.0
+    twice = update("truncated", epochs=2)
+    assert (twice["is_mean_ratio"], twice["is_truncated_fraction"]) == pytest.approx((4.0, 1.0), rel=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_per_sequence_aggregation_trains_with_several_sequences_per_micro_batch(mode):
+    """Both per-sequence modes with the default micro-batch of 8 (they crashed as soon as a
+    micro-batch held two sequences): one update, a finite scalar loss, weights moved."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from herl.models.paths import resolve_model_path
+    from herl.training.trainer import train_on_batch
+    from schemas.config import TrainConfig
+
+    path = resolve_model_path("builtin:tiny")
+    tok = load_tokenizer(path)
+    rows = [{"prompt_id": f"p{j % 2}", "prompt_token_ids": [5, 6, 7 + j], "response_token_ids": [40 + j] * (1 + j),
+             "advantage": [-1.0, 1.0, 0.5, -0.5, 1.0, -1.0][j], "is_hindsight": j == 4, "engine_logprobs": None,
+             "temperature": 1.0}
+            for j in range(6)]
+    model = AutoModelForCausalLM.from_pretrained(path)
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    cfg = TrainConfig(loss_aggregation=mode, micro_batch_size=8, mini_batches=1)
+    metrics = train_on_batch(model, opt, Accelerator(cpu=True), rows, cfg, 0, tok.pad_token_id, norm_length=8)
+    assert math.isfinite(metrics["loss"]) and metrics["optimizer_steps"] == 1
+    assert not torch.equal(before, torch.cat([p.detach().flatten() for p in model.parameters()]))

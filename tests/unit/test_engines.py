@@ -1,7 +1,7 @@
 """One engine for the whole run (herl/generation/engines.py shared_engine): another snapshot of the
 same model is loaded into the open engine, and what it generates then equals a fresh
 engine's on that snapshot; another model gets its own engine. The vLLM side of the same
-contract is in tests/test_vllm.py."""
+contract is in tests/system/test_vllm.py."""
 
 from __future__ import annotations
 

@@ -26,6 +26,7 @@ from herl.models.paths import resolve_model_path
 from herl.models.snapshot import SnapshotAlteredError
 from herl.runs.query import ReadOnlyQueryError, connect_run, query_run
 from herl.runs.rundir import fingerprint, load_run, open_run
+from herl.runs.status import stage_status
 from schemas.config import ConfigError, load_config
 from stages import rollout, run_iteration, train
 from tests.helpers import small_overrides
@@ -243,3 +244,28 @@ def test_prompt_longer_than_the_context_is_refused_before_generation(tmp_path):
         engine.generate([GenRequest("p-ok", [1, 2, 3], 0, 1), GenRequest("p-long", [1] * 4090, 0, 1)],
                         SamplingParams(1.0, 1.0, 0, 8))
     assert len(engine.generate([GenRequest("p-ok", [1, 2, 3], 0, 1)], SamplingParams(1.0, 1.0, 0, 8))[0]) == 1
+
+
+def test_sql_is_read_only(done_run):
+    path = done_run.path
+    before = sorted(p.name for p in (path / "iter-0").iterdir())
+    with pytest.raises(ReadOnlyQueryError):
+        query_run(path, f"COPY rewards TO '{path}/iter-0/rewards.parquet'")
+    with pytest.raises(ReadOnlyQueryError):
+        query_run(path, "SELECT 1; DROP VIEW rewards")
+    with pytest.raises(Exception, match="disabled by configuration"):
+        query_run(path, "SELECT * FROM read_csv('/etc/passwd')").fetchall()
+    # DuckDB's own lock holds even for statements the filter above never lets through:
+    # on the connection itself, the settings cannot be switched back on.
+    import duckdb
+    con = connect_run(path)
+    for statement in ("SET enable_external_access = true", "SET lock_configuration = false",
+                      "SET temp_directory = '/tmp'"):
+        with pytest.raises(duckdb.InvalidInputException, match="locked"):
+            con.execute(statement)
+    with pytest.raises(duckdb.PermissionException):
+        con.execute(f"COPY (SELECT 1) TO '{path}/iter-0/x.csv'")
+    assert not (path / "iter-0" / "x.csv").exists()
+    assert sorted(p.name for p in (path / "iter-0").iterdir()) == before
+    status = stage_status(path)
+    assert [r["status"] for r in status] == ["done"] * 10

@@ -108,7 +108,7 @@ def test_sigkill_during_a_stage_then_resume(tmp_path):
     # the default tracker: every metric of every iteration (the final held-out evaluation
     # included) is in TensorBoard's event files once, although iteration 0 ended in a kill
     from herl.runs.rundir import load_run
-    from tests.test_tracking import expected_points, tensorboard_points
+    from tests.helpers import expected_points, tensorboard_points
 
     run = load_run(run_dir)
     want = expected_points(run)
