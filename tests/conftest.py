@@ -30,3 +30,12 @@ def done_run(tmp_path_factory):
     for k in range(2):
         run_iteration(run, k)
     return run
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`-n 2`, pyproject's addopts), the system tests run one at a time
+    on one worker (they start servers, send signals and time their stops) while the unit
+    tests share the other cores."""
+    for item in items:
+        if "system" in item.path.parts:
+            item.add_marker(pytest.mark.xdist_group("system"))
