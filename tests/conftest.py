@@ -4,6 +4,11 @@ import os
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers on the cores: one thread each (and in what they start), as two
+    # OpenMP thread pools on the same cores spin against each other
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_homes(tmp_path_factory):
@@ -32,10 +37,15 @@ def done_run(tmp_path_factory):
     return run
 
 
+# the system tests in three groups, each run one at a time on one worker: processes that
+# are stopped and timed, generation-heavy engines, whole runs
+SYSTEM_GROUPS = {"test_hostile": "stops", "test_resume": "stops", "test_progress": "stops",
+                 "test_vllm": "engines", "test_real_model": "engines"}
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`-n 2`, pyproject's addopts), the system tests run one at a time
-    on one worker (they start servers, send signals and time their stops) while the unit
-    tests share the other cores."""
+    """Under pytest-xdist (`-n 2`, pyproject's addopts) a system test file's group runs one
+    test at a time on one worker while unit tests share the other core."""
     for item in items:
         if "system" in item.path.parts:
-            item.add_marker(pytest.mark.xdist_group("system"))
+            item.add_marker(pytest.mark.xdist_group(SYSTEM_GROUPS.get(item.path.stem, "runs")))
