@@ -91,7 +91,12 @@ def same(a, b, tol: float = 1e-4) -> bool:
 # ---- what experiment trackers hold (tests/unit/test_tracking.py, tests/system/test_resume.py) ----
 
 def sig5(value: float) -> float:
-    return float(f"{value:.5g}")  # TensorBoard keeps float32: compare 5 significant digits
+    """A metric's value as every tracker can hold it: TensorBoard keeps float32, so values
+    go through float32 first (else 0.0067663499 and its float32 0.0067663502 round to
+    different 5-digit numbers), then 5 significant digits."""
+    import numpy as np
+
+    return float(f"{float(np.float32(value)):.5g}")
 
 
 def tensorboard_points(run):
