@@ -311,15 +311,15 @@ def test_a_stop_signal_whose_exception_was_dropped_still_stops_the_train_wait(mo
     the job's process group."""
     import subprocess
 
+    from herl.training.launcher import wait_for_job
     from herl.util import procs
-    from stages.train import _wait
 
     monkeypatch.setattr(procs, "_stop_signals", [])
     job = subprocess.Popen(["sleep", "60"], start_new_session=True)
     procs.note_stop(signal.SIGTERM)  # the handler ran; its SystemExit never arrived
     t0 = time.monotonic()
     with pytest.raises(SystemExit) as exc:
-        _wait(job, None)
+        wait_for_job(job, None)
     assert exc.value.code == 128 + signal.SIGTERM and time.monotonic() - t0 < 5
     assert job.poll() is not None  # the job was stopped with it
     monkeypatch.setattr(procs, "_stop_signals", [signal.SIGINT])

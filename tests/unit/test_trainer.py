@@ -15,9 +15,9 @@ from herl.models.lora import engine_model, is_adapter
 from herl.models.tokenizer import load_tokenizer
 from herl.runs.rundir import open_run
 from herl.training.batching import load_sequences, sequence_logprobs
+from herl.training.launcher import start_job
 from schemas.config import load_config
 from stages import advantages, grade, hindsight, rollout, run_iteration, train
-from stages.train import start_job
 from tests.helpers import small_overrides
 
 
@@ -167,8 +167,8 @@ def test_shipped_accelerate_configs_load_and_reach_the_launch_command(name, kind
     builds from them: the user's file plus herl's launcher settings on top."""
     from accelerate.commands.config.config_args import load_config_from_file
 
+    from herl.training.launcher import launch_command
     from schemas.config import PRESETS
-    from stages.train import launch_command
 
     path = PRESETS / "accelerate" / f"{name}.yaml"
     assert load_config_from_file(str(path)).distributed_type.name == kind
