@@ -329,11 +329,15 @@ def file_sha256(path: Path) -> str:
     return _digests[key]
 
 
+def _recorded_stat(st: os.stat_result) -> list[int]:
+    """What a digest record stores of a file's stat (the device may differ across boots)."""
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
 def digest_record(path: Path) -> dict:
     """{sha256, stat} of a file, to store beside it (a manifest, a snapshot's metadata):
     another process hands it to `remember_digest` instead of reading the file again."""
-    st = path.stat()
-    return {"sha256": file_sha256(path), "stat": [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]}
+    return {"sha256": file_sha256(path), "stat": _recorded_stat(path.stat())}
 
 
 def remember_digest(path: Path, record: dict) -> None:
@@ -345,7 +349,7 @@ def remember_digest(path: Path, record: dict) -> None:
         stat, digest = record["stat"], record["sha256"]
     except (OSError, KeyError, TypeError):
         return
-    if isinstance(digest, str) and stat == [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]:
+    if isinstance(digest, str) and stat == _recorded_stat(st):
         _digests[_stat_key(st)] = digest
 
 

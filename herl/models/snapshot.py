@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from schemas.errors import UserError
-from schemas.tables import atomic_write, digest_record, file_sha256, remember_digest
+from schemas.tables import atomic_write, digest_record, remember_digest
 
 SNAPSHOT_META = "herl_snapshot.json"
 
@@ -23,24 +23,17 @@ class SnapshotAlteredError(UserError, RuntimeError):
 
 
 def snapshot_files(folder: Path) -> dict[str, dict]:
-    """{relative path: {bytes, sha256}} of every file of a snapshot but its metadata."""
-    return {str(f.relative_to(folder)): {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+    """{relative path: {bytes, sha256, stat}} of every file of a snapshot but its metadata.
+    Sealed with the metadata, `stat` lets a later process that finds a file unchanged
+    (inode, size, mtime, ctime) take its digest from there instead of hashing gigabytes of
+    weights again (`remember_digest`)."""
+    return {str(f.relative_to(folder)): {"bytes": f.stat().st_size, **digest_record(f)}
             for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != SNAPSHOT_META)}
-
-
-def _sealed_files(folder: Path) -> dict[str, dict]:
-    """snapshot_files with each file's stat at sealing (`digest_record`): a later process
-    that finds a file unchanged (inode, size, mtime, ctime) takes its digest from here
-    instead of hashing gigabytes of weights again."""
-    out = {}
-    for name, entry in snapshot_files(folder).items():
-        out[name] = {**entry, "stat": digest_record(folder / name)["stat"]}
-    return out
 
 
 def seal_snapshot(folder: Path, meta: dict) -> None:
     """Write the snapshot's metadata with the size and digest of each of its files."""
-    write_json_atomic(folder / SNAPSHOT_META, {**meta, "files": _sealed_files(folder)})
+    write_json_atomic(folder / SNAPSHOT_META, {**meta, "files": snapshot_files(folder)})
 
 
 class SnapshotPrunedError(UserError, RuntimeError):
