@@ -22,6 +22,7 @@ def prefect_defaults() -> None:
 
 
 _held_slot: list = []  # the open lock file of this process's database slot
+_temporary: dict[str, str] = {}  # "ui": the address of the temporary server this process started
 
 
 def private_temporary_server(slots: int = 16) -> Path | None:
@@ -56,6 +57,110 @@ def private_temporary_server(slots: int = 16) -> Path | None:
     return None  # every slot busy: Prefect's default database
 
 
+class TemporaryServer:
+    """Prefect's temporary API server, started by herl at the top of `herl run`, `herl
+    resume` and `herl eval`, so that its start-up (4-6 s on 2 cores: its imports, the
+    database's migrations) runs beside herl's own pre-flight checks instead of after them.
+
+    Prefect would start the same server (`prefect.server.api.server:create_app` under
+    uvicorn, the UI off) on its client's first use, after importing the server's modules
+    into this process too (2-3 s more). Prefect is pointed at it with PREFECT_API_URL, set
+    before Prefect is imported; `wait_ready` is called before the flow. It dies with this
+    process (PR_SET_PDEATHSIG) and is stopped at exit after Prefect's own exit handlers
+    (registered later, so run earlier) have sent their last events and logs."""
+
+    MARKER = "herl: starting Prefect's temporary server"  # the line a user (and a test) sees
+
+    def __init__(self) -> None:
+        import atexit
+        import sys
+        import tempfile
+        from importlib.util import find_spec
+
+        spec = find_spec("prefect")
+        if spec is None or spec.origin is None:
+            raise RuntimeError("prefect is not installed: pip install -e . installs it")
+        self._args = [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.origin).parent.parent), "--factory",
+                      "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--log-level", "error",
+                      "--lifespan", "on"]
+        self._env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                     "PREFECT__SERVER_FINAL": "1"}
+        self._stderr = tempfile.TemporaryFile("w+")  # read back only if it fails to start
+        self._spawn()
+        print(f"{self.MARKER} on {self.url} (set PREFECT_API_URL to use a server of your own)", file=sys.stderr,
+              flush=True)
+        atexit.register(self.stop)
+
+    def _spawn(self) -> None:
+        import socket
+        import subprocess
+
+        from herl.util.procs import die_with_parent
+
+        with socket.socket() as sock:  # a free port; a lost race is retried in wait_ready
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{self.port}/api"
+        _temporary["ui"] = f"http://127.0.0.1:{self.port}"
+        # its own session: a terminal's Ctrl-C goes to herl, which stops the flow first
+        self.proc = subprocess.Popen([*self._args, "--port", str(self.port)], env=self._env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=self._stderr, start_new_session=True,
+                                     preexec_fn=die_with_parent)
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Block until the server answers /health; a server that exits or never answers is
+        an error that carries its last words."""
+        import time
+        import urllib.error
+        import urllib.request
+
+        timeout_s = timeout_s or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            code = self.proc.poll()
+            if code == 3:  # uvicorn: the port was taken after it was chosen
+                self._spawn()
+                continue
+            if code is not None:
+                self._stderr.seek(0)
+                raise RuntimeError(f"Prefect's temporary server exited with status {code} while starting: "
+                                   f"{self._stderr.read()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"Prefect's temporary server did not answer on {self.url} within {timeout_s:.0f} s "
+                           "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS raises the limit)")
+
+    def stop(self) -> None:
+        """Terminate the server (SIGKILL 5 s later); safe to call twice."""
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._stderr.close()
+
+
+def start_temporary_server() -> TemporaryServer | None:
+    """Start Prefect's temporary server now, on a database of herl's own (see
+    private_temporary_server); None when PREFECT_API_URL names a server already (used as
+    it is). Call before Prefect is imported."""
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    prefect_defaults()
+    private_temporary_server()
+    return TemporaryServer()
+
+
 def artifact_key(*parts: str) -> str:
     """A Prefect artifact key from free text: lowercase letters, digits and dashes only."""
     text = "-".join(parts).lower()
@@ -87,6 +192,9 @@ class _QuietConsole(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
         if msg == "Finished in state Completed()" and record.name.startswith("prefect.task_runs"):
+            return False
+        ui = _temporary.get("ui")
+        if ui and msg.startswith(f"View at {ui}/"):  # a UI the temporary server does not serve
             return False
         if "aborted by an interrupt signal" in msg or "aborted by a termination signal" in msg:
             return False

@@ -67,17 +67,22 @@ def _check_writable(folder: Path) -> None:
 
 
 def cmd_run(args) -> int:
-    """`herl run` and `herl resume`: the `herl` flow in this process (Prefect's temporary server)."""
-    params = preflight(args)
-    from flows import hide_user_error_tracebacks, private_temporary_server
-    from flows.iterate import iterate
+    """`herl run` and `herl resume`: the `herl` flow in this process. Prefect's temporary
+    server starts first and comes up while the pre-flight checks run."""
+    from flows import start_temporary_server
     from herl.util.procs import stop_requested
 
-    private_temporary_server()
-    hide_user_error_tracebacks()
-    runs_dir = Path(params["runs_dir"])
     t0 = time.perf_counter()
+    server = start_temporary_server()
+    params: dict = {}
     try:
+        params = preflight(args)
+        from flows import hide_user_error_tracebacks
+        from flows.iterate import iterate
+
+        hide_user_error_tracebacks()
+        if server is not None:
+            server.wait_ready()
         path = iterate(**params)
     except BaseException as exc:
         import signal
@@ -98,11 +103,11 @@ def cmd_run(args) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        run_dir = Path(params.get("run_dir") or runs_dir / params["run_id"])
-        if (run_dir / "config.json").exists():
+        run_dir = Path(params.get("run_dir") or Path(params["runs_dir"]) / params["run_id"]) if params else None
+        if run_dir is not None and (run_dir / "config.json").exists():
             print(f"herl {args.cmd}: stopped ({_signal_name(code)}); finished stages are kept. "
                   f"Resume with: herl resume {run_dir}", file=sys.stderr)
-        else:  # stopped while Prefect was starting: no run folder was made, nothing to resume
+        else:  # stopped while checking or while Prefect was starting: no run folder was made
             print(f"herl {args.cmd}: stopped ({_signal_name(code)}) before the run started; nothing was written",
                   file=sys.stderr)
         return code
@@ -246,16 +251,19 @@ def cmd_report(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from flows import start_temporary_server
     from herl.evaluation.job import load_inputs, metrics_markdown
     from schemas.config import load_config
 
-    load_config(args.config, parse_overrides(args.set))  # checked before Prefect starts
+    server = start_temporary_server()  # comes up while the inputs are checked
+    load_config(args.config, parse_overrides(args.set))
     load_inputs(Path(args.prompts), args.model, args.limit)
-    from flows import hide_user_error_tracebacks, private_temporary_server
+    from flows import hide_user_error_tracebacks
     from flows.evaluate import evaluate
 
-    private_temporary_server()
     hide_user_error_tracebacks()
+    if server is not None:
+        server.wait_ready()
 
     summary = evaluate(prompts=args.prompts, model=args.model, out=args.out, rounds=args.rounds, limit=args.limit,
                        config=args.config, overrides=parse_overrides(args.set))

@@ -123,6 +123,59 @@ def test_the_temporary_server_gets_a_database_of_its_own(tmp_path, monkeypatch):
     assert flows.private_temporary_server() is None and "PREFECT_API_DATABASE_CONNECTION_URL" not in os.environ
 
 
+def test_the_temporary_server_answers_and_never_outlives_its_process(tmp_path, monkeypatch):
+    """herl's early start of Prefect's temporary server: PREFECT_API_URL points at it and it
+    answers /health; it is stopped when its process exits, and dies with it when that
+    process is killed (SIGKILL: no exit handler runs). A server named by PREFECT_API_URL is
+    used as it is: nothing is started."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    import flows
+    from tests.helpers import ROOT
+
+    monkeypatch.setenv("HERL_HOME", str(tmp_path))
+    for var in ("PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL"):
+        monkeypatch.delenv(var, raising=False)
+    script = ("import os, sys, urllib.request, flows\n"
+              "s = flows.start_temporary_server(); s.wait_ready()\n"
+              "assert os.environ['PREFECT_API_URL'] == s.url\n"
+              "print(s.proc.pid, urllib.request.urlopen(s.url + '/health').status, flush=True)\n"
+              "sys.stdin.read()\n")
+
+    def gone(pid: int, within_s: float) -> bool:
+        deadline = time.time() + within_s
+        while time.time() < deadline:
+            if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+            time.sleep(0.1)
+        return False
+
+    for ending in ("exit", "sigkill"):
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env={**os.environ}, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stdin is not None
+        line = proc.stdout.readline().split()
+        assert len(line) == 2 and line[1] == "200", (line, proc.stderr.read() if proc.poll() is not None else "")
+        server = int(line[0])
+        assert psutil.Process(server).is_running()
+        if ending == "exit":
+            proc.stdin.close()
+        else:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        assert gone(server, 15), f"the temporary server outlived its process ({ending})"
+        if ending == "exit":
+            assert proc.stderr is not None and flows.TemporaryServer.MARKER in proc.stderr.read()
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    assert flows.start_temporary_server() is None
+
+
 def test_herl_run_prints_one_summary_no_completed_echoes_and_the_engine_line(tmp_path):
     """What a user reads at the end of a small `herl run`: one line per stage (not two),
     the engine's ready line, one summary block naming the run folder."""
@@ -143,3 +196,24 @@ def test_herl_run_prints_one_summary_no_completed_echoes_and_the_engine_line(tmp
     assert out.count("herl: transformers engine ready for tiny-v1 in ") == 1, out
     assert out.count("herl run: 1 of 1 iterations done (this command: ") == 1, out
     assert f"run folder:   {runs / 'said'}" in out
+    # Prefect's temporary server, started by herl beside the pre-flight checks, serves no UI:
+    # no "View at" link to a page that does not exist
+    assert out.count("herl: starting Prefect's temporary server on http://127.0.0.1:") == 1 and "View at" not in out, out
+    # benchmarks/orchestration.py reads these lines to time what Prefect adds: it must find
+    # every stage, with the seconds its manifest holds
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("orchestration", ROOT / "benchmarks" / "orchestration.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    stamped = [f"{i:8.2f} {line}" for i, line in enumerate(out.splitlines())]
+    found = [(float(m.group(1)), m.group(2), float(m.group(4))) for m in map(bench.STAGE_LINE.match, stamped) if m]
+    from herl.runs.rundir import load_run
+
+    run = load_run(runs / "said")
+    planned = [(k, st) for k in range(2) for st in run.cfg.iteration_stages(k)]
+    assert [st for _, st, _ in found] == [st for _, st in planned], found
+    assert [s_ for _, _, s_ in found] == [round(run.read_manifest(k, st)["seconds"], 1) for k, st in planned]
+    b = bench.breakdown(100.0, found)
+    assert b["stages"] == sum(s_ for _, _, s_ in found) and b["rest"] == 100.0 - b["stages"]
