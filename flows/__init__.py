@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 
 def prefect_defaults() -> None:
@@ -71,7 +72,7 @@ class TemporaryServer:
 
     MARKER = "herl: starting Prefect's temporary server"  # the line a user (and a test) sees
 
-    def __init__(self) -> None:
+    def __init__(self, slot: Path | None = None) -> None:
         import atexit
         import sys
         import tempfile
@@ -86,6 +87,7 @@ class TemporaryServer:
         self._env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                      "PREFECT__SERVER_FINAL": "1"}
         self._stderr = tempfile.TemporaryFile("w+")  # read back only if it fails to start
+        self._slot = slot  # the database slot held for it (private_temporary_server), released by stop
         self._spawn()
         print(f"{self.MARKER} on {self.url} (set PREFECT_API_URL to use a server of your own)", file=sys.stderr,
               flush=True)
@@ -148,6 +150,16 @@ class TemporaryServer:
                 self.proc.kill()
                 self.proc.wait()
         self._stderr.close()
+        # this process may start another (a command called in-process again): the address
+        # and the database slot go with the server
+        if os.environ.get("PREFECT_API_URL") == self.url:
+            del os.environ["PREFECT_API_URL"]
+        _temporary.pop("ui", None)
+        if self._slot is not None:
+            os.environ.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
+            while _held_slot:
+                _held_slot.pop().close()
+            self._slot = None
 
 
 def start_temporary_server() -> TemporaryServer | None:
@@ -157,8 +169,13 @@ def start_temporary_server() -> TemporaryServer | None:
     if os.environ.get("PREFECT_API_URL"):
         return None
     prefect_defaults()
-    private_temporary_server()
-    return TemporaryServer()
+    return TemporaryServer(private_temporary_server())
+
+
+def flow_overrides(run_id, iterations, model_path, runs_dir, overrides) -> dict[str, Any]:
+    """Merge the flow's named parameters over `overrides`; unset (None) ones leave it alone."""
+    named = {"run_id": run_id, "iterations": iterations, "model.path": model_path, "runs_dir": runs_dir}
+    return {**(overrides or {}), **{k: v for k, v in named.items() if v is not None}}
 
 
 def artifact_key(*parts: str) -> str:

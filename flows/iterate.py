@@ -24,7 +24,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from flows import artifact_key, hide_user_error_tracebacks
+from flows import artifact_key, flow_overrides, hide_user_error_tracebacks
 from herl.data.pool import check_pool_fits
 from herl.generation.engines import release_engines
 from herl.runs.plot import plot_run
@@ -71,12 +71,6 @@ def publish_plot(run: Run, k: int, logger) -> None:
                              markdown=f"# herl run `{run.run_id}` after iteration {k}\n\n"
                                       f"![curves](data:image/png;base64,{data})\n\n`{png}` (`herl plot {run.path}`)",
                              description=f"herl {run.run_id} curves after iteration {k}")
-
-
-def flow_overrides(run_id, iterations, model_path, runs_dir, overrides) -> dict[str, Any]:
-    """Merge the flow's named parameters over `overrides`; unset (None) ones leave it alone."""
-    named = {"run_id": run_id, "iterations": iterations, "model.path": model_path, "runs_dir": runs_dir}
-    return {**(overrides or {}), **{k: v for k, v in named.items() if v is not None}}
 
 
 @flow(name="herl", log_prints=True)

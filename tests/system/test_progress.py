@@ -217,3 +217,34 @@ def test_herl_run_prints_one_summary_no_completed_echoes_and_the_engine_line(tmp
     assert [s_ for _, _, s_ in found] == [round(run.read_manifest(k, st)["seconds"], 1) for k, st in planned]
     b = bench.breakdown(100.0, found)
     assert b["stages"] == sum(s_ for _, _, s_ in found) and b["rest"] == 100.0 - b["stages"]
+
+
+def test_a_finished_command_exits_without_the_interpreters_teardown(tmp_path):
+    """The worker of herl run / resume / eval ends as the interpreter's exit begins
+    (threading's exit callbacks, where Prefect drains its workers, then the atexit
+    handlers, stdout flushed, the exit status kept) and skips the teardown of every module
+    and object (seconds after a run): a module global whose __del__ sleeps 5 s is never
+    collected."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import ROOT
+
+    script = ("import atexit, sys, threading, time\n"
+              "from herl.util.procs import exit_without_teardown\n"
+              "order = []\n"
+              "threading._register_atexit(lambda: order.append('threading'))\n"
+              "atexit.register(lambda: open(sys.argv[1], 'w').write(','.join(order + ['atexit'])))\n"
+              "class Slow:\n"
+              "    def __del__(self):\n"
+              "        time.sleep(5)\n"
+              "kept = Slow()\n"
+              "print('said', end='')\n"
+              "exit_without_teardown(7)\n")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "order")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 7 and proc.stdout == "said", (proc.returncode, proc.stdout, proc.stderr)
+    assert (tmp_path / "order").read_text() == "threading,atexit"
+    assert time.perf_counter() - t0 < 4.5, "the interpreter's teardown ran (the 5 s __del__)"

@@ -55,7 +55,7 @@ def test_stage_hash_depends_only_on_its_sections():
 
 
 def test_flow_parameters_merge_over_overrides():
-    from flows.iterate import flow_overrides
+    from flows import flow_overrides
 
     assert flow_overrides(None, None, None, None, {"iterations": 16})["iterations"] == 16
     assert flow_overrides("r", 3, "m", None, {"iterations": 16, "seed": 2}) == {
