@@ -37,6 +37,16 @@ def test_summary_means_spreads_and_paired_differences():
     assert herl[5] == "3.0" and herl[9] == "2.00"
 
 
+def test_a_mode_is_an_algorithm_and_herl_goals_also_the_goals_wording(tmp_path):
+    job = {"config": None, "overrides": {}, "seed": 1,
+           "runs_dir": str(tmp_path)}
+    goals = learning.run_config({**job, "mode": "herl_goals"})
+    herl = learning.run_config({**job, "mode": "herl"})
+    assert (goals.algorithm, goals.hindsight.template, goals.run_id, goals.seed) == ("herl", "goals", "herl_goals-seed1", 1)
+    assert (herl.algorithm, herl.hindsight.template, herl.run_id) == ("herl", "herl", "herl-seed1")
+    assert learning.run_config({**job, "mode": "grpo"}).algorithm == "grpo"
+
+
 def test_the_script_runs_every_mode_and_seed(tmp_path):
     ov = small_overrides(tmp_path, iterations=1, **{"task.holdout": 2, "evaluation.every": 1})
     sets = [f"{k}={v}" for k, v in ov.items() if k not in ("run_id", "runs_dir", "iterations")]
