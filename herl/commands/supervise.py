@@ -14,12 +14,13 @@ So the command runs in a worker process under a small supervisor:
   the worker alone (one inherited as ignored, as under nohup, stays ignored)
   (it runs in its own session, so a terminal's Ctrl-C does not also hit Prefect's server
   or the training job), which stops cleanly: the stage's children are stopped, the stage
-  is marked failed, the lock released, Prefect stops its server, and one line says how to
+  is marked failed, the lock released, the temporary server stopped, and one line says how to
   resume. Leftovers are then terminated as above. A worker still running 20 s after the
   signal gets it again (a handler's exception can be dropped when it lands in a __del__),
   and one that has not stopped 60 s after the first is killed.
 - The worker dies with the supervisor (PR_SET_PDEATHSIG), so a SIGKILL of the
-  supervisor itself ends the worker, whose exit handlers stop the server.
+  supervisor itself ends the worker, whose exit handlers stop the server (which also dies
+  with the worker, PR_SET_PDEATHSIG).
 - A SIGKILL of both at once leaves nobody to do either: a watchdog in its own session
   (herl/util/watchdog.py) waits for both and then terminates every process that carries
   the run's token in its environment (Prefect's server, the fork server, the resource

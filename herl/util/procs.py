@@ -76,7 +76,7 @@ def raise_if_stop_requested() -> None:
 
 def stop_on_signals() -> None:
     """In the worker: SIGINT raises KeyboardInterrupt, SIGTERM and SIGHUP SystemExit (so the stage
-    is marked failed, locks are released and Prefect's exit handler stops its server;
+    is marked failed, locks are released and the exit handlers stop the temporary server;
     Python's default for SIGTERM dies at once), each also noted for raise_if_stop_requested."""
     def on_sigint(signum, _frame):
         note_stop(signum)
