@@ -77,7 +77,10 @@ def run_one(job: dict) -> dict:
 
     torch.set_num_threads(job["threads"])
     from herl.runs.rundir import open_run
+    from herl.util.procs import stop_on_signals
     from stages import run_iteration
+
+    stop_on_signals()  # a stop marks the stage failed and stops its train job, as in herl run
 
     cfg = run_config(job)
     run = open_run(cfg)
@@ -345,7 +348,34 @@ def write_curves(curves: list[dict], path: Path) -> None:
         pq.write_table(pa.Table.from_pylist(curves), fh)
 
 
+def stop_descendants(grace_s: float = 10.0) -> None:
+    """Terminate every process the benchmark started and left (pool workers, engines, train
+    jobs, fork servers). Twice: what a terminated worker leaves is re-parented to this
+    process (a child subreaper) and caught by the second pass."""
+    import psutil
+
+    from herl.util.procs import terminate_then_kill
+
+    for _ in range(2):
+        left = psutil.Process().children(recursive=True)
+        if left:
+            terminate_then_kill(left, grace_s)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; whatever way it ends (done, an error, Ctrl-C, SIGTERM) nothing it
+    started outlives it."""
+    from herl.util.procs import become_subreaper, stop_on_signals
+
+    become_subreaper()
+    stop_on_signals()
+    try:
+        return _main(argv)
+    finally:
+        stop_descendants()
+
+
+def _main(argv: list[str] | None) -> int:
     from schemas.config import parse_overrides
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

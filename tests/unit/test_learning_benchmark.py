@@ -96,3 +96,61 @@ def test_heldout_intervals_are_paired_over_prompts():
     low = float(line[5].split("|")[5].split("[")[1].split(",")[0])
     assert low > 0.3  # +0.5 on the same prompts: the interval is far from 0
     assert "+0.000 [+0.000, +0.000]" in line[9]
+
+
+def test_a_stopped_benchmark_leaves_no_process_behind(tmp_path):
+    """SIGTERM while a run trains (two runs side by side, in pool workers): the benchmark
+    stops, and nothing it started (pool workers, the train job, multiprocessing's
+    helpers) is left running. Every process it started carries a marker in its
+    environment; none may remain."""
+    workers = 2
+    import os
+    import signal
+    import time
+    import uuid
+
+    import psutil
+
+    marker = uuid.uuid4().hex
+    ov = small_overrides(tmp_path, iterations=3)
+    sets = [x for k, v in ov.items() if k not in ("run_id", "runs_dir", "iterations") for x in ("--set", f"{k}={v}")]
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "learning.py"), "--modes", "grpo", "--seeds", "0,1", "--iterations",
+           "3", "--workers", str(workers), "--out", str(out), "--config", str(ROOT / "schemas" / "presets" / "tiny.toml"),
+           *sets]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HERL_TEST_MARKER": marker}, start_new_session=True)
+
+    def marked() -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter():
+            try:
+                if p.environ().get("HERL_TEST_MARKER") == marker:
+                    found.append(p)
+            except psutil.Error:
+                pass
+        return found
+
+    try:
+        deadline = time.time() + 300
+        # a train stage underway: its manifest not yet written, the one before it done
+        while not (out / "runs" / "grpo-seed0" / "iter-0" / "_manifests" / "advantages.json").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.05)
+        while len(marked()) < 2:  # the benchmark and what it started for the train stage
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        left = marked()
+        deadline = time.time() + 15
+        while left and time.time() < deadline:
+            time.sleep(0.2)
+            left = [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not left, [(p.pid, p.cmdline()[:4]) for p in left]
+    finally:
+        for p in marked():
+            p.kill()
+        if proc.poll() is None:
+            proc.kill()
