@@ -3,6 +3,7 @@
     python benchmarks/hindsight_effect.py [--model builtin:smollm2-135m-instruct | DIR] [--prompts FILE]
         [--n 30] [--drafts 2] [--max-tokens 128] [--temperature 0.3] [--arms herl,goals,...]
         [--engine auto] [--out benchmarks/results/hindsight_effect]
+    python benchmarks/hindsight_effect.py --pool DIR [DIR ...]   # several --seed measurements of one policy
 
 On N prompts of an IFEval-format file (a seeded subset) the model (a built-in name or
 any model folder) drafts G answers at temperature 1.0; every draft that misses an item
@@ -90,8 +91,40 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def pooled(folders: list[Path], baselines: tuple[str, ...] = ("control", "herl")) -> str:
+    """Paired differences pooled over several measurements of one policy (say two --seed
+    values): every arm against each baseline it was measured beside, over the failed
+    drafts of all folders (one pair per draft), with its standard error."""
+    import pyarrow.parquet as pq
+
+    per_draft: list[dict[str, float]] = []  # one {arm: follow-up reward} per failed draft
+    for folder in folders:
+        drafts: dict[tuple, dict[str, float]] = {}
+        for r in pq.read_table(Path(folder) / "followups.parquet").to_pylist():
+            drafts.setdefault((r["prompt_id"], r["draft_index"]), {})[r["arm"]] = r["reward"]
+        per_draft += drafts.values()
+    arms = sorted({a for d in per_draft for a in d}, key=lambda a: list(ARMS).index(a) if a in ARMS else len(ARMS))
+    lines = [f"Pooled over {len(folders)} measurement(s), {len(per_draft)} failed drafts: paired difference, "
+             "± one standard error (drafts)", "", "| arm | " + " | ".join(f"vs {b}" for b in baselines) + " |",
+             "|---|" + "---|" * len(baselines)]
+    for arm in arms:
+        cells = []
+        for b in baselines:
+            diffs = [d[arm] - d[b] for d in per_draft if arm in d and b in d]
+            if arm == b or not diffs:
+                cells.append("—")
+            else:
+                m, se = mean_se(diffs)
+                cells.append(f"{m:+.3f} ± {se:.3f} (n {len(diffs)})")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pool", nargs="+", type=Path, metavar="DIR",
+                    help="measure nothing: pool the followups.parquet of these --out folders (one policy, "
+                         "several seeds) and print the paired differences")
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct")
     ap.add_argument("--prompts", default=str(ROOT.parent / "shared" / "benchmarks" / "ifeval_input_data.jsonl"))
     ap.add_argument("--n", type=int, default=30, help="prompts (a seeded subset)")
@@ -103,6 +136,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "hindsight_effect"))
     args = ap.parse_args()
+    if args.pool:
+        print(pooled(args.pool))
+        return 0
     arms = [a for a in args.arms.split(",") if a]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:

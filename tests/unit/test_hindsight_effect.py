@@ -11,6 +11,9 @@ import pyarrow.parquet as pq
 from herl.models.paths import resolve_model_path
 from tests.helpers import ROOT
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import hindsight_effect  # noqa: E402
+
 
 def test_hindsight_effect_on_a_model_folder(tmp_path):
     model = resolve_model_path("builtin:tiny")  # a folder, as a user's own model would be
@@ -31,3 +34,26 @@ def test_hindsight_effect_on_a_model_folder(tmp_path):
     mean = lambda a: sum(r["prompt_tokens"] for r in per_arm[a]) / len(per_arm[a])  # noqa: E731
     assert mean("control") < mean("goals_details") < mean("herl")
     assert all(isinstance(r["truncated"], bool) and isinstance(r["echo"], bool) for r in rows)
+
+
+def test_pooled_pairs_each_failed_draft_across_measurements(tmp_path):
+    """--pool: one pair per failed draft over every folder, never across folders (the same
+    prompt and draft index in two measurements are two drafts)."""
+    import pyarrow as pa
+
+    # folder a: two drafts; folder b: one draft with the same prompt and index as a's first
+    rewards = {"a": [("p1", 0, {"control": 0.0, "herl": 0.5, "goals": 1.0}),
+                     ("p2", 1, {"control": 0.5, "herl": 0.0, "goals": 0.5})],
+               "b": [("p1", 0, {"control": 1.0, "herl": 0.0, "goals": 0.5})]}
+    for name, drafts in rewards.items():
+        (tmp_path / name).mkdir()
+        rows = [{"arm": arm, "prompt_id": pid, "draft_index": i, "reward": r}
+                for pid, i, by_arm in drafts for arm, r in by_arm.items()]
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / name / "followups.parquet")
+    text = hindsight_effect.pooled([tmp_path / "a", tmp_path / "b"])
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in text.splitlines() if line.startswith("| ") and not line.startswith("| arm")}
+    # goals - control over the 3 drafts: (1.0, 0.0, -0.5): mean 0.167, s.e. 0.441 (sample sd 0.764 / sqrt 3)
+    assert cells["goals"] == ["+0.167 ± 0.441 (n 3)", "+0.500 ± 0.000 (n 3)"]
+    assert cells["herl"][1] == "—" and cells["control"][0] == "—"
+    assert "3 failed drafts" in text
