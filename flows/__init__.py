@@ -59,9 +59,9 @@ def private_temporary_server(slots: int = 16) -> Path | None:
 
 
 class TemporaryServer:
-    """Prefect's temporary API server, started by herl at the top of `herl run`, `herl
-    resume` and `herl eval`, so that its start-up (4-6 s on 2 cores: its imports, the
-    database's migrations) runs beside herl's own pre-flight checks instead of after them.
+    """Prefect's temporary API server, started by herl in `herl run`, `herl resume` and
+    `herl eval` as soon as the config is read, so that its start-up (3-7 s on 2 cores,
+    mostly its imports) runs beside the rest of the pre-flight checks instead of after them.
 
     Prefect would start the same server (`prefect.server.api.server:create_app` under
     uvicorn, the UI off) on its client's first use, after importing the server's modules
