@@ -7,8 +7,9 @@
 Every (mode, seed) pair is one herl run with the same config (benchmarks/learning.toml
 unless --config is given): same prompts, model, iterations and budget; only `algorithm`
 and `seed` differ (and for herl_goals, herl with `hindsight.template = goals`). The
-default modes are grpo, naive_he, he and herl. The seed picks the built-in task's prompt pool, the sampling and the
-training order, so the three seeds are three draws of the whole experiment.
+default modes are grpo, naive_he, he and herl. The seed picks the built-in task's prompt
+pool, the sampling and the training order, so the three seeds are three draws of the
+whole experiment.
 
 The stages run in worker processes, W at a time with 1/W of the cores each, straight
 from the stage modules (as the `herl` flow runs them, without Prefect's server: twelve
@@ -348,31 +349,18 @@ def write_curves(curves: list[dict], path: Path) -> None:
         pq.write_table(pa.Table.from_pylist(curves), fh)
 
 
-def stop_descendants(grace_s: float = 10.0) -> None:
-    """Terminate every process the benchmark started and left (pool workers, engines, train
-    jobs, fork servers). Twice: what a terminated worker leaves is re-parented to this
-    process (a child subreaper) and caught by the second pass."""
-    import psutil
-
-    from herl.util.procs import terminate_then_kill
-
-    for _ in range(2):
-        left = psutil.Process().children(recursive=True)
-        if left:
-            terminate_then_kill(left, grace_s)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; whatever way it ends (done, an error, Ctrl-C, SIGTERM) nothing it
     started outlives it."""
-    from herl.util.procs import become_subreaper, stop_on_signals
+    from herl.util.procs import become_subreaper, stop_on_signals, terminate_descendants
 
     become_subreaper()
     stop_on_signals()
     try:
         return _main(argv)
     finally:
-        stop_descendants()
+        # twice: what a terminated pool worker leaves is re-parented to this subreaper
+        terminate_descendants(passes=2)
 
 
 def _main(argv: list[str] | None) -> int:

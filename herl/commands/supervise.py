@@ -38,7 +38,7 @@ import sys
 import time
 
 from herl.util import watchdog
-from herl.util.procs import become_subreaper, die_with_parent, terminate_then_kill
+from herl.util.procs import become_subreaper, die_with_parent, terminate_descendants
 
 SUPERVISED_ENV = "HERL_SUPERVISED"
 STOP_GRACE_S = 60.0  # how long a worker asked to stop may take before it is killed
@@ -52,20 +52,6 @@ def supervised() -> bool:
 
 def _die_with_parent() -> None:  # runs in the worker between fork and exec
     die_with_parent(signal.SIGTERM)
-
-
-def _descendants() -> list:
-    import psutil
-
-    try:
-        return psutil.Process().children(recursive=True)
-    except psutil.Error:
-        return []
-
-
-def _reap_all(grace_s: float = 10.0) -> None:
-    """Terminate every process left under the supervisor, then kill what remains."""
-    terminate_then_kill(_descendants(), grace_s)
 
 
 def run_supervised(argv: list[str]) -> int:
@@ -119,5 +105,5 @@ def run_supervised(argv: list[str]) -> int:
         for s, h in previous.items():
             signal.signal(s, h)
         # the worker is gone: whatever it started (Prefect's server, an engine) goes too
-        _reap_all()
+        terminate_descendants()
     return 128 - rc if rc < 0 else rc

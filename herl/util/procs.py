@@ -47,6 +47,20 @@ def terminate_then_kill(procs: list, grace_s: float) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
+def terminate_descendants(grace_s: float = 10.0, passes: int = 1) -> None:
+    """terminate_then_kill every process under this one. With `passes` > 1 a child
+    subreaper catches, in a later pass, what a terminated child left re-parented to it."""
+    import psutil
+
+    for _ in range(passes):
+        try:
+            left = psutil.Process().children(recursive=True)
+        except psutil.Error:
+            left = []
+        if left:
+            terminate_then_kill(left, grace_s)
+
+
 # ---- stop requests that must not be lost ---------------------------------------------
 # A signal handler's exception can be dropped: when it lands while a __del__ runs, Python
 # prints "Exception ignored" and carries on. The worker's handlers therefore also record
@@ -111,10 +125,10 @@ def peak_rss_gb() -> float:
 def exit_without_teardown(code: int) -> NoReturn:
     """End a finished command's process now: run what the interpreter's exit runs (threading's
     exit callbacks and joins, then the atexit handlers: Prefect's last events and logs, the
-    temporary server's stop, logging's flush, multiprocessing's clean-up) in its order, flush stdout and stderr, and leave
-    without the interpreter's teardown of every module and object, which after a run
-    (torch, transformers, Prefect loaded) takes 2-3 s on 2 cores and does nothing a
-    finished command needs. Only for a process's own entry point, never inside a library
+    temporary server's stop, logging's flush, multiprocessing's clean-up) in its order,
+    flush stdout and stderr, and leave without the interpreter's teardown of every module
+    and object, which after a run (torch, transformers, Prefect loaded) takes 2-3 s on 2
+    cores and does nothing a finished command needs. Only for a process's own entry point, never inside a library
     call (it ends the process)."""
     import atexit
     import os
