@@ -157,10 +157,50 @@ def collect_heldout_answers(result: dict) -> list[dict]:
 BOOTSTRAP = 2000  # resamples for the confidence intervals
 
 
+def _bootstrap_ci(rng, values, weights=None) -> tuple[float, float, float]:
+    """(point, 2.5th, 97.5th percentile) of the mean of `values` over BOOTSTRAP resamples of
+    its rows; with `weights`, of the ratio of sums (instruction level: items met / items)."""
+    import numpy as np
+
+    n = len(values)
+    idx = rng.integers(0, n, size=(BOOTSTRAP, n))  # (BOOTSTRAP, n)
+    if weights is None:
+        stats, point = values[idx].mean(axis=1), values.mean()
+    else:
+        stats = values[idx].sum(axis=1) / np.maximum(weights[idx].sum(axis=1), 1)
+        point = values.sum() / max(weights.sum(), 1)
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return float(point), float(lo), float(hi)
+
+
+def _fmt_ci(t: tuple[float, float, float]) -> str:
+    return f"{t[0]:.3f} [{t[1]:.3f}, {t[2]:.3f}]"
+
+
+def _fmt_diff(t: tuple[float, float, float]) -> str:
+    return f"{t[0]:+.3f} [{t[1]:+.3f}, {t[2]:+.3f}]"
+
+
+def _paired_diffs(rng, got: dict, base: dict) -> tuple[int, str, str]:
+    """Paired differences got - base over the (seed, prompt) units both hold: (pairs,
+    prompt-level strict, instruction-level strict), each with its 95% bootstrap interval."""
+    import numpy as np
+
+    units = [u for u in sorted(got) if u in base]
+    if not units:
+        return 0, "-", "-"
+    da = np.array([float(got[u]["all_met_strict"]) - float(base[u]["all_met_strict"]) for u in units])
+    dm = np.array([got[u]["items_met_strict"] - base[u]["items_met_strict"] for u in units], float)
+    dn = np.array([got[u]["items_total"] for u in units], float)
+    return len(units), _fmt_diff(_bootstrap_ci(rng, da)), _fmt_diff(_bootstrap_ci(rng, dm, dn))
+
+
 def bootstrap_table(rows: list[dict], modes: list[str]) -> str:
     """Held-out accuracies of each evaluated policy with 95% bootstrap intervals over the
     (seed, prompt) pairs, and the paired difference of each policy to policy 0 on the same
-    prompts: prompt-level (every instruction followed) and instruction-level, strict and loose."""
+    prompts: prompt-level (every instruction followed) and instruction-level, strict and
+    loose. With grpo among the modes, a second table: each other mode's paired difference
+    to grpo's policy of the same number, seed and prompt."""
     import numpy as np
 
     policies = sorted({r["policy"] for r in rows})
@@ -170,27 +210,12 @@ def bootstrap_table(rows: list[dict], modes: list[str]) -> str:
                  "the same prompts.", "",
              "| policy | mode | pairs | prompt strict | vs policy 0 | instruction strict | vs policy 0 "
              "| prompt loose | instruction loose |", "|---:|---|---:|---|---|---|---|---:|---:|"]
-
-    def ci(values: np.ndarray, weights: np.ndarray | None = None) -> tuple[float, float, float]:
-        n = len(values)
-        idx = rng.integers(0, n, size=(BOOTSTRAP, n))
-        if weights is None:
-            stats = values[idx].mean(axis=1)
-            point = values.mean()
-        else:  # a ratio of sums (instruction level: items met / items)
-            stats = values[idx].sum(axis=1) / np.maximum(weights[idx].sum(axis=1), 1)
-            point = values.sum() / max(weights.sum(), 1)
-        lo, hi = np.percentile(stats, [2.5, 97.5])
-        return float(point), float(lo), float(hi)
-
-    fmt = lambda t: f"{t[0]:.3f} [{t[1]:.3f}, {t[2]:.3f}]"  # noqa: E731
-    diff_fmt = lambda t: f"{t[0]:+.3f} [{t[1]:+.3f}, {t[2]:+.3f}]"  # noqa: E731
+    by = {(mode, k): {(r["seed"], r["prompt_id"]): r for r in rows if r["mode"] == mode and r["policy"] == k}
+          for mode in modes for k in policies}
     for mode in modes:
-        by_policy = {k: {(r["seed"], r["prompt_id"]): r for r in rows if r["mode"] == mode and r["policy"] == k}
-                     for k in policies}
-        base = by_policy.get(policies[0], {}) if policies else {}
+        base = by.get((mode, policies[0]), {}) if policies else {}
         for k in policies:
-            got = by_policy[k]
+            got = by[(mode, k)]
             if not got:
                 continue
             units = sorted(got)
@@ -199,16 +224,21 @@ def bootstrap_table(rows: list[dict], modes: list[str]) -> str:
             n = np.array([float(got[u]["items_total"]) for u in units])
             al = np.array([float(got[u]["all_met_loose"]) for u in units]).mean()
             ml = sum(got[u]["items_met_loose"] for u in units) / max(1, n.sum())
-            paired = [u for u in units if u in base]
-            if k != policies[0] and paired:
-                da = np.array([float(got[u]["all_met_strict"]) - float(base[u]["all_met_strict"]) for u in paired])
-                dm = np.array([(got[u]["items_met_strict"] - base[u]["items_met_strict"]) for u in paired], float)
-                dn = np.array([got[u]["items_total"] for u in paired], float)
-                vs_a, vs_i = diff_fmt(ci(da)), diff_fmt(ci(dm, dn))
-            else:
-                vs_a = vs_i = "-"
-            lines.append(f"| {k} | {mode} | {len(units)} | {fmt(ci(a))} | {vs_a} | {fmt(ci(m, n))} | {vs_i} "
-                         f"| {al:.3f} | {ml:.3f} |")
+            vs_a = vs_i = "-"
+            if k != policies[0]:
+                _, vs_a, vs_i = _paired_diffs(rng, got, base)
+            lines.append(f"| {k} | {mode} | {len(units)} | {_fmt_ci(_bootstrap_ci(rng, a))} | {vs_a} "
+                         f"| {_fmt_ci(_bootstrap_ci(rng, m, n))} | {vs_i} | {al:.3f} | {ml:.3f} |")
+    others = [m for m in modes if m != "grpo"]
+    if "grpo" in modes and others:
+        lines += ["", "Against grpo: each mode's policy k minus grpo's policy k on the same (seed, prompt) "
+                      "pairs (the same seed draws the same training prompts), 95% bootstrap intervals.", "",
+                  "| policy | mode | pairs | prompt strict vs grpo | instruction strict vs grpo |", "|---:|---|---:|---|---|"]
+        for k in policies:
+            for mode in others:
+                pairs, da, di = _paired_diffs(rng, by[(mode, k)], by[("grpo", k)])
+                if pairs:
+                    lines.append(f"| {k} | {mode} | {pairs} | {da} | {di} |")
     return "\n".join(lines) + "\n"
 
 

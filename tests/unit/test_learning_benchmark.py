@@ -98,6 +98,28 @@ def test_heldout_intervals_are_paired_over_prompts():
     assert "+0.000 [+0.000, +0.000]" in line[9]
 
 
+def test_modes_are_compared_with_grpo_on_the_same_seed_and_prompt():
+    """herl answers 30 more of 60 prompts than grpo at policy 5 and the same ones at
+    policy 0: its paired difference to grpo is +0.5 with an interval far from 0 at policy 5
+    and exactly 0 at policy 0; a prompt only one mode answered is not paired."""
+    rows = []
+    for mode, k, extra in (("grpo", 0, 0), ("grpo", 5, 0), ("herl", 0, 0), ("herl", 5, 30)):
+        for i in range(60 + (mode == "herl")):
+            met = i < 10 + extra
+            rows.append({"mode": mode, "seed": 0, "policy": k, "prompt_id": f"p{i}", "all_met_strict": met,
+                         "all_met_loose": met, "items_met_strict": 2 if met else 1, "items_met_loose": 2 if met else 1,
+                         "items_total": 2})
+    table = learning.bootstrap_table(rows, ["grpo", "herl"])
+    vs = table.split("Against grpo")[1]
+    line = {int(r.split("|")[1]): [c.strip() for c in r.split("|")[2:-1]] for r in vs.splitlines() if r.startswith("| ")
+            and "herl" in r}
+    assert line[0] == ["herl", "60", "+0.000 [+0.000, +0.000]", "+0.000 [+0.000, +0.000]"]
+    assert line[5][:2] == ["herl", "60"] and line[5][2].startswith("+0.500 [")
+    assert float(line[5][2].split("[")[1].split(",")[0]) > 0.3
+    assert line[5][3].startswith("+0.250 [")  # 30 more items of 120
+    assert "Against grpo" not in learning.bootstrap_table([r for r in rows if r["mode"] == "herl"], ["herl"])
+
+
 def test_a_stopped_benchmark_leaves_no_process_behind(tmp_path):
     """SIGTERM while a run trains (two runs side by side, in pool workers): the benchmark
     stops, and nothing it started (pool workers, the train job, multiprocessing's
