@@ -189,9 +189,11 @@ def run_query(run_dir: str | Path, sql: str, timeout_s: float | None = None,
     DuckDB's interrupt cannot reach a connection busy in another thread, and a query
     blocked in C++ never sees Python's KeyboardInterrupt."""
     import json
+    import signal
     import subprocess
     import sys
     import tempfile
+    import threading
     import time
 
     import pyarrow as pa
@@ -205,10 +207,21 @@ def run_query(run_dir: str | Path, sql: str, timeout_s: float | None = None,
         result, error = Path(tmp) / "result.arrow", Path(tmp) / "error.json"
         job = json.dumps({"run_dir": str(run_dir), "sql": sql, "memory": memory_limit_bytes,
                           "result": str(result), "error": str(error)})
-        proc = subprocess.Popen([sys.executable, "-m", "herl.runs.query", job], start_new_session=True,
-                                stdin=subprocess.DEVNULL)
+        # Ctrl-C is held back while the child starts: landing inside Popen, it would leave a
+        # query running (in its own session, ignoring SIGINT) that nothing here can kill
+        held: list[int] = []
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum)) if main else None
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "herl.runs.query", job], start_new_session=True,
+                                    stdin=subprocess.DEVNULL)
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
         t0, stopped = time.monotonic(), None
         try:
+            if held:  # the Ctrl-C held back lands here, where the query can be killed
+                raise KeyboardInterrupt
             while proc.poll() is None:
                 time.sleep(0.05)
                 if timeout_s and time.monotonic() - t0 > timeout_s:

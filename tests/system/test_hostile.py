@@ -518,3 +518,28 @@ def test_a_sigkill_of_supervisor_and_worker_together_leaves_no_process(tmp_path)
     # a zombie is dead, waiting for init to reap it (how soon is init's business)
     running = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not running, [p.cmdline() for p in running]
+
+
+def test_a_ctrl_c_while_the_query_starts_stops_it_and_leaves_no_query_running(finished, monkeypatch):
+    """Ctrl-C landing just as the query's process has started (inside Popen, before
+    run_query holds it): the query is stopped and its process killed, not left running."""
+    import psutil
+
+    from herl.runs.query import QueryStopped, run_query
+
+    real, started = subprocess.Popen, []
+
+    def popen_then_ctrl_c(*a, **kw):
+        proc = real(*a, **kw)
+        started.append(proc.pid)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C before Popen has returned
+        for _ in range(100):  # give an unblocked SIGINT every chance to land here
+            time.sleep(0.001)
+        return proc
+
+    monkeypatch.setattr(subprocess, "Popen", popen_then_ctrl_c)
+    cross = "SELECT count(*) FROM rollouts a, rollouts b, rollouts c, rollouts d, rollouts e, rollouts f, rollouts g"
+    with pytest.raises(QueryStopped, match="stopped by Ctrl-C"):
+        run_query(finished, cross)
+    assert started
+    assert not psutil.pid_exists(started[0]) or psutil.Process(started[0]).status() == psutil.STATUS_ZOMBIE
