@@ -128,8 +128,8 @@ def exit_without_teardown(code: int) -> NoReturn:
     temporary server's stop, logging's flush, multiprocessing's clean-up) in its order,
     flush stdout and stderr, and leave without the interpreter's teardown of every module
     and object, which after a run (torch, transformers, Prefect loaded) takes 2-3 s on 2
-    cores and does nothing a finished command needs. Only for a process's own entry point, never inside a library
-    call (it ends the process)."""
+    cores and does nothing a finished command needs. Only for a process's own entry point,
+    never inside a library call (it ends the process)."""
     import atexit
     import os
     import sys

@@ -533,7 +533,7 @@ def test_a_ctrl_c_while_the_query_starts_stops_it_and_leaves_no_query_running(fi
         proc = real(*a, **kw)
         started.append(proc.pid)
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C before Popen has returned
-        for _ in range(100):  # give an unblocked SIGINT every chance to land here
+        for _ in range(100):  # a SIGINT run_query does not hold would land here
             time.sleep(0.001)
         return proc
 
