@@ -25,7 +25,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from flows import artifact_key, flow_overrides, hide_user_error_tracebacks
-from herl.data.pool import check_pool_fits
+from herl.data.pool import check_pool_fits, with_planned_iterations
 from herl.generation.engines import release_engines
 from herl.runs.plot import plot_run
 from herl.runs.rundir import Run, load_run, open_run
@@ -87,7 +87,9 @@ def iterate(config: str | None = None, run_id: str | None = None, iterations: in
     """
     hide_user_error_tracebacks()  # also where a deployment's worker runs the flow
     cfg = load_config(config, flow_overrides(run_id, iterations, model_path, runs_dir, overrides))
-    check_pool_fits(cfg)  # a bad prompts file or a prompt the model cannot hold fails here, before the run folder exists
+    # a bad prompts file or a prompt the model cannot hold fails here, before the run folder exists
+    training_prompts = check_pool_fits(cfg)
+    cfg = with_planned_iterations(cfg, training_prompts)  # task.epochs -> iterations, saved with the run
     check_trackers(cfg)
     run = open_run(cfg, Path(run_dir) if run_dir else None)
     logger = get_run_logger()

@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from schemas.errors import UserError, read_utf8
 from schemas.stages import HELDOUT, SPECS, STAGES
@@ -73,6 +73,10 @@ class TaskConfig(_Section):
     """B, prompts sampled per iteration (epoch-wise without replacement) [reference: 64]."""
     holdout: int = 0
     """Prompts of the pool held out from training (a seeded choice) for the held-out evaluation (see `evaluation`); 0 trains on the whole pool."""
+    epochs: float | None = None
+    """Passes over the training pool; when set, the run's `iterations` is ceil(epochs x training prompts / prompts_per_iteration), counted when the run opens (after task.holdout and task.max_prompt_tokens) and stored in its config.json [reference: total_epochs, 6 instruction following, 3 medical]. None: `iterations` says."""
+    max_prompt_tokens: int | None = None
+    """Drop pool prompts longer than this many tokens under the model's chat template (with the generation prompt), as the reference's data.filter_overlong_prompts does [reference: data.max_prompt_length, 6144 instruction following, 4096 medical]; the rollout stage counts them (`prompts_dropped_too_long`). None keeps every prompt (one that cannot fit the model's context is refused before the run starts)."""
 
 
 class VLLMConfig(_Section):
@@ -144,6 +148,8 @@ class JudgeConfig(_Section):
     """Cache definitive verdicts (SQLite, keyed by judge model and prompt) so a resumed stage does not pay twice."""
     local_engine: Literal["transformers", "vllm"] = "transformers"
     """Engine of the local backend (vllm uses the [vllm] section)."""
+    template: Literal["herl", "reference"] = "herl"
+    """Wording of the per-item judge prompt: herl (the whole conversation, the response fenced so it cannot pass as instructions, weights when any differs from 1, a JSON list reply; herl/templates/judge.j2) or reference (rar_implicit.py's system and user prompts: the user's question, rubrics with their weights, a {"results": [...]} reply; herl/templates/judge_reference.j2)."""
 
 
 class GradeConfig(_Section):
@@ -174,6 +180,12 @@ class HindsightConfig(_Section):
     """Maximum tokens per revision; None uses rollout.max_tokens."""
     show_weights: bool = True
     """Show rubric weights in the hindsight prompt when items carry weights other than 1."""
+    skip_looping: bool = True
+    """The reference's repetition rule: an answer whose last 160 characters occur 3 or more times in it (rewards.looped) counts as reward 0 with no items met when candidates, the group's best and fallback copies are chosen; its training reward is unchanged. The reference applies it to instruction following (its if_score reward) and not to its medical judge reward; herl's default is on for every task, since a looping draft is a degenerate one to revise (false: the medical preset)."""
+    tie_tolerance: float = 1e-6
+    """Rewards closer than this are equal: a candidate ties the group's best (the reference's 1e-6), a revision ties (rather than beats) it, so 0.1 + 0.2 ties 0.3 [reference: 1e-6]."""
+    max_train_prompt_tokens: int | None = None
+    """Train a kept revision after at most the last this-many tokens of its hindsight prompt (left-trimmed, as the reference trims it to its prompt width, data.max_prompt_length) [reference: 6144 instruction following, 4096 medical]; the train stage counts them (`hindsight_prompts_trimmed`). None trains the whole prompt."""
     template: str = "herl"
     """Wording of the hindsight prompt: herl (sections with weights; pitfalls as mistakes), reference (the authors' constraint template, quoted in docs/algorithm.md), goals (the request again with the items the draft missed as requirements, no draft: what a small model revises best with, see docs/hindsight.md), or a path to a Jinja template of your own (variables as in herl/templates/hindsight.j2)."""
     show_draft: bool = True
@@ -256,8 +268,14 @@ class TrainConfig(_Section):
     """Temperature T of the log-probs (logits / T) of kept revisions' tokens, old, current and reference alike: rollout = rollout.temperature, the policy the rollouts sample from and the one being trained (the reference's code); sampled = hindsight.temperature, the one they were sampled at. At a low T such as 0.3 the gradient of log softmax(z / T) vanishes on every token the model is fairly sure of, so revisions would teach almost nothing."""
     hindsight_weight: Literal["ratio", "prob"] = "ratio"
     """x in the hindsight-token loss: ratio = pi_theta / pi_old (the reference's code, `use_he_logprob`); prob = pi_theta (LUFFY's policy shaping, the form the paper's text cites)."""
-    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
-    """How token losses become the mini-batch loss: token_mean = sum / tokens of the mini-batch (exact; the reference takes a token mean per micro-batch and averages those); seq_mean_token_mean = mean over sequences of each one's token mean; seq_mean_token_sum_norm = Dr. GRPO, token sums over a constant length (the answer budget max_tokens), averaged over sequences."""
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "dr_grpo"] = "token_mean"
+    """How token losses become the mini-batch loss: token_mean = sum / tokens of the mini-batch (exact; the reference takes a token mean per micro-batch and averages those); seq_mean_token_mean = mean over sequences of each one's token mean; dr_grpo = Dr. GRPO, token sums over a constant length (the answer budget max_tokens), averaged over sequences. (verl's `seq-mean-token-sum-norm` is micro_batch_size times dr_grpo: it adds the sequences' sums without dividing by their count, which changes what max_grad_norm clips; herl's earlier name for dr_grpo, seq_mean_token_sum_norm, is read as dr_grpo.)"""
+
+    @field_validator("loss_aggregation", mode="before")
+    @classmethod
+    def _renamed_mode(cls, value: Any) -> Any:
+        # the name this mode had before: runs saved with it resume (same arithmetic)
+        return "dr_grpo" if value == "seq_mean_token_sum_norm" else value
     is_correction: Literal["none", "truncated"] = "none"
     """Importance-sampling correction for the engine/trainer log-prob gap on on-policy tokens: truncated = weight min(pi_old/pi_engine, is_cap) (TIS, as TRL and verl offer)."""
     is_cap: float = 2.0
@@ -385,6 +403,14 @@ class HerlConfig(_Section):
         need(r.max_tokens >= 1 and r.batch_size >= 1, "rollout.max_tokens and rollout.batch_size must be >= 1")
         need(0 < h.threshold <= 1, "hindsight.threshold must be in (0, 1]: rewards lie in [0, 1]")
         need(h.candidate_limit >= 1, "hindsight.candidate_limit must be >= 1")
+        need(0 <= h.tie_tolerance < 0.01, "hindsight.tie_tolerance must be in [0, 0.01): rewards closer than it are "
+             "equal (1e-6 in the reference; 0 compares exactly)")
+        need(h.max_train_prompt_tokens is None or h.max_train_prompt_tokens >= 1,
+             "hindsight.max_train_prompt_tokens must be >= 1, or unset to train whole hindsight prompts")
+        need(self.task.max_prompt_tokens is None or self.task.max_prompt_tokens >= 1,
+             "task.max_prompt_tokens must be >= 1, or unset to keep every prompt")
+        need(self.task.epochs is None or self.task.epochs > 0,
+             "task.epochs must be > 0, or unset to let `iterations` say how long the run is")
         need(h.revisions_per_candidate >= 1, "hindsight.revisions_per_candidate must be >= 1")
         need(h.temperature >= 0, "hindsight.temperature must be >= 0")
         need(h.max_tokens is None or h.max_tokens >= 1, "hindsight.max_tokens must be >= 1 or unset")
@@ -490,7 +516,8 @@ HASH_EXCLUDED = {"train": ("launcher",), "vllm": ("between_iterations",)}
 # fields added after runs existed, at the value that does what runs did before them: left
 # out of the hash at that value, so adding them does not redo a run's finished stages
 HASH_NEUTRAL: dict[str, dict[str, Any]] = {
-    "hindsight": {"show_draft": True, "show_items": "all", "show_details": False},
+    "hindsight": {"show_draft": True, "show_items": "all", "show_details": False, "max_train_prompt_tokens": None},
+    "task": {"epochs": None, "max_prompt_tokens": None},
 }
 
 
@@ -561,6 +588,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     base = copy.deepcopy(data)
     for key, value in given.items():
         _set_dotted(data, key, value)
+    if "iterations" in given and "task.epochs" not in given and isinstance(data.get("task"), dict):
+        data["task"].pop("epochs", None)  # iterations given by name win over the file's task.epochs
     try:
         return HerlConfig.model_validate(data)
     except ValidationError as exc:

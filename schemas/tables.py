@@ -49,6 +49,9 @@ _score = [
     # grade.unknown_policy = drop (eval_answers / graded_rows' items_total counts all items)
     ("items_scored", pa.int32()),
     ("items_unknown", pa.int32()),
+    # the answer loops: its last 160 characters occur 3+ times in it (the reference's
+    # repetition rule, herl.grading.rubric.is_looping); hindsight.skip_looping uses it
+    ("looped", pa.bool_()),
 ]
 
 # the self-improvement evaluation (`herl eval`, and the held-out evaluation inside a run)
@@ -234,7 +237,8 @@ RENAMED = {"items_total": "items_scored"}  # rewards / hindsight: the items the 
 
 # Columns added since an earlier herl version, and what to say when a run lacks them: its
 # tables still answer `herl sql` (the column reads as null), but stages cannot use them.
-ADDED = {"temperature": "rows carry the temperature they were sampled at"}
+ADDED = {"temperature": "rows carry the temperature they were sampled at",
+         "looped": "answers record whether they loop, for the repetition rule"}
 
 
 def _migrate(table: pa.Table, spec: Table) -> pa.Table:

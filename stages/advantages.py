@@ -29,7 +29,8 @@ def sql_params(cfg, k: int) -> dict:
     """The bound parameters of advantages.sql for config `cfg` at iteration k."""
     a = cfg.advantages
     return {
-        "threshold": cfg.hindsight.threshold, "bonus": cfg.bonus_enabled, "alpha": a.alpha,
+        "threshold": cfg.hindsight.threshold, "skip_looping": cfg.hindsight.skip_looping,
+        "tie_tolerance": cfg.hindsight.tie_tolerance, "bonus": cfg.bonus_enabled, "alpha": a.alpha,
         "replace_top_n": a.replace_top_n, "fallback": a.duplicate_best_fallback,
         "std_normalize": a.std_normalize, "eps": a.eps, "seed": f"{cfg.seed}:{k}",
         "hindsight_prompt": cfg.hindsight.train_prompt == "hindsight",

@@ -33,7 +33,7 @@ def run(run: Run, k: int) -> dict:
         reward_rows = [{"run_id": run.run_id, "iteration": k, "rollout_id": sid, "prompt_id": prompt_of[sid], **s}
                        for sid, s in scores.items()]
         counts = Counter(v["verdict"] for v in verdict_rows)
-        best: dict[str, float] = {}
+        best: dict[str, float] = {}  # plain rewards (the hindsight stage's groups_failed applies the repetition rule)
         for r in reward_rows:
             best[r["prompt_id"]] = max(best.get(r["prompt_id"], 0.0), r["reward"])
         n = max(1, len(reward_rows))
@@ -46,6 +46,8 @@ def run(run: Run, k: int) -> dict:
             "solved_fraction": sum(r["reward"] >= 1.0 for r in reward_rows) / n,
             "groups_failed": sum(b < run.cfg.hindsight.threshold for b in best.values()),
             "mean_group_best": sum(best.values()) / max(1, len(best)),
+            # answers whose last 160 characters occur 3+ times (rewards.looped)
+            "looped_fraction": sum(r["looped"] for r in reward_rows) / n,
             "verdicts_met": counts["met"], "verdicts_unmet": counts["unmet"], "verdicts_unknown": counts[UNKNOWN],
             **grader_stats,
         })

@@ -45,8 +45,7 @@ def run(run: Run, k: int) -> dict:
         rollouts = read_table("rollouts", inputs["rollouts"])
         rewards = read_table("rewards", inputs["rewards"])
         candidates = run_sql_file("candidates", {"rollouts": rollouts, "rewards": rewards},
-                                  {"threshold": cfg.hindsight.threshold,
-                                   "candidate_limit": cfg.hindsight.candidate_limit}).to_pylist()
+                                  candidate_params(cfg)).to_pylist()
         groups_failed = len({c["prompt_id"] for c in candidates})
         rows: list[dict] = []
         verdict_rows: list[dict] = []
@@ -58,13 +57,17 @@ def run(run: Run, k: int) -> dict:
             "hindsight_verdicts": (paths["hindsight_verdicts"], write_table(
                 "hindsight_verdicts", verdict_rows or empty("hindsight_verdicts"), paths["hindsight_verdicts"])),
         }
-        cand_reward = {c["rollout_id"]: c["reward"] for c in candidates}
+        # compared as revisions are chosen: choice rewards (a looping answer counts 0 under
+        # hindsight.skip_looping), a win by more than the tie tolerance
+        cand_reward = {c["rollout_id"]: c["choice_reward"] for c in candidates}
         group_best = {c["prompt_id"]: c["best_reward"] for c in candidates}
+        tol = cfg.hindsight.tie_tolerance
         best_rev: dict[str, float] = {}
         best_rev_group: dict[str, float] = {}
         for r in rows:
-            best_rev[r["candidate_rollout_id"]] = max(best_rev.get(r["candidate_rollout_id"], -1.0), r["reward"])
-            best_rev_group[r["prompt_id"]] = max(best_rev_group.get(r["prompt_id"], -1.0), r["reward"])
+            chosen = 0.0 if cfg.hindsight.skip_looping and r["looped"] else r["reward"]
+            best_rev[r["candidate_rollout_id"]] = max(best_rev.get(r["candidate_rollout_id"], -1.0), chosen)
+            best_rev_group[r["prompt_id"]] = max(best_rev_group.get(r["prompt_id"], -1.0), chosen)
         out["metrics"] = write_metrics(run, k, STAGE, {
             "groups_failed": groups_failed,
             "candidates": len(candidates) if cfg.hindsight_enabled else 0,
@@ -73,14 +76,24 @@ def run(run: Run, k: int) -> dict:
             "empty_revisions": sum(is_blank(r["response_text"]) for r in rows),
             "mean_candidate_reward": sum(cand_reward.values()) / len(cand_reward) if cand_reward else 0.0,
             "mean_revision_reward": sum(r["reward"] for r in rows) / len(rows) if rows else 0.0,
-            "revisions_beat_candidate": sum(best_rev[c] > cand_reward[c] for c in best_rev),
+            "revisions_beat_candidate": sum(best_rev[c] > cand_reward[c] + tol for c in best_rev),
             # failed groups whose best revision scores above every original answer of the group
-            "groups_beaten_by_revision": sum(best_rev_group[p] > group_best[p] for p in best_rev_group),
+            "groups_beaten_by_revision": sum(best_rev_group[p] > group_best[p] + tol for p in best_rev_group),
+            # the repetition rule (rewards.looped): candidates and revisions that loop
+            "looping_candidates": sum(bool(c["looped"]) for c in candidates),
+            "looping_revisions": sum(bool(r["looped"]) for r in rows),
             **gen_metrics,
         })
         return out
 
     return run.run_stage(k, STAGE, inputs, body)
+
+
+def candidate_params(cfg) -> dict:
+    """The bound parameters of candidates.sql for config `cfg`."""
+    h = cfg.hindsight
+    return {"threshold": h.threshold, "candidate_limit": h.candidate_limit, "skip_looping": h.skip_looping,
+            "tie_tolerance": h.tie_tolerance}
 
 
 def _revise(run: Run, k: int, candidates: list[dict], rollouts, inputs) -> tuple[list[dict], list[dict], dict]:

@@ -1,6 +1,7 @@
 """Rollout stage: sample G answers per prompt from the iteration's policy snapshot.
 
-Reads:  the prompt pool (task.source) less the held-out prompts (task.holdout),
+Reads:  the prompt pool (task.source) less the held-out prompts (task.holdout) and those
+        over task.max_prompt_tokens,
         snapshot k (model.path for k = 0)
 Writes: iter-k/prompts.parquet   one row per prompt sampled for iteration k
         iter-k/rollouts.parquet  one row per (prompt, sample index)
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from herl.data.pool import sample_for_iteration, split_pool, task_files, task_pool
+from herl.data.pool import sample_for_iteration, task_files, training_pool
 from herl.generation.engines import (
     GenRequest,
     SamplingParams,
@@ -36,8 +37,8 @@ def run(run: Run, k: int) -> dict:
         inputs["task" if i == 0 else f"task-{i}"] = path
 
     def body():
-        pool = task_pool(cfg)
-        pool, _ = split_pool(pool, cfg.task.holdout, cfg.seed, cfg.task.source)  # held-out prompts never train
+        # held-out prompts never train; those over task.max_prompt_tokens are dropped
+        pool, dropped = training_pool(cfg)
         prompts = sample_for_iteration(pool, k, cfg.task.prompts_per_iteration, cfg.seed)
         snapshot_id = run.snapshot_id(k)
         # the run's engine: started once, this snapshot's weights loaded into it when it held older ones
@@ -74,6 +75,7 @@ def run(run: Run, k: int) -> dict:
         }
         out["metrics"] = write_metrics(run, k, STAGE, {
             "prompts": len(prompt_rows),
+            "prompts_dropped_too_long": dropped,  # of the training pool (task.max_prompt_tokens)
             "samples": len(rollout_rows),
             "mean_response_tokens": tokens / max(1, len(rollout_rows)),
             "stop_fraction": sum(r["finish_reason"] == "stop" for r in rollout_rows) / max(1, len(rollout_rows)),

@@ -20,6 +20,7 @@ class ScriptedJudge:
         self.delay, self.slow_seconds = delay, slow_seconds
         self.calls: Counter = Counter()
         self.prompts: list[str] = []
+        self.systems: list[str | None] = []  # each request's system message, if it had one
         self.auth: set[str] = set()
         self.in_flight = 0
         self.max_in_flight = 0
@@ -49,6 +50,8 @@ class ScriptedJudge:
             return 200, f"Here is my grading:\n```json\n{ones}\n```"
         if case == "zeros":
             return 200, json.dumps([0] * n_items)
+        if case == "results":  # the reference wording's reply
+            return 200, json.dumps({"results": [1, 0] * (n_items // 2) + [1] * (n_items % 2)})
         if case == "timeout_once":
             if attempt == 1:
                 time.sleep(self.slow_seconds)
@@ -87,12 +90,17 @@ class ScriptedJudge:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 prompt = body["messages"][-1]["content"]
+                system = body["messages"][0]["content"] if body["messages"][0]["role"] == "system" else None
                 case = re.search(r"CASE:(\w+)", prompt).group(1)
-                n_items = len(re.findall(r"^(?:\d+\.|-) ", prompt.rsplit("## Rubric", 1)[1], flags=re.MULTILINE))
+                # herl's wording lists the items under "## Rubric", the reference's inside <rubrics>
+                section = prompt.rsplit("## Rubric", 1)[1] if "## Rubric" in prompt else \
+                    prompt.rsplit("<rubrics>", 1)[1].split("</rubrics>", 1)[0]
+                n_items = len(re.findall(r"^(?:\d+\.|-) ", section, flags=re.MULTILINE))
                 with judge._lock:
                     judge.calls[case] += 1
                     attempt = judge.calls[case]
                     judge.prompts.append(prompt)
+                    judge.systems.append(system)
                     judge.auth.add(self.headers.get("Authorization", ""))
                     judge.in_flight += 1
                     judge.max_in_flight = max(judge.max_in_flight, judge.in_flight)

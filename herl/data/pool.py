@@ -122,6 +122,63 @@ def sample_for_iteration(pool: list[dict], k: int, per_iteration: int, seed: int
     return unique
 
 
+def drop_overlong(prompts: list[dict], tokenizer, max_tokens: int | None) -> tuple[list[dict], int]:
+    """(the prompts whose chat-templated text, with the generation prompt, is at most
+    `max_tokens` tokens; how many were dropped): the reference's
+    data.filter_overlong_prompts. None keeps every prompt."""
+    if max_tokens is None:
+        return prompts, 0
+    from herl.generation.engines import render_chat
+
+    kept = [p for p in prompts if len(render_chat(tokenizer, p["messages"])[1]) <= max_tokens]
+    return kept, len(prompts) - len(kept)
+
+
+def training_pool(cfg, tokenizer=None) -> tuple[list[dict], int]:
+    """(the prompts a run trains on, prompts dropped as too long): the pool less the
+    held-out prompts (task.holdout), less those over task.max_prompt_tokens under the
+    initial model's tokenizer (`tokenizer`, loaded when not given and needed). Held-out
+    prompts are never dropped: the split does not depend on the length rule."""
+    pool, _ = split_pool(task_pool(cfg), cfg.task.holdout, cfg.seed, cfg.task.source)  # held-out prompts never train
+    if cfg.task.max_prompt_tokens is None:
+        return pool, 0
+    if tokenizer is None:
+        from herl.models.paths import resolve_model_path
+        from herl.models.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(resolve_model_path(cfg.model.path))
+    kept, dropped = drop_overlong(pool, tokenizer, cfg.task.max_prompt_tokens)
+    if not kept:
+        raise ValueError(f"task.source {cfg.task.source}: every training prompt is longer than task.max_prompt_tokens "
+                         f"= {cfg.task.max_prompt_tokens} tokens; raise it or unset it")
+    return kept, dropped
+
+
+def planned_iterations(cfg, training_prompts: int) -> int:
+    """The run's iterations: `iterations`, or, with task.epochs, enough for that many passes
+    over `training_prompts` at prompts_per_iteration each (a pool smaller than a batch is
+    one pass an iteration)."""
+    import math
+
+    if cfg.task.epochs is None:
+        return cfg.iterations
+    per = min(cfg.task.prompts_per_iteration, training_prompts)
+    return max(1, math.ceil(cfg.task.epochs * training_prompts / per - 1e-9))
+
+
+def with_planned_iterations(cfg, training_prompts: int):
+    """cfg with task.epochs turned into `iterations` (planned_iterations), epochs unset: what
+    a run saves, so that resuming it plans the same iterations."""
+    if cfg.task.epochs is None:
+        return cfg
+    from schemas.config import HerlConfig
+
+    data = cfg.model_dump(mode="json")
+    data["iterations"] = planned_iterations(cfg, training_prompts)
+    data["task"]["epochs"] = None
+    return HerlConfig.model_validate(data)
+
+
 def evaluation_prompts(cfg) -> list[dict]:
     """The prompts of the held-out evaluation: evaluation.source's (any supported format),
     else the pool's held-out ones; at most evaluation.limit, a seeded choice in file order."""
@@ -145,7 +202,9 @@ _SAID: set[tuple] = set()
 def check_pool_fits(cfg) -> int:
     """Load the run's prompt pool and refuse it, before anything starts, when a prompt
     plus the longest answer the run asks for does not fit the initial model's context
-    (PromptTooLongError naming the prompts). Returns the pool's size."""
+    (PromptTooLongError naming the prompts; prompts over task.max_prompt_tokens are dropped
+    first, as the rollout stage drops them). Returns the training pool's size (after
+    task.holdout and task.max_prompt_tokens)."""
     import sys
 
     from herl.generation.engines import (
@@ -158,16 +217,22 @@ def check_pool_fits(cfg) -> int:
     from herl.models.tokenizer import load_tokenizer
 
     pool = task_pool(cfg)
-    train, _ = split_pool(pool, cfg.task.holdout, cfg.seed, cfg.task.source)
+    train, held = split_pool(pool, cfg.task.holdout, cfg.seed, cfg.task.source)
+    model = resolve_model_path(cfg.model.path)
+    if cfg.task.max_prompt_tokens is not None:
+        train, dropped = drop_overlong(train, load_tokenizer(model), cfg.task.max_prompt_tokens)
+        if not train:
+            raise ValueError(f"task.source {cfg.task.source}: every training prompt is longer than "
+                             f"task.max_prompt_tokens = {cfg.task.max_prompt_tokens} tokens; raise it or unset it")
+        pool = train + held
     said = (cfg.task.source, cfg.task.prompts_per_iteration, len(train))
     if cfg.task.prompts_per_iteration > len(train) and said not in _SAID:  # sample_for_iteration keeps one copy of each
         _SAID.add(said)  # once: the pre-flight check and the flow both run this
         print(f"herl: task.prompts_per_iteration = {cfg.task.prompts_per_iteration}, but the training pool holds "
               f"{len(train)} prompts: each iteration uses those {len(train)}", file=sys.stderr, flush=True)
-    model = resolve_model_path(cfg.model.path)
     limit = context_length(model, cfg.vllm.max_model_len)
     if limit is None:
-        return len(pool)
+        return len(train)
     tokenizer = load_tokenizer(model)
 
     def check(prompts: list[dict], budget: int, where: str) -> None:
@@ -179,5 +244,5 @@ def check_pool_fits(cfg) -> int:
     if cfg.evaluation.every > 0 and cfg.evaluation.source is not None:
         check(evaluation_prompts(cfg), cfg.evaluation.max_tokens or cfg.rollout.max_tokens,
               f"evaluation.source {cfg.evaluation.source}: ")
-    return len(pool)
+    return len(train)
 

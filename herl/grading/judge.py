@@ -46,6 +46,7 @@ class JudgeTask:
     response: str
     criteria: tuple[str, ...]
     weights: tuple[float, ...] = ()  # shown beside the items when any differs from 1 (the reference shows them)
+    question: str = ""  # the user turns, joined by newlines: what the reference's judge wording shows
 
 
 @dataclass
@@ -71,8 +72,28 @@ def _render_fenced(name: str, task: JudgeTask) -> str:
                                  items=items).strip()
 
 
-def build_judge_prompt(task: JudgeTask) -> str:
+# the reference's system prompt for its per-item judge (rar_implicit.py SYSTEM_PROMPT, lines 33-37)
+REFERENCE_SYSTEM = (
+    "You are an expert evaluator. For each rubric item, decide whether the response satisfies it. "
+    "Return a JSON object with a single key \"results\" whose value is a list of 0/1 integers. "
+    "The list length must equal the number of rubrics and each entry corresponds to the rubric with the same index."
+)
+
+
+def build_judge_prompt(task: JudgeTask, wording: str = "herl") -> str:
+    """The user prompt of a per-item judge call (grade.judge.template): herl's judge.j2, or
+    the reference's (sent under REFERENCE_SYSTEM), whose rubric lines always carry weights."""
+    if wording == "reference":
+        weights = task.weights or (1.0,) * len(task.criteria)
+        items = [f"{c.strip()} (weight: {w:g})" for c, w in zip(task.criteria, weights)]
+        return template("judge_reference.j2").render(question=task.question, response=task.response,
+                                                     items=items).strip()
     return _render_fenced("judge.j2", task)
+
+
+def judge_system(wording: str) -> str | None:
+    """The system prompt of a per-item judge call, or None (herl's wording sends none)."""
+    return REFERENCE_SYSTEM if wording == "reference" else None
 
 
 def build_holistic_prompt(task: JudgeTask) -> str:
@@ -198,6 +219,7 @@ class Judge:
         self.cfg, self.backend, self.cache = cfg, backend, cache
         self.stats = JudgeStats()
         self.name = f"judge:{cfg.backend}:{cfg.model}"
+        self.wording = getattr(cfg, "template", "herl")
 
     def grade_many(self, tasks: list[JudgeTask]) -> list[list[Verdict]]:
         if not tasks:
@@ -226,12 +248,13 @@ class Judge:
 
     def _grade_one(self, task: JudgeTask) -> list[Verdict]:
         n = len(task.criteria)
-        values, reason, cached = self._ask(build_judge_prompt(task), lambda text: parse_verdicts(text, n))
+        values, reason, cached = self._ask(build_judge_prompt(task, self.wording), lambda text: parse_verdicts(text, n),
+                                           judge_system(self.wording))
         return self._verdicts(values, "cached" if cached else "") if values is not None else self._unknown(task, reason)
 
     def _grade_batched(self, tasks: list[JudgeTask]) -> list[list[Verdict]]:
-        answers = self._ask_batched([build_judge_prompt(t) for t in tasks],
-                                    [_verdict_parser(len(t.criteria)) for t in tasks])
+        answers = self._ask_batched([build_judge_prompt(t, self.wording) for t in tasks],
+                                    [_verdict_parser(len(t.criteria)) for t in tasks], judge_system(self.wording))
         return [self._verdicts(v, "cached" if c else "") if v is not None else self._unknown(t, r)
                 for t, (v, r, c) in zip(tasks, answers)]
 
@@ -250,9 +273,10 @@ class Judge:
             out.append(((value - 1) / 9 if value is not None else None, self._redact(reason)))
         return out
 
-    def _ask(self, prompt: str, parse) -> tuple[Any, str, bool]:
-        """One prompt with cache, retries and parsing: (value or None, failure reason, from cache)."""
-        key = self.cache.key(self.cfg.model, prompt)
+    def _ask(self, prompt: str, parse, system: str | None = None) -> tuple[Any, str, bool]:
+        """One prompt (under a system prompt, if given) with cache, retries and parsing:
+        (value or None, failure reason, from cache)."""
+        key = self.cache.key(self.cfg.model, prompt if system is None else f"{system}\n\n{prompt}")
         cached = self.cache.get(key)
         if cached is not None:
             self.stats.add(cache_hits=1)
@@ -265,7 +289,7 @@ class Judge:
                 time.sleep(self.cfg.backoff_s * 2 ** (attempt - 1))
             try:
                 self.stats.add(calls=1)
-                text = self.backend.complete_one(prompt)
+                text = self.backend.complete_one(prompt, system)
                 value = parse(text)
             except TransientError as exc:
                 reason = f"judge call failed: {exc}"
@@ -282,8 +306,8 @@ class Judge:
             return value, "", False
         return None, reason, False
 
-    def _ask_batched(self, prompts: list[str], parsers) -> list[tuple[Any, str, bool]]:
-        keys = [self.cache.key(self.cfg.model, p) for p in prompts]
+    def _ask_batched(self, prompts: list[str], parsers, system: str | None = None) -> list[tuple[Any, str, bool]]:
+        keys = [self.cache.key(self.cfg.model, p if system is None else f"{system}\n\n{p}") for p in prompts]
         out: list[tuple[object | None, str, bool] | None] = [None] * len(prompts)
         todo = []
         for i, key in enumerate(keys):
@@ -295,7 +319,7 @@ class Judge:
                 todo.append(i)
         if todo:
             self.stats.add(calls=len(todo))
-            for i, text in zip(todo, self.backend.complete_batch([prompts[i] for i in todo])):
+            for i, text in zip(todo, self.backend.complete_batch([prompts[i] for i in todo], system)):
                 try:
                     value = parsers[i](text)
                 except ParseError as exc:
@@ -346,11 +370,13 @@ class OpenAIBackend:
         self.secrets = (key,)  # what Judge redacts from every failure reason
         self.client = openai.OpenAI(base_url=cfg.base_url, api_key=key, timeout=cfg.timeout_s, max_retries=0)
 
-    def complete_one(self, prompt: str) -> str:
+    def complete_one(self, prompt: str, system: str | None = None) -> str:
         o = self._openai
+        messages: list[Any] = ([{"role": "system", "content": system}] if system else []) + \
+            [{"role": "user", "content": prompt}]
         try:
             resp = self.client.chat.completions.create(
-                model=self.cfg.model, messages=[{"role": "user", "content": prompt}],
+                model=self.cfg.model, messages=messages,
                 temperature=self.cfg.temperature, max_tokens=self.cfg.max_tokens)
         except (o.APITimeoutError, o.APIConnectionError, o.RateLimitError, o.InternalServerError) as exc:
             raise TransientError(f"{type(exc).__name__}: {exc}") from None
@@ -395,10 +421,11 @@ class LocalBackend:
         self.cfg = cfg
         self.engine = load_engine(cfg.local_engine, resolve_model_path(cfg.model))
 
-    def complete_batch(self, prompts: list[str]) -> list[str]:
+    def complete_batch(self, prompts: list[str], system: str | None = None) -> list[str]:
         from herl.generation.engines import GenRequest, SamplingParams, derive_seed, render_chat
 
-        reqs = [GenRequest(str(i), render_chat(self.engine.tokenizer, [{"role": "user", "content": p}])[1],
+        head = [{"role": "system", "content": system}] if system else []
+        reqs = [GenRequest(str(i), render_chat(self.engine.tokenizer, head + [{"role": "user", "content": p}])[1],
                            derive_seed("judge", p), 1) for i, p in enumerate(prompts)]
         outs = self.engine.generate(reqs, SamplingParams(self.cfg.temperature, 1.0, 0, self.cfg.max_tokens))
         return [o[0].text for o in outs]

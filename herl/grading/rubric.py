@@ -136,7 +136,8 @@ class RubricGrader:
             if idx:
                 tasks.append(JudgeTask(conversation_text(inp.messages), inp.response,
                                        tuple(inp.rubric[j]["description"] for j in idx),
-                                       tuple(float(inp.rubric[j]["weight"]) for j in idx)))
+                                       tuple(float(inp.rubric[j]["weight"]) for j in idx),
+                                       question="\n".join(m["content"] for m in inp.messages if m["role"] == "user")))
                 slots.append((i, idx))
         progress.close()
         if tasks:
@@ -265,13 +266,31 @@ def ifeval_metrics(rows: list[dict], items: list[dict]) -> dict[str, float]:
     }
 
 
+# The reference's repetition rule (sikelifei/HeRL verl/utils/reward_score/if_score/__init__.py,
+# contain_repeated_text): an answer loops when its last 160 characters occur 3 or more times
+# in it. Its reward stands; HeRL's choices (candidates, the group's best, fallback copies)
+# count it as 0 (hindsight.skip_looping).
+LOOP_TAIL_CHARS = 160
+LOOP_REPEATS = 3
+
+
+def is_looping(text: str) -> bool:
+    """Whether `text` loops by the reference's rule: its last LOOP_TAIL_CHARS characters
+    occur LOOP_REPEATS or more times, counted without overlap as the reference's
+    `len(text.split(tail)) > 3` counts them. An empty text does not loop (the reference's
+    split raises on it, and its bare except scores the answer 0 on every item)."""
+    if not text:
+        return False
+    return text.count(text[-LOOP_TAIL_CHARS:]) >= LOOP_REPEATS
+
+
 def grade_samples(run_id: str, judge_cache: Path, k: int, prompts: dict[str, dict], samples: list[tuple[str, str, str]],
                   cfg: GradeConfig) -> tuple[list[dict], dict[str, dict], dict[str, float]]:
     """Grade (sample_id, prompt_id, response) triples against their prompt's rubric.
 
     `judge_cache` is the run's judge cache file (judge_cache.sqlite). Returns verdict rows
     (verdicts schema), {sample_id: {reward, items_met, items_scored,
-    items_unknown}} and grader statistics. Shared by the grade and hindsight stages so
+    items_unknown, looped}} and grader statistics. Shared by the grade and hindsight stages so
     that answers and revisions are scored by the same grader.
     """
     grader = RubricGrader(cfg, cache_path=judge_cache)
@@ -281,7 +300,7 @@ def grade_samples(run_id: str, judge_cache: Path, k: int, prompts: dict[str, dic
     finally:
         grader.close()
     verdict_rows, scores = [], {}
-    for (sample_id, prompt_id, _), verdicts, row in zip(samples, graded, rows):
+    for (sample_id, prompt_id, response), verdicts, row in zip(samples, graded, rows):
         rubric = prompts[prompt_id]["rubric"]
         for j, (item, v, u) in enumerate(zip(rubric, verdicts, used_verdicts(verdicts, cfg.mode))):
             verdict_rows.append({
@@ -292,7 +311,8 @@ def grade_samples(run_id: str, judge_cache: Path, k: int, prompts: dict[str, dic
         # items_scored counts the items the reward is over: unknown ones leave it under unknown_policy = drop
         dropped = row["items_unknown"] if cfg.unknown_policy == "drop" else 0
         scores[sample_id] = {"reward": row[f"reward_{cfg.mode}"], "items_met": row[f"items_met_{cfg.mode}"],
-                             "items_scored": row["items_total"] - dropped, "items_unknown": row["items_unknown"]}
+                             "items_scored": row["items_total"] - dropped, "items_unknown": row["items_unknown"],
+                             "looped": is_looping(response)}
     stats = grader.stats()
     if cfg.reward == "implicit":
         stats["implicit_fallbacks"] = fallbacks

@@ -1,8 +1,8 @@
 """The SQL models of the loop (the .sql files beside this module), run in DuckDB over
 Arrow tables or pyarrow datasets with bound parameters.
 
-- originals.sql  view: one row per rollout with its grade
-- groups.sql     table macro failed_groups(threshold): one row per failed group
+- originals.sql  table macro originals(skip_looping): one row per rollout with its grade
+- groups.sql     table macro failed_groups(threshold, skip_looping): one row per failed group
 - candidates.sql hindsight candidates (the hindsight stage)
 - advantages.sql the training batch's advantages (the advantages stage)
 - sequences.sql  the batch joined to its token lists (the train job)
@@ -31,9 +31,10 @@ def is_blank(text: str) -> bool:
 
 # models other models select from, created first, like dbt's ref(): views {model: views
 # it needs} and table macros {model: [(macro, its file, its parameters)]}
-VIEWS = {"candidates": ["originals"], "advantages": ["originals"]}
-MACROS = {"candidates": [("failed_groups", "groups", ["threshold"])],
-          "advantages": [("failed_groups", "groups", ["threshold"])]}
+VIEWS: dict[str, list[str]] = {}
+_CHOICE_MACROS = [("originals", "originals", ["skip_looping"]),
+                  ("failed_groups", "groups", ["threshold", "skip_looping"])]
+MACROS = {"candidates": _CHOICE_MACROS, "advantages": _CHOICE_MACROS}
 
 
 def run_sql_file(name: str, tables: dict, params: dict) -> pa.Table:

@@ -3,8 +3,13 @@
 -- Inputs: originals (originals.sql), hindsight (this iteration; may be empty).
 -- Only ids and numbers: the token lists (most of the bytes) stay in rollouts and
 -- hindsight, and sequences.sql joins them where the train job needs them.
+-- Where the reference (sikelifei/HeRL ray_trainer.py _augment_with_rewrite_he) is followed
+-- line by line, tests/unit/test_advantages_parity.py ports it and compares.
 -- Parameters:
 --   $threshold        a group failed when its best original reward is below this
+--   $skip_looping     the repetition rule: looping answers and revisions count 0 where
+--                     revisions and copies are chosen (their training reward is unchanged)
+--   $tie_tolerance    rewards closer than this are equal (a revision ties, not beats)
 --   $bonus            apply the bonus reward (algorithm herl)
 --   $alpha            bonus weight: r <- r + alpha * (r_rev - r) for each candidate
 --   $replace_top_n    revisions mixed into each failed group
@@ -20,24 +25,38 @@
 --   $whitespace       the characters an empty revision consists of
 with
 
--- the narrow columns of the graded rollouts, read once (two models use them)
+-- the narrow columns of the graded rollouts, read once (several models use them);
+-- choice_reward / choice_items_met: what revisions and copies are chosen by (originals.sql)
 graded as materialized (
-    select rollout_id, prompt_id, sample_index, reward, items_met, temperature from originals
+    select rollout_id, prompt_id, sample_index, reward, items_met, choice_reward, choice_items_met, temperature
+    from originals($skip_looping)
 ),
 
 failed as (
-    select * from failed_groups($threshold)  -- groups.sql
+    select * from failed_groups($threshold, $skip_looping)  -- groups.sql
 ),
 
 -- step 6: the bonus. r_rev is the best reward among a candidate's revisions; the
--- reference applies it whatever the sign of (r_rev - r).
+-- reference applies it whatever the sign of (r_rev - r), to the rewards it trains on (its
+-- token-level scores, the repetition rule aside), and skips a change under 1e-12.
 usable_revisions as (
     -- the reference drops empty revisions (nothing left after Python's str.strip());
     -- $whitespace is every character Python strips (herl.sql.WHITESPACE), so this and the
     -- stage's empty_revisions metric share one definition. "Has a character outside it"
     -- stops at a revision's first non-space character (trim() walks the whole text: 25x
     -- slower at 139k revisions)
-    select * from hindsight where regexp_matches(response_text, '[^' || $whitespace || ']')
+    select
+        *,
+        -- what the revision is chosen by: its reward, or 0 when it loops under the rule
+        case when $skip_looping and coalesce(looped, false) then 0.0 else reward end as choice_reward
+    from hindsight
+    where regexp_matches(response_text, '[^' || $whitespace || ']')
+),
+
+-- the reference's whole-batch rule: when no revision of the entire batch is usable it
+-- returns before mixing anything, so no group gets fallback copies either
+any_usable as (
+    select count(*) > 0 as found from usable_revisions
 ),
 
 best_revision as (
@@ -53,10 +72,13 @@ shaped as (
         o.sample_index,
         o.reward,
         o.items_met,
+        o.choice_reward,
+        o.choice_items_met,
         o.temperature,
         b.best_revision_reward,
         case
             when $bonus and b.best_revision_reward is not null
+                and abs($alpha * (b.best_revision_reward - o.reward)) >= 1e-12
                 then o.reward + $alpha * (b.best_revision_reward - o.reward)
             else o.reward
         end as shaped_reward
@@ -64,28 +86,32 @@ shaped as (
     left join best_revision as b using (rollout_id)
 ),
 
--- step 7: which revisions join their group. Tier 1 beats the group's best original,
--- tier 2 ties it; tier 2 is used only when tier 1 has too few.
+-- step 7: which revisions join their group. Tier 1 beats the group's best original (by
+-- more than the tie tolerance), tier 2 ties it; tier 2 is used only when tier 1 has too
+-- few. Both compare choice rewards (a looping revision counts 0 under the rule).
 qualifying as (
     select
         h.revision_id,
         h.candidate_rollout_id,
         h.prompt_id,
         h.reward,
+        h.choice_reward,
         h.revision_index,
-        c.items_met as candidate_items_met,
+        c.choice_items_met as candidate_items_met,
         c.sample_index as candidate_sample_index,
         -- revisions' log-probs: at their draft's temperature (the rollout one) or their own
         case when $revision_logprobs_at_rollout_temperature then c.temperature else h.temperature end
             as temperature,
-        case when h.reward > f.best_reward then 1 else 2 end as tier
+        case when h.choice_reward > f.best_reward + $tie_tolerance then 1 else 2 end as tier
     from usable_revisions as h
     join failed as f using (prompt_id)
     join graded as c on c.rollout_id = h.candidate_rollout_id
-    where h.reward >= f.best_reward
+    -- ties or beats; the reference compares exactly here (>=), herl within the tolerance
+    -- as for candidates (docs/algorithm.md's departures)
+    where h.choice_reward >= f.best_reward - $tie_tolerance
 ),
 
--- as the reference: the qualifying revisions sorted by reward, highest first, so the
+-- as the reference: the qualifying revisions sorted by choice reward, highest first, so the
 -- best-scoring revision wins; the candidate's rank (candidates.sql: more items met, then
 -- sample order) and the revision index only break exact ties (the reference's sort is
 -- stable over revisions listed in that order). The tier follows from the reward.
@@ -94,7 +120,7 @@ kept_revisions as (
         *,
         row_number() over (
             partition by prompt_id
-            order by tier, reward desc, candidate_items_met desc, candidate_sample_index, revision_index
+            order by tier, choice_reward desc, candidate_items_met desc, candidate_sample_index, revision_index
         ) as slot
     from qualifying
     qualify slot <= $replace_top_n
@@ -124,16 +150,18 @@ open_slots as (
 ),
 
 -- the reference quirk: the slots no revision took get copies of the group's originals,
--- best first (by reward, then items met, then sample order): the first empty slot the
--- best, the second the second best, ... Ranked only in groups with such a slot.
+-- best first (by choice reward, then choice items met, then sample order): the first empty
+-- slot the best, the second the second best, ... Ranked only in groups with such a slot,
+-- and only when some revision of the batch was usable (the whole-batch rule).
 ranked_originals as (
     select
         s.*,
         row_number() over (
-            partition by s.prompt_id order by s.reward desc, s.items_met desc, s.sample_index
+            partition by s.prompt_id order by s.choice_reward desc, s.choice_items_met desc, s.sample_index
         ) as original_rank
     from shaped as s
     semi join open_slots as o on o.prompt_id = s.prompt_id and o.fill_number > 0 and $fallback
+    where (select found from any_usable)
 ),
 
 fills as (
@@ -152,7 +180,7 @@ fills as (
     left join kept_revisions as k using (prompt_id, slot)
     left join ranked_originals as b
         on b.prompt_id = s.prompt_id and b.original_rank = s.fill_number and k.revision_id is null
-    where k.revision_id is not null or ($fallback and b.rollout_id is not null)
+    where k.revision_id is not null or b.rollout_id is not null
 ),
 
 -- each fill replaces a random member: members are ordered by a seeded hash and fill
@@ -211,9 +239,9 @@ mixed as (
     from replaced
 ),
 
--- step 8: group statistics over the mixed group. A group of one has no spread: its
--- advantage is its shaped reward (the reference's mean 0, std 1 for it), while its
--- group_mean / group_std columns show the plain statistics (the reward, and 0)
+-- step 8: group statistics over the mixed group. A group of one has no spread: the
+-- reference gives it mean 0 and std 1, so its advantage is r / (1 + eps) (r without std
+-- normalization), while its group_mean / group_std columns show the plain statistics
 group_stats as (
     select
         prompt_id,
@@ -231,6 +259,7 @@ final as (
         g.group_std,
         g.group_size,
         case
+            when g.group_size = 1 and $std_normalize then m.shaped_reward / (1 + $eps)
             when g.group_size = 1 then m.shaped_reward
             when $std_normalize then (m.shaped_reward - g.group_mean) / (g.group_std + $eps)
             else m.shaped_reward - g.group_mean

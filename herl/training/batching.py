@@ -138,6 +138,7 @@ class Sequences:
     temperature: list[float]  # the temperature log-probs are taken at (the row's own)
     engine_logprobs: list[list[float] | None]
     lengths: list[int] = field(init=False)  # prompt + response tokens
+    prompts_trimmed: int = 0  # hindsight prompts left-trimmed to hindsight.max_train_prompt_tokens
 
     def __post_init__(self) -> None:
         self.lengths = [len(p) + len(r) for p, r in zip(self.prompt_ids, self.response_ids)]
@@ -157,14 +158,18 @@ class Sequences:
     @classmethod
     def from_table(cls, table) -> Sequences:
         """From a batch table (pyarrow), one column at a time: no dict per row."""
+        import pyarrow.compute as pc
+
         col = table.column
         engine = col("engine_logprobs").to_pylist() if "engine_logprobs" in table.column_names \
             else [None] * table.num_rows
+        trimmed = int(pc.sum(col("prompt_trimmed")).as_py() or 0) if "prompt_trimmed" in table.column_names else 0
         return cls(prompt_id=col("prompt_id").to_pylist(), prompt_ids=col("prompt_token_ids").to_pylist(),
                    response_ids=col("response_token_ids").to_pylist(),
                    advantage=[float(a) for a in col("advantage").to_pylist()],
                    is_hindsight=[bool(h) for h in col("is_hindsight").to_pylist()],
-                   temperature=[float(t) for t in col("temperature").to_pylist()], engine_logprobs=engine)
+                   temperature=[float(t) for t in col("temperature").to_pylist()], engine_logprobs=engine,
+                   prompts_trimmed=trimmed)
 
     def __len__(self) -> int:
         return len(self.prompt_id)
@@ -220,12 +225,14 @@ def shares(idx: list[int], world: int) -> list[list[int]]:
     return [idx[rank::world] for rank in range(world)]
 
 
-def batch_sequences(batch, rollouts, hindsight):
+def batch_sequences(batch, rollouts, hindsight, max_prompt_tokens: int | None = None):
     """The batch's rows with their token lists (herl/sql/sequences.sql): Arrow tables or
-    datasets of one iteration's batch, rollouts and hindsight."""
+    datasets of one iteration's batch, rollouts and hindsight; hindsight prompts trained on
+    left-trimmed to `max_prompt_tokens` (hindsight.max_train_prompt_tokens; None: whole)."""
     from herl.sql import run_sql_file
 
-    return run_sql_file("sequences", {"batch": batch, "rollouts": rollouts, "hindsight": hindsight}, {})
+    return run_sql_file("sequences", {"batch": batch, "rollouts": rollouts, "hindsight": hindsight},
+                        {"max_prompt_tokens": max_prompt_tokens})
 
 
 def load_sequences(run, k: int) -> Sequences:
@@ -233,7 +240,7 @@ def load_sequences(run, k: int) -> Sequences:
     from schemas.tables import open_dataset
 
     tables = {n: open_dataset(n, run.table(k, n)) for n in ("batch", "rollouts", "hindsight")}
-    table = batch_sequences(**tables)
+    table = batch_sequences(**tables, max_prompt_tokens=run.cfg.hindsight.max_train_prompt_tokens)
     if table.num_rows == 0:
         raise ValueError(f"{run.table(k, 'batch')}: the batch is empty; nothing to train on")
     return Sequences.from_table(table)

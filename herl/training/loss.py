@@ -178,7 +178,7 @@ def loss_denominators(lengths: list[int], mb_lengths: list[int], mode: str, norm
 
     token_mean               sum of token losses / tokens in the mini-batch (one number)
     seq_mean_token_mean      mean over sequences of each one's token mean: n_i * N each
-    seq_mean_token_sum_norm  Dr. GRPO: mean over sequences of token sums / a constant
+    dr_grpo                  Dr. GRPO: mean over sequences of token sums / a constant
                              length (norm_length, the answer budget): norm_length * N each
     """
     n = len(mb_lengths)
@@ -186,7 +186,7 @@ def loss_denominators(lengths: list[int], mb_lengths: list[int], mode: str, norm
         return float(sum(mb_lengths)) or 1.0
     if mode == "seq_mean_token_mean":
         return [float(max(1, m) * n) for m in lengths]
-    if mode == "seq_mean_token_sum_norm":
+    if mode == "dr_grpo":
         return [float(norm_length * n)] * len(lengths)
     raise ValueError(f"unknown train.loss_aggregation {mode!r}")
 

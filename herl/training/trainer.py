@@ -113,7 +113,7 @@ def train_on_batch(model, optimizer, accelerator, batch: Sequences | list[dict],
     """One iteration's update: old log-probs, then ppo_epochs x mini_batches optimizer steps.
 
     Every process calls this with the whole batch and works on its share. norm_length: the
-    constant of loss_aggregation = seq_mean_token_sum_norm (the answer budget); None takes
+    constant of loss_aggregation = dr_grpo (the answer budget); None takes
     the batch's longest response. adapter_reference: the KL reference is `model` with its
     LoRA adapter disabled (instead of a `ref_model`)."""
     seqs = batch if isinstance(batch, Sequences) else Sequences.from_rows(batch)
@@ -343,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics["update_seconds"] = time.perf_counter() - t_update
     metrics["tokens_per_second"] = metrics["tokens"] * t.ppo_epochs / metrics["update_seconds"]
     metrics["load_seconds"] = load_seconds
+    metrics["hindsight_prompts_trimmed"] = sequences.prompts_trimmed  # hindsight.max_train_prompt_tokens
     metrics["sequences_seconds"] = t_update - t0 - load_seconds  # the batch's token lists, joined
     metrics.update(peak_memory())
     t_save = time.perf_counter()

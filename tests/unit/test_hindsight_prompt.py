@@ -165,7 +165,7 @@ def test_hindsight_view_settings_are_checked_and_do_not_redo_old_runs():
     cfg = load_config(None, {})
     dumped = cfg.model_dump(mode="json")
     part = {k: dumped[k] for k in STAGE_CONFIG["hindsight"]}
-    for key in ("show_draft", "show_items", "show_details"):
+    for key in ("show_draft", "show_items", "show_details", "max_train_prompt_tokens"):
         del part["hindsight"][key]
     del part["vllm"]["between_iterations"]
     part["plugins"] = []

@@ -60,6 +60,22 @@ def test_verdicts_mixed_with_checks_and_concurrency():
     assert all(len(re.findall(r"^\d+\. ", p.rsplit("## Rubric", 1)[1], flags=re.MULTILINE)) == 3 for p in server.prompts)
 
 
+def test_the_reference_wording_over_http():
+    """grade.judge.template = reference: the reference's system prompt arrives as a system
+    message, the user prompt shows the question and weighted rubrics, and its
+    {"results": [...]} reply is read in rubric order."""
+    from herl.grading.judge import REFERENCE_SYSTEM
+
+    with ScriptedJudge() as server:
+        out, stats = grade(server, ["CASE:results answer"], template="reference")
+        herl_out, _ = grade(server, ["CASE:ok answer"])
+    assert [v.strict for v in out[0]] == [MET, UNMET, MET] and stats["judge_failures"] == 0
+    assert server.systems == [REFERENCE_SYSTEM, None]
+    assert "<prompt>\nQ?\n</prompt>" in server.prompts[0] and "1. criterion 0 (weight: 1)" in server.prompts[0]
+    assert "3. criterion 2 (weight: 3)" in server.prompts[0]
+    assert "## Rubric" in server.prompts[1] and "<rubrics>" not in server.prompts[1]
+
+
 def test_timeout_and_http500_are_retried():
     with ScriptedJudge(slow_seconds=1.5) as server:
         out, stats = grade(server, ["CASE:timeout_once", "CASE:http500_once"])

@@ -126,7 +126,7 @@ def test_truncated_importance_weights():
 @pytest.mark.parametrize("mode, expected", [
     ("token_mean", (2.0 + 1.0 * 3) / 4),  # all tokens alike: 5 / 4
     ("seq_mean_token_mean", (2.0 / 1 + 3.0 / 3) / 2),  # each sequence's mean, then their mean
-    ("seq_mean_token_sum_norm", (2.0 / 8 + 3.0 / 8) / 2),  # Dr. GRPO: sums over a constant 8, mean over sequences
+    ("dr_grpo", (2.0 / 8 + 3.0 / 8) / 2),  # Dr. GRPO: sums over a constant 8, mean over sequences
 ])
 def test_loss_aggregation_modes(mode, expected):
     """Two on-policy sequences at ratio 1: A = -2 over 1 token, A = -1 over 3 tokens, split
@@ -151,7 +151,7 @@ def test_loss_aggregation_modes(mode, expected):
     assert grads == pytest.approx([2.0 / per_seq[0], 1.0 / per_seq[1]])
 
 
-@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "dr_grpo"])
 def test_aggregation_with_several_sequences_per_micro_batch(mode):
     """Five sequences (lengths 2, 1, 4, 3, 2; one a hindsight row) cut into micro-batches of
     3 and 2 sequences, as the trainer cuts them: the summed loss and every token's gradient

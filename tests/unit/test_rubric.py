@@ -130,14 +130,15 @@ def _grade_with(tmp_path, **grade_overrides):
 def test_grade_stage_follows_mode_reward_and_unknown_policy(tmp_path):
     rows, scores = _grade_with(tmp_path / "strict")
     assert [r["verdict"] for r in rows if r["sample_id"] == "a"] == [UNMET, MET, UNKNOWN]
-    assert scores["a"] == {"reward": pytest.approx(1 / 3), "items_met": 1, "items_scored": 3, "items_unknown": 1}
+    assert scores["a"] == {"reward": pytest.approx(1 / 3), "items_met": 1, "items_scored": 3, "items_unknown": 1,
+                           "looped": False}
     rows, scores = _grade_with(tmp_path / "loose", mode="loose")
     assert [r["verdict"] for r in rows if r["sample_id"] == "a"] == [MET, MET, UNKNOWN]
     assert [r["verdict_strict"] for r in rows if r["sample_id"] == "a"] == [UNMET, MET, UNKNOWN]
     assert scores["a"]["reward"] == pytest.approx(2 / 3) and scores["a"]["items_met"] == 2
     # unknown dropped: the reward is over the two graded items, and items_scored says so
     _, scores = _grade_with(tmp_path / "drop", mode="loose", unknown_policy="drop")
-    assert scores["a"] == {"reward": 1.0, "items_met": 2, "items_scored": 2, "items_unknown": 1}
+    assert scores["a"] == {"reward": 1.0, "items_met": 2, "items_scored": 2, "items_unknown": 1, "looped": False}
     _, scores = _grade_with(tmp_path / "all", reward="all", unknown_policy="drop")
     assert scores["a"]["reward"] == 0.0 and scores["b"]["reward"] == 0.0
 

@@ -46,7 +46,7 @@ def _revisions(revs: list[tuple], temperature: float = 0.3):
 
 
 def _params(**kw):
-    base = dict(threshold=1.0, bonus=True, alpha=0.05, replace_top_n=1, fallback=True, std_normalize=True,
+    base = dict(threshold=1.0, skip_looping=True, tie_tolerance=1e-6, bonus=True, alpha=0.05, replace_top_n=1, fallback=True, std_normalize=True,
                 eps=1e-6, seed=SEED, hindsight_prompt=True, revision_logprobs_at_rollout_temperature=False,
                 whitespace=WHITESPACE)
     return {**base, **kw}
@@ -84,14 +84,14 @@ GROUPS = {
 
 def test_candidates_are_best_of_failed_groups_by_items_met():
     ro, rw = _rollouts(GROUPS)
-    cands = run_sql_file("candidates", {"rollouts": ro, "rewards": rw}, {"threshold": 1.0, "candidate_limit": 16})
+    cands = run_sql_file("candidates", {"rollouts": ro, "rewards": rw}, {"threshold": 1.0, "candidate_limit": 16, "skip_looping": True, "tie_tolerance": 1e-6})
     got = [(c["prompt_id"], c["rollout_id"], c["candidate_rank"]) for c in cands.to_pylist()]
     # p: both 0.5 answers, the one with more items met first; r: both 0.25s; q solved
     assert got == [("p", "0:p:0", 1), ("p", "0:p:2", 2), ("r", "0:r:2", 1), ("r", "0:r:0", 2)]
-    limited = run_sql_file("candidates", {"rollouts": ro, "rewards": rw}, {"threshold": 1.0, "candidate_limit": 1})
+    limited = run_sql_file("candidates", {"rollouts": ro, "rewards": rw}, {"threshold": 1.0, "candidate_limit": 1, "skip_looping": True, "tie_tolerance": 1e-6})
     assert [c["rollout_id"] for c in limited.to_pylist()] == ["0:p:0", "0:r:2"]
     # a lower threshold makes group r (best 0.25) pass
-    lower = run_sql_file("candidates", {"rollouts": ro, "rewards": rw}, {"threshold": 0.25, "candidate_limit": 16})
+    lower = run_sql_file("candidates", {"rollouts": ro, "rewards": rw}, {"threshold": 0.25, "candidate_limit": 16, "skip_looping": True, "tie_tolerance": 1e-6})
     assert {c["prompt_id"] for c in lower.to_pylist()} == set()
 
 
@@ -170,7 +170,9 @@ def test_tier_two_fills_when_too_few_beat_the_group():
 def test_group_of_one_gets_mean_zero_std_one():
     ro, rw = _rollouts({"solo": [(0.75, 3)]})
     batch = compute_batch(ro, rw, _revisions([]), _params()).to_pylist()
-    assert len(batch) == 1 and batch[0]["advantage"] == pytest.approx(0.75)
+    # the reference's mean 0, std 1 for a group of one: 0.75 / (1 + eps), not 0.75
+    assert len(batch) == 1 and batch[0]["advantage"] == pytest.approx(0.75 / (1 + 1e-6), rel=1e-12, abs=0)
+    assert batch[0]["advantage"] != 0.75
 
 
 def test_equal_rewards_give_zero_advantage():
@@ -243,13 +245,20 @@ def test_ties_among_qualifying_revisions_go_to_the_higher_ranked_candidate():
 @pytest.mark.parametrize("text", ["", "   \n\t ", "\u00a0\u2028\u3000"])
 def test_empty_revisions_are_dropped(text):
     """An empty revision neither joins its group nor earns its candidate a bonus: the slot
-    falls back (a copy of the best original) like any revision that does not qualify."""
-    ro, rw = _rollouts({"p": GROUPS["p"]})
-    hs = _revisions([("0:p:0", "p", 1.0, text)])  # graded 1.0 (say, by an "exclude" check) but empty
+    falls back (a copy of the best original) like any revision that does not qualify, as
+    long as some revision of the batch is usable; when none is (the whole-batch rule) the
+    reference mixes nothing, so no copy either."""
+    ro, rw = _rollouts({"p": GROUPS["p"], "r": GROUPS["r"]})
+    usable_elsewhere = ("0:r:0", "r", 0.0)  # a non-empty revision in another group
+    hs = _revisions([("0:p:0", "p", 1.0, text), usable_elsewhere])  # graded 1.0 (say, by an "exclude" check) but empty
     batch = _by_prompt(compute_batch(ro, rw, hs, _params()))
     kinds = sorted(r["kind"] for r in batch["p"])
     assert kinds == ["duplicate", "rollout", "rollout", "rollout"]
     assert {r["shaped_reward"] for r in batch["p"] if r["rollout_id"] == "0:p:0" and r["kind"] == "rollout"} == {0.5}  # no bonus
+    # the whole-batch rule: no usable revision anywhere, no copies anywhere
+    alone = _by_prompt(compute_batch(ro, rw, _revisions([("0:p:0", "p", 1.0, text), ("0:r:0", "r", 0.0, text)]),
+                                     _params()))
+    assert all(r["kind"] == "rollout" for rows in alone.values() for r in rows)
     kept = _by_prompt(compute_batch(ro, rw, _revisions([("0:p:0", "p", 1.0, "fine")]), _params()))
     assert sorted(r["kind"] for r in kept["p"]) == ["hindsight", "rollout", "rollout", "rollout"]
 

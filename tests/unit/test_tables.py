@@ -44,7 +44,7 @@ def test_a_renamed_column_reads_from_an_older_runs_files(tmp_path):
     from schemas.tables import open_dataset
 
     row = {"run_id": "r", "iteration": 0, "rollout_id": "a", "prompt_id": "p", "reward": 0.5,
-           "items_met": 1, "items_scored": 2, "items_unknown": 0}
+           "items_met": 1, "items_scored": 2, "items_unknown": 0, "looped": False}
     old = pa.Table.from_pylist([row]).rename_columns(
         ["items_total" if n == "items_scored" else n for n in row])
     (tmp_path / "iter-0").mkdir()

@@ -375,7 +375,7 @@ def test_truncated_is_weights_scale_on_policy_tokens_once_per_update():
     assert (twice["is_mean_ratio"], twice["is_truncated_fraction"]) == pytest.approx((4.0, 1.0), rel=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["seq_mean_token_mean", "seq_mean_token_sum_norm"])
+@pytest.mark.parametrize("mode", ["seq_mean_token_mean", "dr_grpo"])
 def test_per_sequence_aggregation_trains_with_several_sequences_per_micro_batch(mode):
     """Both per-sequence modes with the default micro-batch of 8 (they crashed as soon as a
     micro-batch held two sequences): one update, a finite scalar loss, weights moved."""
