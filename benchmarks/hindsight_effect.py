@@ -1,6 +1,6 @@
 """Does showing a model its verdicts help it revise? Drafts, then follow-ups per failed draft.
 
-    python benchmarks/hindsight_effect.py [--model builtin:smollm2-135m-instruct | DIR] [--prompts FILE]
+    python benchmarks/hindsight_effect.py [--model builtin:smollm2-135m-instruct | DIR] [--prompts builtin:ifeval | FILE]
         [--n 30] [--drafts 2] [--max-tokens 128] [--temperature 0.3] [--arms herl,goals,...]
         [--engine auto] [--out benchmarks/results/hindsight_effect]
     python benchmarks/hindsight_effect.py --pool DIR [DIR ...]   # several --seed measurements of one policy
@@ -126,7 +126,7 @@ def main() -> int:
                     help="measure nothing: pool the followups.parquet of these --out folders (one policy, "
                          "several seeds) and print the paired differences")
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct")
-    ap.add_argument("--prompts", default=str(ROOT.parent / "shared" / "benchmarks" / "ifeval_input_data.jsonl"))
+    ap.add_argument("--prompts", default="builtin:ifeval")
     ap.add_argument("--n", type=int, default=30, help="prompts (a seeded subset)")
     ap.add_argument("--drafts", type=int, default=2, help="drafts per prompt (G)")
     ap.add_argument("--max-tokens", type=int, default=128)

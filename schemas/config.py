@@ -308,7 +308,7 @@ class EvaluationConfig(_Section):
     max_tokens: int | None = None
     """Maximum tokens per evaluation answer; None uses rollout.max_tokens."""
     source: str | None = None
-    """A prompts file evaluated instead of the pool's held-out prompts (e.g. IFEval's input_data.jsonl, never trained on); None uses task.holdout."""
+    """A prompts file evaluated instead of the pool's held-out prompts, or `builtin:ifeval` (IFEval's 541 prompts, shipped with herl, never trained on); None uses task.holdout."""
     limit: int | None = None
     """Evaluate a seeded subset of this many prompts (fits a CPU budget); None evaluates all."""
 

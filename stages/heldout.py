@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from herl.data.importers import source_path
 from herl.data.pool import evaluation_prompts
 from herl.evaluation.self_improve import self_improve
 from herl.runs.rundir import Run
@@ -32,7 +33,7 @@ def run(run: Run, k: int) -> dict:
     ev = cfg.evaluation
     inputs = {"snapshot": run.snapshot(k)}
     if ev.source is not None:
-        inputs["evaluation"] = Path(ev.source)
+        inputs["evaluation"] = source_path(ev.source)
     elif not cfg.task.source.startswith("builtin:"):
         inputs["task"] = Path(cfg.task.source)
 

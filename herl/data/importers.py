@@ -344,10 +344,21 @@ def convert(records: list[tuple[str, dict]], path: Path, fmt: str = "auto",
     return rows, report
 
 
+# prompt files shipped with herl, by the name a config gives them
+BUILTIN_FILES = {"builtin:ifeval": Path(__file__).resolve().parent / "builtin" / "ifeval.jsonl"}
+"""builtin:ifeval: IFEval's 541 prompts (Apache-2.0; herl/data/builtin/IFEVAL_LICENSE.md)."""
+
+
+def source_path(source: str | Path) -> Path:
+    """The file a prompts source names: a shipped one (BUILTIN_FILES) or the path itself."""
+    return BUILTIN_FILES.get(str(source), Path(source))
+
+
 def load_prompts(path: str | Path, fmt: str = "auto", drop_unsupported: bool = False,
                  columns: dict[str, str] | None = None, split: str = "train") -> list[dict]:
-    """Read and validate a prompts file (or datasets folder, or glob) in any supported format."""
-    path = Path(path)
+    """Read and validate a prompts file (or datasets folder, or glob) in any supported
+    format; `builtin:ifeval` names IFEval's prompts, shipped with herl."""
+    path = source_path(path)
     rows, _ = convert(read_records(path, columns, split), path, fmt, drop_unsupported)
     kept = [r for r in rows if r is not None]
     if not kept:

@@ -184,7 +184,7 @@ def evaluation_prompts(cfg) -> list[dict]:
     else the pool's held-out ones; at most evaluation.limit, a seeded choice in file order."""
     ev = cfg.evaluation
     if ev.source is not None:
-        prompts = load_prompts(Path(ev.source))
+        prompts = load_prompts(ev.source)
     else:
         pool = task_pool(cfg)
         _, prompts = split_pool(pool, cfg.task.holdout, cfg.seed, cfg.task.source)

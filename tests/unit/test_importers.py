@@ -222,3 +222,15 @@ def test_hugging_face_datasets_folder_and_glob_with_column_mapping(tmp_path):
     assert rows[0]["rubric"][0]["description"] == "Include exactly 1 numbers in the response."
     with pytest.raises(PromptFileError, match="no file matches"):
         load_prompts(tmp_path / "shards" / "dev-*.parquet")
+
+
+def test_builtin_ifeval_is_shipped_with_its_license():
+    """evaluation.source = builtin:ifeval works offline: IFEval's 541 prompts, every
+    instruction a registered check, with the license notice beside them."""
+    from herl.data.importers import BUILTIN_FILES, load_prompts
+
+    rows = load_prompts("builtin:ifeval")
+    assert len(rows) == 541 and {r["source"] for r in rows} == {"ifeval"}
+    assert sum(len(r["rubric"]) for r in rows) == 834  # IFEval's instruction count
+    notice = BUILTIN_FILES["builtin:ifeval"].parent / "IFEVAL_LICENSE.md"
+    assert "Apache License, Version 2.0" in notice.read_text()
