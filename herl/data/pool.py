@@ -134,12 +134,14 @@ def drop_overlong(prompts: list[dict], tokenizer, max_tokens: int | None) -> tup
     return kept, len(prompts) - len(kept)
 
 
-def training_pool(cfg, tokenizer=None) -> tuple[list[dict], int]:
+def training_pool(cfg, tokenizer=None, pool: list[dict] | None = None) -> tuple[list[dict], int]:
     """(the prompts a run trains on, prompts dropped as too long): the pool less the
     held-out prompts (task.holdout), less those over task.max_prompt_tokens under the
     initial model's tokenizer (`tokenizer`, loaded when not given and needed). Held-out
-    prompts are never dropped: the split does not depend on the length rule."""
-    pool, _ = split_pool(task_pool(cfg), cfg.task.holdout, cfg.seed, cfg.task.source)  # held-out prompts never train
+    prompts are never dropped: the split does not depend on the length rule. `pool`: the
+    whole pool when the caller has it loaded already."""
+    pool, _ = split_pool(task_pool(cfg) if pool is None else pool, cfg.task.holdout, cfg.seed,
+                         cfg.task.source)  # held-out prompts never train
     if cfg.task.max_prompt_tokens is None:
         return pool, 0
     if tokenizer is None:
@@ -216,15 +218,10 @@ def check_pool_fits(cfg) -> int:
     from herl.models.paths import resolve_model_path
     from herl.models.tokenizer import load_tokenizer
 
-    pool = task_pool(cfg)
-    train, held = split_pool(pool, cfg.task.holdout, cfg.seed, cfg.task.source)
     model = resolve_model_path(cfg.model.path)
-    if cfg.task.max_prompt_tokens is not None:
-        train, dropped = drop_overlong(train, load_tokenizer(model), cfg.task.max_prompt_tokens)
-        if not train:
-            raise ValueError(f"task.source {cfg.task.source}: every training prompt is longer than "
-                             f"task.max_prompt_tokens = {cfg.task.max_prompt_tokens} tokens; raise it or unset it")
-        pool = train + held
+    pool = task_pool(cfg)
+    train, _ = training_pool(cfg, load_tokenizer(model) if cfg.task.max_prompt_tokens is not None else None, pool)
+    pool = train + split_pool(pool, cfg.task.holdout, cfg.seed, cfg.task.source)[1]  # what the run uses
     said = (cfg.task.source, cfg.task.prompts_per_iteration, len(train))
     if cfg.task.prompts_per_iteration > len(train) and said not in _SAID:  # sample_for_iteration keeps one copy of each
         _SAID.add(said)  # once: the pre-flight check and the flow both run this
