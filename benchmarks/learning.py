@@ -23,15 +23,25 @@ Writes (OUT defaults to benchmarks/results/learning):
   results.md       mean reward per iteration per mode (mean +- std over seeds), and a
                    per-mode summary with the hindsight statistics
   learning.png     the reward curves (mean over seeds, band = min..max)
-  heldout.parquet  with task.holdout and evaluation.every set (--set), one row per
-                   (mode, seed, evaluated policy): held-out reward before and after
-                   revision rounds; results.md then has a held-out table too
+  heldout.parquet  with task.holdout or evaluation.source and evaluation.every set
+                   (--set), one row per (mode, seed, evaluated policy): held-out reward
+                   before and after revision rounds; results.md then has a held-out table too
+  heldout_answers.parquet  one row per (mode, seed, evaluated policy, held-out prompt): the
+                   first answer's text, word count, every item's kind, arguments and
+                   strict / loose verdict, and whether the prompt is length-aided
+                   (benchmarks/heldout_analysis.py); results.md gets its tables:
+                   cluster-bootstrap intervals over prompts, per-seed gains, the split by
+                   length-aided prompts, per instruction kind, answer lengths
+  item_rates.parquet  one row per (mode, seed, iteration, rubric item kind): the training
+                   rollouts' met rate
+  provenance.json  the command, herl's commit and the machine (also atop results.md)
 and prints results.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import statistics
@@ -41,6 +51,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # heldout_analysis, beside this script
 
 # mode -> what it sets over the config: an algorithm, and for herl_goals the hindsight
 # wording that docs/hindsight.md measured best for small models
@@ -139,107 +150,6 @@ def collect_heldout(result: dict) -> list[dict]:
              "prompt_strict": ps0, "prompt_strict_final": ps1, "instruction_strict": is0,
              "instruction_strict_final": is1, "prompt_loose": pl0, "instruction_loose": il0}
             for k, r0, fin, ps0, ps1, is0, is1, pl0, il0 in out]
-
-
-def collect_heldout_answers(result: dict) -> list[dict]:
-    """One row per (evaluated policy, held-out prompt): the first answer's IFEval-style
-    verdicts (round 0), for confidence intervals over prompts."""
-    from herl.runs.query import query_run
-
-    out = query_run(result["path"], """
-        select iteration, prompt_id, all_met_strict, all_met_loose, items_met_strict, items_met_loose, items_total
-        from heldout_answers where round = 0 order by iteration, prompt_id""").fetchall()
-    return [{"mode": result["mode"], "seed": result["seed"], "policy": k, "prompt_id": pid, "all_met_strict": a,
-             "all_met_loose": al, "items_met_strict": m, "items_met_loose": ml, "items_total": n}
-            for k, pid, a, al, m, ml, n in out]
-
-
-BOOTSTRAP = 2000  # resamples for the confidence intervals
-
-
-def _bootstrap_ci(rng, values, weights=None) -> tuple[float, float, float]:
-    """(point, 2.5th, 97.5th percentile) of the mean of `values` over BOOTSTRAP resamples of
-    its rows; with `weights`, of the ratio of sums (instruction level: items met / items)."""
-    import numpy as np
-
-    n = len(values)
-    idx = rng.integers(0, n, size=(BOOTSTRAP, n))  # (BOOTSTRAP, n)
-    if weights is None:
-        stats, point = values[idx].mean(axis=1), values.mean()
-    else:
-        stats = values[idx].sum(axis=1) / np.maximum(weights[idx].sum(axis=1), 1)
-        point = values.sum() / max(weights.sum(), 1)
-    lo, hi = np.percentile(stats, [2.5, 97.5])
-    return float(point), float(lo), float(hi)
-
-
-def _fmt_ci(t: tuple[float, float, float]) -> str:
-    return f"{t[0]:.3f} [{t[1]:.3f}, {t[2]:.3f}]"
-
-
-def _fmt_diff(t: tuple[float, float, float]) -> str:
-    return f"{t[0]:+.3f} [{t[1]:+.3f}, {t[2]:+.3f}]"
-
-
-def _paired_diffs(rng, got: dict, base: dict) -> tuple[int, str, str]:
-    """Paired differences got - base over the (seed, prompt) units both hold: (pairs,
-    prompt-level strict, instruction-level strict), each with its 95% bootstrap interval."""
-    import numpy as np
-
-    units = [u for u in sorted(got) if u in base]
-    if not units:
-        return 0, "-", "-"
-    da = np.array([float(got[u]["all_met_strict"]) - float(base[u]["all_met_strict"]) for u in units])
-    dm = np.array([got[u]["items_met_strict"] - base[u]["items_met_strict"] for u in units], float)
-    dn = np.array([got[u]["items_total"] for u in units], float)
-    return len(units), _fmt_diff(_bootstrap_ci(rng, da)), _fmt_diff(_bootstrap_ci(rng, dm, dn))
-
-
-def bootstrap_table(rows: list[dict], modes: list[str]) -> str:
-    """Held-out accuracies of each evaluated policy with 95% bootstrap intervals over the
-    (seed, prompt) pairs, and the paired difference of each policy to policy 0 on the same
-    prompts: prompt-level (every instruction followed) and instruction-level, strict and
-    loose. With grpo among the modes, a second table: each other mode's paired difference
-    to grpo's policy of the same number, seed and prompt."""
-    import numpy as np
-
-    policies = sorted({r["policy"] for r in rows})
-    rng = np.random.default_rng(0)
-    lines = ["", "Held-out first answers (greedy unless the config says otherwise), 95% bootstrap intervals "
-                 f"over (seed, prompt) pairs ({BOOTSTRAP} resamples); `vs policy 0` is the paired difference on "
-                 "the same prompts.", "",
-             "| policy | mode | pairs | prompt strict | vs policy 0 | instruction strict | vs policy 0 "
-             "| prompt loose | instruction loose |", "|---:|---|---:|---|---|---|---|---:|---:|"]
-    by = {(mode, k): {(r["seed"], r["prompt_id"]): r for r in rows if r["mode"] == mode and r["policy"] == k}
-          for mode in modes for k in policies}
-    for mode in modes:
-        base = by.get((mode, policies[0]), {}) if policies else {}
-        for k in policies:
-            got = by[(mode, k)]
-            if not got:
-                continue
-            units = sorted(got)
-            a = np.array([float(got[u]["all_met_strict"]) for u in units])
-            m = np.array([float(got[u]["items_met_strict"]) for u in units])
-            n = np.array([float(got[u]["items_total"]) for u in units])
-            al = np.array([float(got[u]["all_met_loose"]) for u in units]).mean()
-            ml = sum(got[u]["items_met_loose"] for u in units) / max(1, n.sum())
-            vs_a = vs_i = "-"
-            if k != policies[0]:
-                _, vs_a, vs_i = _paired_diffs(rng, got, base)
-            lines.append(f"| {k} | {mode} | {len(units)} | {_fmt_ci(_bootstrap_ci(rng, a))} | {vs_a} "
-                         f"| {_fmt_ci(_bootstrap_ci(rng, m, n))} | {vs_i} | {al:.3f} | {ml:.3f} |")
-    others = [m for m in modes if m != "grpo"]
-    if "grpo" in modes and others:
-        lines += ["", "Against grpo: each mode's policy k minus grpo's policy k on the same (seed, prompt) "
-                      "pairs (the same seed draws the same training prompts), 95% bootstrap intervals.", "",
-                  "| policy | mode | pairs | prompt strict vs grpo | instruction strict vs grpo |", "|---:|---|---:|---|---|"]
-        for k in policies:
-            for mode in others:
-                pairs, da, di = _paired_diffs(rng, by[(mode, k)], by[("grpo", k)])
-                if pairs:
-                    lines.append(f"| {k} | {mode} | {pairs} | {da} | {di} |")
-    return "\n".join(lines) + "\n"
 
 
 def heldout_table(rows: list[dict], modes: list[str]) -> str:
@@ -428,18 +338,23 @@ def _main(argv: list[str] | None) -> int:
         results = [run_one(job) for job in jobs]
     wall = time.perf_counter() - t0
 
+    import heldout_analysis
+
     curves = [row for res in results for row in collect(res)]
     args.out.mkdir(parents=True, exist_ok=True)
+    prov = heldout_analysis.provenance(sys.argv if argv is None else [sys.argv[0], *argv])
     write_curves(curves, args.out / "curves.parquet")
     report = summarise(curves, modes)
     heldout = [row for res in results for row in collect_heldout(res)]
     if heldout:
         write_curves(heldout, args.out / "heldout.parquet")
         report += heldout_table(heldout, modes)
-        answers = [row for res in results for row in collect_heldout_answers(res)]
+        answers = [row for res in results for row in heldout_analysis.answer_rows(res)]
         if answers:
             write_curves(answers, args.out / "heldout_answers.parquet")
-            report += bootstrap_table(answers, modes)
+            report += heldout_analysis.tables(answers, modes)
+    rates = [row for res in results for row in heldout_analysis.item_rate_rows(res)]
+    write_curves(rates, args.out / "item_rates.parquet")
     ran = sum(res["stages_run"] for res in results)
     if ran:
         report += f"\n{len(jobs)} runs in {wall / 60:.1f} min wall on {os.cpu_count()} cores ({args.workers} in parallel).\n"
@@ -447,8 +362,14 @@ def _main(argv: list[str] | None) -> int:
         report += f"\n{len(jobs)} runs, all finished earlier and read from {args.out / 'runs'} (nothing ran now).\n"
     from schemas.tables import atomic_write
 
+    report = (f"Command: `{prov['command']}`  \nherl commit {prov['commit'][:12]}"
+              f"{' (with uncommitted changes)' if prov['uncommitted_changes'] else ''}; machine: "
+              f"{prov['machine']['cpus']} CPUs ({prov['machine']['cpu'] or 'unknown'}), {prov['machine']['memory']}, "
+              f"Python {prov['machine']['python']}; written {prov['written']} (provenance.json).\n\n" + report)
     with atomic_write(args.out / "results.md", "w") as fh:
         fh.write(report)
+    with atomic_write(args.out / "provenance.json", "w") as fh:
+        json.dump(prov, fh, indent=2)
     plot(curves, modes, args.out / "learning.png")
     print(report)
     print(f"wrote {args.out / 'curves.parquet'}, {args.out / 'results.md'}, {args.out / 'learning.png'}")

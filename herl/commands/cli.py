@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("eval", help="test-time self-improvement: answer, grade, revise for R rounds (Prefect flow herl-eval)")
-    p.add_argument("--prompts", required=True, help="prompts file in any supported format (IFEval, RaR, HealthBench, herl)")
+    p.add_argument("--prompts", required=True, help="prompts file in any supported format (IFEval, RaR, HealthBench, herl), or builtin:ifeval (IFEval's 541 prompts, shipped)")
     p.add_argument("--model", default="builtin:tiny", help="model folder, e.g. runs/R/snapshots/policy-12")
     p.add_argument("--rounds", type=int, default=2, help="revision rounds after the first answer")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N prompts only")

@@ -21,7 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-from herl.data.importers import PromptFileError, convert, read_records
+from herl.data.importers import PromptFileError, convert, read_records, source_path
 from herl.evaluation.self_improve import self_improve
 from herl.generation.engines import release_engines
 from herl.models.paths import resolve_model_path
@@ -32,7 +32,9 @@ from schemas.tables import write_table
 def load_inputs(prompts_path: Path, model: str, limit: int | None = None, fmt: str = "auto",
                 drop_unsupported: bool = False) -> tuple[list[dict], Path]:
     """The prompts to evaluate (checked row by row) and the model's folder; raises a
-    PromptFileError naming the file, row and field, or FileNotFoundError for the model."""
+    PromptFileError naming the file, row and field, or FileNotFoundError for the model.
+    `builtin:ifeval` names IFEval's prompts, shipped with herl."""
+    prompts_path = source_path(prompts_path)
     rows, _ = convert(read_records(prompts_path), prompts_path, fmt, drop_unsupported)
     prompts = [r for r in rows if r is not None][:limit]
     if not prompts:
