@@ -27,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from flows import artifact_key, flow_overrides, hide_user_error_tracebacks
 from herl.data.pool import check_pool_fits, with_planned_iterations
 from herl.generation.engines import release_engines
+from herl.trainer_service.client import release_trainers
 from herl.runs.plot import plot_run
 from herl.runs.rundir import Run, load_run, open_run
 from herl.runs.tracking import check_trackers, sync_trackers
@@ -127,5 +128,6 @@ def iterate(config: str | None = None, run_id: str | None = None, iterations: in
                 if k == last or (every and (k + 1) % every == 0):
                     publish_plot(run, k, logger)
         finally:
+            release_trainers()
             release_engines()
     return str(run.path)

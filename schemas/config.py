@@ -290,6 +290,8 @@ class TrainConfig(_Section):
     """Keep the trained weights and AdamW state themselves in bfloat16 (half the memory). Updates smaller than the weights' precision (about 1/256 of a weight) are lost: with learning rates near 1e-6 most of them. Only when asked for by name."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of storing them: less memory, about a third more compute."""
+    between_iterations: Literal["auto", "keep", "offload", "exit"] = "auto"
+    """The train job between train stages: keep = one resident trainer for the run (started at the first train stage; the model, optimizer, KL reference and process group stay in memory, so later iterations load nothing from disk); offload = resident, its parameters, gradients and optimizer state moved to host memory while the engine generates (GPUs; the same as keep on CPUs); exit = a job per iteration that loads snapshot k and exits after writing k + 1; auto = offload on GPUs, keep on CPUs. Updates are the same bit for bit either way."""
     kl_coef: float = 0.0
     """Coefficient of the k3 KL penalty to the initial policy; 0 skips loading a reference [reference: 0 instruction following; 0.001 medical]."""
     lora: LoraConfig = LoraConfig()
@@ -512,7 +514,7 @@ def plugin_sources(modules: list[str]) -> list[list[str | None]]:
 
 # settings that change how a stage runs, not what it writes: left out of its hash
 # fields that change how a stage runs, never what it writes
-HASH_EXCLUDED = {"train": ("launcher",), "vllm": ("between_iterations",)}
+HASH_EXCLUDED = {"train": ("launcher", "between_iterations"), "vllm": ("between_iterations",)}
 # fields added after runs existed, at the value that does what runs did before them: left
 # out of the hash at that value, so adding them does not redo a run's finished stages
 HASH_NEUTRAL: dict[str, dict[str, Any]] = {

@@ -1,10 +1,12 @@
 """Train stage: one policy update on the iteration's batch; saves the next snapshot.
 
-docs/algorithm.md step 9. The update itself is a job of its own (herl/training/trainer.py)
-that this stage starts through herl/training/launcher.py (a fork from a warm server, or
-`accelerate launch` with train.launcher's processes, machines and config) in its own
-process group, and waits for: its memory is freed when it ends, and a killed job leaves
-no snapshot, so the stage is redone.
+docs/algorithm.md step 9. The update itself runs in a job of its own (herl/training/trainer.py,
+started through herl/training/launcher.py: a fork from a warm server, or `accelerate
+launch` with train.launcher's processes, machines and config) in its own process group.
+With train.between_iterations = keep / offload (auto) that job is the run's resident
+trainer (herl/trainer_service), started at the first train stage and handed each
+iteration after; with exit it is a job per iteration. A killed job leaves no snapshot, so
+the stage is redone (from snapshot k on disk, by a new trainer).
 The job writes the snapshot's files into a temporary folder beside its final place; this
 stage seals it (file digests) and renames it into place.
 
@@ -25,6 +27,7 @@ import warnings
 from herl.generation.engines import rest_engines
 from herl.models.snapshot import SnapshotPrunedError, seal_snapshot, snapshot_meta
 from herl.runs.rundir import Run
+from herl.trainer_service.client import live_trainer, resident_trainer
 from herl.training.launcher import start_job, train_memory_bytes, wait_for_job
 from herl.training.trainer import (
     DISK_FULL_EXIT,
@@ -39,6 +42,16 @@ from schemas.tables import atomic_directory
 from stages.common import stage_main, write_metrics
 
 STAGE = "train"
+
+
+def between_iterations(cfg) -> str:
+    """train.between_iterations resolved: auto is offload on GPUs, keep on CPUs."""
+    mode = cfg.train.between_iterations
+    if mode != "auto":
+        return mode
+    import torch
+
+    return "offload" if torch.cuda.is_available() else "keep"
 
 
 class TrainJobError(UserError, RuntimeError):
@@ -60,7 +73,10 @@ def run(run: Run, k: int) -> dict:
     def body():
         # generation is over for this iteration: the engine sleeps, or is kept where the
         # memory allows (the next rollout loads the new weights into it)
-        rest_engines(cfg.vllm.between_iterations, train_memory_bytes(run.snapshot(0), cfg.train))
+        resident = between_iterations(cfg) != "exit"
+        # a live resident trainer already holds its memory: nothing more is needed for it
+        rest_engines(cfg.vllm.between_iterations,
+                     0 if resident and live_trainer() is not None else train_memory_bytes(run.snapshot(0), cfg.train))
         opt_state = inputs["snapshot"] / "optimizer.pt"
         if not opt_state.exists() and snapshot_meta(inputs["snapshot"]).get("optimizer_pruned"):
             # redoing this step without the AdamW moments would silently train another policy
@@ -71,8 +87,14 @@ def run(run: Run, k: int) -> dict:
             warnings.warn(warning, stacklevel=1)
         with atomic_directory(out_dir) as tmp:  # the job writes into tmp; renamed into place when sealed
             t_job = time.perf_counter()
-            job, what = start_job(cfg, run.path.resolve(), k, tmp)
-            rc = wait_for_job(job, cfg.train.launcher.timeout_s)
+            started = True
+            if resident:  # the run's trainer: started at the first train stage, kept after
+                trainer, started = resident_trainer(cfg, run.path.resolve())
+                what = trainer.what
+                rc = trainer.train(k, tmp, cfg.train.launcher.timeout_s)
+            else:  # a job for this iteration alone
+                job, what = start_job(cfg, run.path.resolve(), k, tmp)
+                rc = wait_for_job(job, cfg.train.launcher.timeout_s)
             job_seconds = time.perf_counter() - t_job
             if rc == DISK_FULL_EXIT or (rc != 0 and out_of_space(tmp)):
                 raise no_space(out_dir)
@@ -86,6 +108,7 @@ def run(run: Run, k: int) -> dict:
             # the job's start and exit (fork or launch, imports, tearing down): its wall time
             # less what it measured of itself
             metrics["job_overhead_seconds"] = job_seconds - metrics["seconds"]
+            metrics["trainer_started"] = float(started)  # 0: the resident trainer served it
             t_seal = time.perf_counter()
             snapshot_id = hashlib.sha256(json.dumps(
                 [run.run_id, k, stage_config_hash(cfg, STAGE), {n: p.name for n, p in inputs.items()},

@@ -51,6 +51,14 @@ def _job_args(run_dir: Path, k: int, out_dir: Path) -> list[str]:
     return ["-m", "herl.training.trainer", str(run_dir), str(k), str(out_dir)]
 
 
+def serve_command(cfg: HerlConfig, run_dir: Path, control: Path) -> list[str]:
+    """The resident trainer's command (herl/trainer_service): `launch_command`'s, serving
+    the run from the control folder instead of one iteration; a fresh interpreter for one
+    process."""
+    cmd = launch_command(cfg, run_dir, 0, control) or [sys.executable, *_job_args(run_dir, 0, control)]
+    return cmd[:-3] + ["--serve", str(run_dir), str(control)]
+
+
 class _ForkedJob:
     """One training process forked from multiprocessing's fork server, which imported
     torch, transformers and herl.training.trainer once: what `accelerate launch` runs for one

@@ -1,11 +1,14 @@
 """The train job: one policy update on an iteration's batch, in its own launched processes.
 
     accelerate launch [--num_processes N ...] -m herl.training.trainer RUN_DIR K OUT_DIR
+    accelerate launch [--num_processes N ...] -m herl.training.trainer --serve RUN_DIR CONTROL_DIR
 
 stages/train.py starts it (config `train.launcher`) and waits; this module loads the
 snapshot, runs the update (docs/algorithm.md step 9) and writes the next snapshot's files
 into OUT_DIR, a temporary folder the stage seals and renames into place, plus the
-update's metrics in OUT_DIR/train_metrics.json. With N processes each takes a share of
+update's metrics in OUT_DIR/train_metrics.json. With --serve it is the run's resident
+trainer (herl/trainer_service): the same Trainer, kept for every iteration. With N
+processes each takes a share of
 every mini-batch (the gradients are all-reduced by accelerate's DDP, FSDP or DeepSpeed
 wrapper); the loss is still normalised by the whole mini-batch's tokens, so 1 and N
 processes make the same update.
@@ -290,90 +293,160 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    from accelerate import Accelerator
+class Trainer:
+    """The policy, its optimizer, the KL reference and the accelerator of one run, in this
+    process: `step(k, out_dir)` trains iteration k and writes snapshot k + 1 into out_dir.
 
-    from herl.models.tokenizer import load_tokenizer, quiet_transformers
+    Made once per job. The one-shot job (`main`) steps once; the resident trainer
+    (herl/trainer_service) keeps it for the run and steps every iteration, loading nothing
+    when it already holds snapshot k (the one it wrote last), else loading snapshot k from
+    disk as the one-shot job does. Either way an update starts from the same weights,
+    optimizer state and seed, so both make the same snapshots, bit for bit."""
+
+    def __init__(self, run):
+        from accelerate import Accelerator
+
+        from herl.models.tokenizer import quiet_transformers
+
+        quiet_transformers()
+        self.run, self.cfg, self.t = run, run.cfg, run.cfg.train
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=self.t.mixed_precision)
+        self.model = self.optimizer = self.tokenizer = self.ref_model = None
+        self.holds: int | None = None  # the iteration whose snapshot the weights and optimizer are
+
+    def load(self, k: int) -> None:
+        """Snapshot k's weights and AdamW state from disk (and the KL reference once)."""
+        from herl.models.tokenizer import load_tokenizer
+
+        t, acc = self.t, self.accelerator
+        self.holds = None
+        if self.model is not None:  # a reload: drop what the accelerator holds of the old ones
+            self.model = self.optimizer = None
+            acc.free_memory()
+        snapshot, base = self.run.snapshot(k), self.run.snapshot(0)
+        seed = train_seed(self.cfg.seed, k)
+        torch.manual_seed(seed)
+        model = load_policy(snapshot, base, t, self.cfg.model.dtype, seed)
+        self.tokenizer = load_tokenizer(snapshot)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate,
+                                      weight_decay=t.weight_decay)
+        opt_state = snapshot / "optimizer.pt"
+        if opt_state.exists():
+            optimizer.load_state_dict(torch.load(opt_state, map_location="cpu"))
+        if t.kl_coef > 0 and t.lora.rank == 0 and self.ref_model is None:
+            from transformers import AutoModelForCausalLM
+
+            ref = AutoModelForCausalLM.from_pretrained(base, dtype=next(model.parameters()).dtype).eval()
+            self.ref_model = acc.prepare_model(ref, evaluation_mode=True)
+        # wrapped so that the lean log-prob path is the forward the distributed wrapper sees
+        self.model, self.optimizer = acc.prepare(ResponseLogprobs(model), optimizer)
+        self.holds = k
+
+    def step(self, k: int, out_dir: Path) -> int:
+        """Train iteration k and write snapshot k + 1's files and the metrics into out_dir;
+        returns the job's exit code (0, NONFINITE_EXIT, DISK_FULL_EXIT)."""
+        t, acc, run = self.t, self.accelerator, self.run
+        t0 = time.perf_counter()
+        loaded = self.holds != k
+        if loaded:
+            self.load(k)
+        seed = train_seed(self.cfg.seed, k)
+        torch.manual_seed(seed)  # as the one-shot job: seeded right before its update
+        load_seconds = time.perf_counter() - t0  # accelerate, the model, its optimizer state (0: held)
+        sequences = load_sequences(run, k)
+        t_update = time.perf_counter()
+        self.holds = None  # from here until the snapshot is written, memory is neither k nor k + 1
+        try:
+            metrics = train_on_batch(self.model, self.optimizer, acc, sequences, t, seed,
+                                     self.tokenizer.pad_token_id, self.ref_model,
+                                     norm_length=max(self.cfg.rollout.max_tokens, self.cfg.hindsight.max_tokens or 0),
+                                     adapter_reference=t.lora.rank > 0)
+        except NonFiniteUpdate as exc:
+            message = (f"iteration {k}: {exc}; no snapshot was saved. Lower train.learning_rate (now "
+                       f"{t.learning_rate:g}) or train.max_grad_norm, then resume")
+            print(f"herl.training.trainer: {message}", file=sys.stderr, flush=True)
+            if acc.is_main_process:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                (out_dir / ERROR_FILE).write_text(message)
+            return NONFINITE_EXIT
+        metrics["update_seconds"] = time.perf_counter() - t_update
+        metrics["tokens_per_second"] = metrics["tokens"] * t.ppo_epochs / metrics["update_seconds"]
+        metrics["load_seconds"] = load_seconds
+        metrics["loaded_from_disk"] = float(loaded)  # 0: the resident trainer held snapshot k
+        metrics["hindsight_prompts_trimmed"] = sequences.prompts_trimmed  # hindsight.max_train_prompt_tokens
+        metrics["sequences_seconds"] = t_update - t0 - load_seconds  # the batch's token lists, joined
+        metrics.update(peak_memory())
+        t_save = time.perf_counter()
+
+        # every process takes part in gathering a sharded model's weights; the main one writes
+        state = {name.removeprefix("model."): value for name, value in acc.get_state_dict(self.model).items()}
+        optim_state = self.optimizer.state_dict()
+        code = 0
+        if acc.is_main_process:
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                _policy(acc.unwrap_model(self.model)).save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+                self.tokenizer.save_pretrained(out_dir)
+                torch.save(optim_state, out_dir / "optimizer.pt")
+            except Exception as exc:
+                # torch reports a full disk as "[enforce fail at inline_container.cc] unexpected pos",
+                # safetensors as its own SafetensorError ("I/O error: No space left on device")
+                disk_like = isinstance(exc, (OSError, RuntimeError)) or type(exc).__name__ == "SafetensorError"
+                if not disk_like or (disk_error(exc) is None and not out_of_space(out_dir)):
+                    raise
+                print(f"herl.training.trainer: {disk_error(exc, out_dir) or no_space(out_dir)}", file=sys.stderr,
+                      flush=True)
+                code = DISK_FULL_EXIT
+            if code == 0:
+                metrics["save_seconds"] = time.perf_counter() - t_save
+                metrics["seconds"] = time.perf_counter() - t0
+                metrics["learning_rate"] = t.learning_rate
+                tmp = out_dir / (METRICS_FILE + ".tmp")
+                tmp.write_text(json.dumps(metrics))
+                os.replace(tmp, out_dir / METRICS_FILE)
+        acc.wait_for_everyone()
+        # the weights and optimizer in memory are snapshot k + 1's; the stage seals them
+        # into place (a stage that fails after this asks for k again: then they are reloaded)
+        self.holds = k + 1 if code == 0 else None
+        return code
+
+    def offload(self, to_host: bool) -> None:
+        """Move the parameters, gradients and AdamW state to host memory (to_host) or back to
+        the accelerator (train.between_iterations = offload, while the engine generates).
+        A no-op on CPUs, and for FSDP / DeepSpeed, which place their shards themselves."""
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        if (self.model is None or not torch.cuda.is_available()
+                or acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)):
+            return
+        device = torch.device("cpu") if to_host else acc.device
+        self.model.to(device)
+        for state in self.optimizer.state.values():
+            for name, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    state[name] = value.to(device, non_blocking=True)
+        if to_host:
+            torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        self.accelerator.end_training()
+
+
+def main(argv: list[str] | None = None) -> int:
     from herl.runs.rundir import load_run
 
     die_with_parent(signal.SIGKILL)  # the launcher's (or the stage's) death ends this worker
     run_dir, k_arg, out_arg = (argv or sys.argv[1:])[:3]
-    k, out_dir = int(k_arg), Path(out_arg)
-    run = load_run(run_dir)
-    cfg, t = run.cfg, run.cfg.train
-    snapshot, base = run.snapshot(k), run.snapshot(0)
-    quiet_transformers()
-    t0 = time.perf_counter()
-    seed = train_seed(cfg.seed, k)
-    torch.manual_seed(seed)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=t.mixed_precision)
+    if run_dir == "--serve":  # the resident trainer: RUN_DIR and its control folder follow
+        from herl.trainer_service.server import serve
 
-    opt_state = snapshot / "optimizer.pt"
-    model = load_policy(snapshot, base, t, cfg.model.dtype, seed)
-    tokenizer = load_tokenizer(snapshot)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate,
-                                  weight_decay=t.weight_decay)
-    if opt_state.exists():
-        optimizer.load_state_dict(torch.load(opt_state, map_location="cpu"))
-    ref_model = None
-    if t.kl_coef > 0 and t.lora.rank == 0:
-        from transformers import AutoModelForCausalLM
-
-        ref_model = AutoModelForCausalLM.from_pretrained(base, dtype=next(model.parameters()).dtype).eval()
-        ref_model = accelerator.prepare_model(ref_model, evaluation_mode=True)
-    # wrapped so that the lean log-prob path is the forward the distributed wrapper sees
-    model, optimizer = accelerator.prepare(ResponseLogprobs(model), optimizer)
-
-    load_seconds = time.perf_counter() - t0  # accelerate, the model, its optimizer state
-    sequences = load_sequences(run, k)
-    t_update = time.perf_counter()
-    try:
-        metrics = train_on_batch(model, optimizer, accelerator, sequences, t, seed,
-                                 tokenizer.pad_token_id, ref_model,
-                                 norm_length=max(cfg.rollout.max_tokens, cfg.hindsight.max_tokens or 0),
-                                 adapter_reference=t.lora.rank > 0)
-    except NonFiniteUpdate as exc:
-        message = (f"iteration {k}: {exc}; no snapshot was saved. Lower train.learning_rate (now "
-                   f"{t.learning_rate:g}) or train.max_grad_norm, then resume")
-        print(f"herl.training.trainer: {message}", file=sys.stderr, flush=True)
-        if accelerator.is_main_process:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / ERROR_FILE).write_text(message)
-        return NONFINITE_EXIT
-    metrics["update_seconds"] = time.perf_counter() - t_update
-    metrics["tokens_per_second"] = metrics["tokens"] * t.ppo_epochs / metrics["update_seconds"]
-    metrics["load_seconds"] = load_seconds
-    metrics["hindsight_prompts_trimmed"] = sequences.prompts_trimmed  # hindsight.max_train_prompt_tokens
-    metrics["sequences_seconds"] = t_update - t0 - load_seconds  # the batch's token lists, joined
-    metrics.update(peak_memory())
-    t_save = time.perf_counter()
-
-    # every process takes part in gathering a sharded model's weights; the main one writes
-    state = {name.removeprefix("model."): value for name, value in accelerator.get_state_dict(model).items()}
-    optim_state = optimizer.state_dict()
-    if accelerator.is_main_process:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            _policy(accelerator.unwrap_model(model)).save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-            tokenizer.save_pretrained(out_dir)
-            torch.save(optim_state, out_dir / "optimizer.pt")
-        except Exception as exc:
-            # torch reports a full disk as "[enforce fail at inline_container.cc] unexpected pos",
-            # safetensors as its own SafetensorError ("I/O error: No space left on device")
-            disk_like = isinstance(exc, (OSError, RuntimeError)) or type(exc).__name__ == "SafetensorError"
-            if not disk_like or (disk_error(exc) is None and not out_of_space(out_dir)):
-                raise
-            print(f"herl.training.trainer: {disk_error(exc, out_dir) or no_space(out_dir)}", file=sys.stderr, flush=True)
-            return DISK_FULL_EXIT
-        metrics["save_seconds"] = time.perf_counter() - t_save
-        metrics["seconds"] = time.perf_counter() - t0
-        metrics["learning_rate"] = t.learning_rate
-        tmp = out_dir / (METRICS_FILE + ".tmp")
-        tmp.write_text(json.dumps(metrics))
-        os.replace(tmp, out_dir / METRICS_FILE)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return 0
+        return serve(Path(k_arg), Path(out_arg))
+    trainer = Trainer(load_run(run_dir))
+    code = trainer.step(int(k_arg), Path(out_arg))
+    if code == 0:
+        trainer.close()
+    return code
 
 
 DISK_FULL_EXIT = 28  # the job's exit code when the snapshot did not fit on the disk (ENOSPC's number)
@@ -387,6 +460,16 @@ def run_job(run_dir: str, k: int, out_dir: str, progress: bool = False) -> None:
     os.setsid()
     os.environ["HERL_PROGRESS"] = "1" if progress else "0"
     code = main([run_dir, str(k), out_dir])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def serve_job(run_dir: str, control: str, progress: bool = False) -> None:
+    """The resident trainer as a forked child (herl/trainer_service, one process), as run_job."""
+    os.setsid()
+    os.environ["HERL_PROGRESS"] = "1" if progress else "0"
+    code = main(["--serve", run_dir, control])
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -1,0 +1,178 @@
+"""The stage's side of the resident trainer (herl/trainer_service): start it, hand it an
+iteration, wait for its snapshot, stop it.
+
+One trainer per process at a time, like the shared engine: `resident_trainer` returns the
+live one when it serves the same run and training settings, else stops it and starts a
+new one. Whatever ends the wait (a stop signal, the launcher's timeout, an error) stops
+the trainer's whole process group, as the stage stops a job per iteration.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from herl.training.launcher import STOP_GRACE_S, launch_command, launch_env, serve_command
+from herl.util.procs import raise_if_stop_requested
+from schemas.config import HerlConfig
+
+POLL_S = 0.05
+CONTROL_PREFIX = ".trainer-"  # control folders inside the run folder
+
+
+class ResidentTrainer:
+    """A started trainer job and its control folder."""
+
+    def __init__(self, cfg: HerlConfig, run_dir: Path, key: str):
+        self.key, self.run_dir, self.n = key, run_dir, 0
+        _remove_stale_controls(run_dir)
+        self.control = Path(tempfile.mkdtemp(prefix=CONTROL_PREFIX, dir=run_dir))
+        (self.control / "owner.json").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        self.job, self.what = _start(cfg, run_dir, self.control)
+        self.started = time.time()
+
+    def alive(self) -> bool:
+        return self.job.poll() is None
+
+    def train(self, k: int, out_dir: Path, timeout_s: float | None) -> int:
+        """Train iteration k into out_dir; returns the exit code a one-shot job would have
+        (the job's own exit code if it died without replying)."""
+        n, self.n = self.n, self.n + 1
+        tmp = self.control / f"request-{n}.json.tmp"
+        tmp.write_text(json.dumps({"k": k, "out_dir": str(out_dir)}))
+        os.replace(tmp, self.control / f"request-{n}.json")
+        reply = self.control / f"reply-{n}.json"
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        try:
+            while not reply.exists():
+                code = self.job.poll()
+                if code is not None:
+                    return code if code != 0 else 1  # ended without answering: never a success
+                raise_if_stop_requested()
+                if deadline is not None and time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired("herl.training.trainer --serve", timeout_s or 0.0)
+                time.sleep(POLL_S)
+        except BaseException:
+            self.close(graceful=False)
+            raise
+        return int(json.loads(reply.read_text())["code"])
+
+    def close(self, graceful: bool = True) -> None:
+        """Ask the job to end (graceful), then stop its whole process group; remove the control folder."""
+        if graceful and self.alive():
+            (self.control / "stop").write_text("")
+            try:
+                self.job.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+        _kill_group(self.job)
+        shutil.rmtree(self.control, ignore_errors=True)
+
+
+class _ServedJob:
+    """The trainer as a child forked from the warm fork server (one process), like the
+    one-shot job's _ForkedJob; with poll() as a Popen has."""
+
+    def __init__(self, run_dir: Path, control: Path):
+        import multiprocessing
+
+        from herl.training.trainer import serve_job
+        from herl.util.progress import enabled
+
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["herl.training.trainer", "transformers.modeling_utils", "accelerate"])
+        self.proc = ctx.Process(target=serve_job, args=(str(run_dir), str(control), enabled()), name="herl-trainer")
+        self.proc.start()
+        self.pid = self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.proc.join(timeout)
+        if self.proc.exitcode is None:
+            raise subprocess.TimeoutExpired("herl.training.trainer --serve", timeout or 0.0)
+        return self.proc.exitcode
+
+
+def _start(cfg: HerlConfig, run_dir: Path, control: Path):
+    import multiprocessing
+
+    if launch_command(cfg, run_dir, 0, control) is None and not multiprocessing.current_process().daemon:
+        return _ServedJob(run_dir, control), f"herl.training.trainer --serve {run_dir} (one process)"
+    cmd = serve_command(cfg, run_dir, control)
+    return subprocess.Popen(cmd, start_new_session=True, env=launch_env(cfg)), " ".join(cmd[1:])
+
+
+def _kill_group(job) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if job.poll() is not None:
+            break
+        try:
+            os.killpg(job.pid, sig)
+        except ProcessLookupError:  # not yet in its own group
+            try:
+                os.kill(job.pid, sig)
+            except ProcessLookupError:
+                break
+        try:
+            job.wait(timeout=STOP_GRACE_S if sig == signal.SIGTERM else None)
+        except subprocess.TimeoutExpired:
+            continue
+    try:  # what the group started (accelerate's ranks) goes too
+        os.killpg(job.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _remove_stale_controls(run_dir: Path) -> None:
+    """Control folders whose owner is gone (a killed run) are removed."""
+    from herl.trainer_service.server import owner_alive
+
+    for folder in Path(run_dir).glob(CONTROL_PREFIX + "*"):
+        if not owner_alive(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+_TRAINER: dict[str, ResidentTrainer] = {}
+
+
+def trainer_key(cfg: HerlConfig, run_dir: Path) -> str:
+    """What a trainer serves: the run folder and every setting of the train job."""
+    return json.dumps([str(Path(run_dir).resolve()), cfg.seed, cfg.model.model_dump(mode="json"),
+                       cfg.train.model_dump(mode="json"), cfg.rollout.max_tokens, cfg.hindsight.max_tokens,
+                       cfg.hindsight.max_train_prompt_tokens], sort_keys=True)
+
+
+def resident_trainer(cfg: HerlConfig, run_dir: Path) -> tuple[ResidentTrainer, bool]:
+    """(the run's trainer, whether it was started now): the live one serving these
+    settings, or a new one (any other stopped first)."""
+    key = trainer_key(cfg, run_dir)
+    current = _TRAINER.get("trainer")
+    if current is not None and current.key == key and current.alive():
+        return current, False
+    release_trainers()
+    atexit.unregister(release_trainers)  # registered once
+    atexit.register(release_trainers)
+    _TRAINER["trainer"] = ResidentTrainer(cfg, Path(run_dir), key)
+    return _TRAINER["trainer"], True
+
+
+def live_trainer() -> ResidentTrainer | None:
+    t = _TRAINER.get("trainer")
+    return t if t is not None and t.alive() else None
+
+
+def release_trainers() -> None:
+    """Stop the resident trainer, if any (the end of a flow, a benchmark run, exit)."""
+    while _TRAINER:
+        _, trainer = _TRAINER.popitem()
+        trainer.close()

@@ -1,0 +1,77 @@
+"""The resident trainer's loop, in every process of the train job (herl/trainer_service).
+
+Each process polls the control folder for the next request, steps the one Trainer it
+holds (herl.training.trainer), and the main process writes the reply. It ends on `stop`,
+when the stage's process (the owner) is gone, or on an error (the stage then sees the job
+exit without a reply, and the next train stage starts a new trainer from the snapshots
+on disk).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+POLL_S = 0.05
+
+
+def owner_alive(control: Path) -> bool:
+    """Whether the process that started this trainer still runs (checked on its own
+    machine; another machine's ranks rely on the `stop` file and the rendezvous)."""
+    try:
+        owner = json.loads((control / "owner.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if owner.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
+def serve(run_dir: Path, control: Path) -> int:
+    """Serve train requests for the run at run_dir until told to stop."""
+    from herl.runs.rundir import load_run
+    from herl.training.trainer import Trainer
+
+    run = load_run(run_dir)
+    trainer = Trainer(run)
+    offload = run.cfg.train.between_iterations in ("offload", "auto")  # a no-op on CPUs
+    main = trainer.accelerator.is_main_process
+    if main:
+        write_json(control / "ready.json", {"pid": os.getpid(), "processes": trainer.accelerator.num_processes})
+    n = 0
+    while True:
+        request = control / f"request-{n}.json"
+        if request.exists():
+            req = json.loads(request.read_text())
+            if offload:
+                trainer.offload(to_host=False)
+            code = trainer.step(int(req["k"]), Path(req["out_dir"]))
+            if offload:  # the engine generates next: the accelerator's memory is its
+                trainer.offload(to_host=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            if main:
+                write_json(control / f"reply-{n}.json", {"code": code, "holds": trainer.holds})
+            n += 1
+            continue
+        if (control / "stop").exists() or not owner_alive(control):
+            break
+        time.sleep(POLL_S)
+    trainer.close()
+    return 0
