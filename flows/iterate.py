@@ -27,10 +27,10 @@ from prefect.cache_policies import NO_CACHE
 from flows import artifact_key, flow_overrides, hide_user_error_tracebacks
 from herl.data.pool import check_pool_fits, with_planned_iterations
 from herl.generation.engines import release_engines
-from herl.trainer_service.client import release_trainers
 from herl.runs.plot import plot_run
 from herl.runs.rundir import Run, load_run, open_run
 from herl.runs.tracking import check_trackers, sync_trackers
+from herl.trainer_service.client import release_trainers
 from herl.util.procs import raise_if_stop_requested
 from schemas.config import load_config
 from stages import run_named_stage

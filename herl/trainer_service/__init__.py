@@ -5,7 +5,7 @@ nothing from disk and pay no process start.
 - client.py  the stage's side: `resident_trainer(cfg, run_dir)` starts it (or returns the
              live one), `.train(k, out_dir)` hands it an iteration and waits for the
              snapshot, `release_trainers()` stops it at the end of a flow and at exit.
-- server.py  the job's side (`python -m herl.training.trainer --serve RUN_DIR CONTROL`,
+- server.py  the job's side (`python -m herl.trainer_service.server RUN_DIR CONTROL`,
              under `accelerate launch` for several processes): one herl.training.trainer
              Trainer, stepped once per request.
 

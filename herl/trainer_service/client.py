@@ -58,7 +58,7 @@ class ResidentTrainer:
                     return code if code != 0 else 1  # ended without answering: never a success
                 raise_if_stop_requested()
                 if deadline is not None and time.monotonic() > deadline:
-                    raise subprocess.TimeoutExpired("herl.training.trainer --serve", timeout_s or 0.0)
+                    raise subprocess.TimeoutExpired("herl.trainer_service.server", timeout_s or 0.0)
                 time.sleep(POLL_S)
         except BaseException:
             self.close(graceful=False)
@@ -84,11 +84,12 @@ class _ServedJob:
     def __init__(self, run_dir: Path, control: Path):
         import multiprocessing
 
-        from herl.training.trainer import serve_job
+        from herl.trainer_service.server import serve_job
         from herl.util.progress import enabled
 
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["herl.training.trainer", "transformers.modeling_utils", "accelerate"])
+        ctx.set_forkserver_preload(["herl.training.trainer", "herl.trainer_service.server",
+                                    "transformers.modeling_utils", "accelerate"])
         self.proc = ctx.Process(target=serve_job, args=(str(run_dir), str(control), enabled()), name="herl-trainer")
         self.proc.start()
         self.pid = self.proc.pid
@@ -99,7 +100,7 @@ class _ServedJob:
     def wait(self, timeout: float | None = None) -> int:
         self.proc.join(timeout)
         if self.proc.exitcode is None:
-            raise subprocess.TimeoutExpired("herl.training.trainer --serve", timeout or 0.0)
+            raise subprocess.TimeoutExpired("herl.trainer_service.server", timeout or 0.0)
         return self.proc.exitcode
 
 
@@ -107,7 +108,7 @@ def _start(cfg: HerlConfig, run_dir: Path, control: Path):
     import multiprocessing
 
     if launch_command(cfg, run_dir, 0, control) is None and not multiprocessing.current_process().daemon:
-        return _ServedJob(run_dir, control), f"herl.training.trainer --serve {run_dir} (one process)"
+        return _ServedJob(run_dir, control), f"herl.trainer_service.server {run_dir} (one process)"
     cmd = serve_command(cfg, run_dir, control)
     return subprocess.Popen(cmd, start_new_session=True, env=launch_env(cfg)), " ".join(cmd[1:])
 

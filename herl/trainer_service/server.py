@@ -1,4 +1,6 @@
-"""The resident trainer's loop, in every process of the train job (herl/trainer_service).
+"""The resident trainer's loop, in every process of the train job (herl/trainer_service):
+
+    [accelerate launch ...] -m herl.trainer_service.server RUN_DIR CONTROL_DIR
 
 Each process polls the control folder for the next request, steps the one Trainer it
 holds (herl.training.trainer), and the main process writes the reply. It ends on `stop`,
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -75,3 +78,29 @@ def serve(run_dir: Path, control: Path) -> int:
         time.sleep(POLL_S)
     trainer.close()
     return 0
+
+
+def serve_job(run_dir: str, control: str, progress: bool = False) -> None:
+    """The resident trainer as a child forked from the warm fork server (one process): its
+    own process group, so the stage can stop it; its exit code is serve's."""
+    from herl.util.procs import die_with_parent
+
+    os.setsid()
+    die_with_parent(signal.SIGKILL)  # the fork server's death (its owner's) ends it
+    os.environ["HERL_PROGRESS"] = "1" if progress else "0"
+    code = serve(Path(run_dir), Path(control))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from herl.util.procs import die_with_parent
+
+    die_with_parent(signal.SIGKILL)  # the launcher's death ends this rank
+    run_dir, control = (argv or sys.argv[1:])[:2]
+    return serve(Path(run_dir), Path(control))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -56,7 +56,7 @@ def serve_command(cfg: HerlConfig, run_dir: Path, control: Path) -> list[str]:
     the run from the control folder instead of one iteration; a fresh interpreter for one
     process."""
     cmd = launch_command(cfg, run_dir, 0, control) or [sys.executable, *_job_args(run_dir, 0, control)]
-    return cmd[:-3] + ["--serve", str(run_dir), str(control)]
+    return cmd[:-5] + ["-m", "herl.trainer_service.server", str(run_dir), str(control)]
 
 
 class _ForkedJob:

@@ -1,14 +1,13 @@
 """The train job: one policy update on an iteration's batch, in its own launched processes.
 
     accelerate launch [--num_processes N ...] -m herl.training.trainer RUN_DIR K OUT_DIR
-    accelerate launch [--num_processes N ...] -m herl.training.trainer --serve RUN_DIR CONTROL_DIR
 
 stages/train.py starts it (config `train.launcher`) and waits; this module loads the
 snapshot, runs the update (docs/algorithm.md step 9) and writes the next snapshot's files
 into OUT_DIR, a temporary folder the stage seals and renames into place, plus the
-update's metrics in OUT_DIR/train_metrics.json. With --serve it is the run's resident
-trainer (herl/trainer_service): the same Trainer, kept for every iteration. With N
-processes each takes a share of
+update's metrics in OUT_DIR/train_metrics.json. The run's resident trainer
+(herl/trainer_service) keeps the same Trainer for every iteration. With N processes each
+takes a share of
 every mini-batch (the gradients are all-reduced by accelerate's DDP, FSDP or DeepSpeed
 wrapper); the loss is still normalised by the whole mini-batch's tokens, so 1 and N
 processes make the same update.
@@ -354,6 +353,7 @@ class Trainer:
         torch.manual_seed(seed)  # as the one-shot job: seeded right before its update
         load_seconds = time.perf_counter() - t0  # accelerate, the model, its optimizer state (0: held)
         sequences = load_sequences(run, k)
+        assert self.tokenizer is not None  # load() made it
         t_update = time.perf_counter()
         self.holds = None  # from here until the snapshot is written, memory is neither k nor k + 1
         try:
@@ -380,6 +380,7 @@ class Trainer:
 
         # every process takes part in gathering a sharded model's weights; the main one writes
         state = {name.removeprefix("model."): value for name, value in acc.get_state_dict(self.model).items()}
+        assert self.optimizer is not None  # load() made it
         optim_state = self.optimizer.state_dict()
         code = 0
         if acc.is_main_process:
@@ -422,6 +423,7 @@ class Trainer:
             return
         device = torch.device("cpu") if to_host else acc.device
         self.model.to(device)
+        assert self.optimizer is not None
         for state in self.optimizer.state.values():
             for name, value in state.items():
                 if isinstance(value, torch.Tensor):
@@ -438,10 +440,6 @@ def main(argv: list[str] | None = None) -> int:
 
     die_with_parent(signal.SIGKILL)  # the launcher's (or the stage's) death ends this worker
     run_dir, k_arg, out_arg = (argv or sys.argv[1:])[:3]
-    if run_dir == "--serve":  # the resident trainer: RUN_DIR and its control folder follow
-        from herl.trainer_service.server import serve
-
-        return serve(Path(k_arg), Path(out_arg))
     trainer = Trainer(load_run(run_dir))
     code = trainer.step(int(k_arg), Path(out_arg))
     if code == 0:
@@ -460,16 +458,6 @@ def run_job(run_dir: str, k: int, out_dir: str, progress: bool = False) -> None:
     os.setsid()
     os.environ["HERL_PROGRESS"] = "1" if progress else "0"
     code = main([run_dir, str(k), out_dir])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def serve_job(run_dir: str, control: str, progress: bool = False) -> None:
-    """The resident trainer as a forked child (herl/trainer_service, one process), as run_job."""
-    os.setsid()
-    os.environ["HERL_PROGRESS"] = "1" if progress else "0"
-    code = main(["--serve", run_dir, control])
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -1,0 +1,152 @@
+"""The resident trainer (herl/trainer_service): the same snapshots as a job per iteration,
+bit for bit; a trainer that died or was killed is replaced from the snapshots on disk; a
+redone stage reloads; nothing outlives the run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from herl.runs.rundir import open_run
+from herl.trainer_service.client import live_trainer, release_trainers, resident_trainer
+from schemas.config import load_config
+from stages import run_iteration, run_named_stage
+from tests.helpers import small_overrides
+
+
+def _digests(snapshot: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(snapshot.iterdir())
+            if f.suffix in (".safetensors", ".pt")}
+
+
+def _run(tmp_path: Path, name: str, mode: str, iterations: int = 3, **extra):
+    cfg = load_config(None, small_overrides(tmp_path, run_id=name, iterations=iterations,
+                                            **{"train.between_iterations": mode, **extra}))
+    return open_run(cfg)
+
+
+def _train(run, upto: int | None = None) -> list[dict]:
+    metrics = []
+    try:
+        with run.lock():
+            for k in range(run.cfg.iterations if upto is None else upto):
+                run_iteration(run, k)
+                from herl.runs.query import query_run
+
+                metrics.append(dict(query_run(run.path, f"select name, value from metrics where stage = 'train' "
+                                                        f"and iteration = {k}").fetchall()))
+    finally:
+        release_trainers()
+    return metrics
+
+
+@pytest.mark.parametrize("extra", [{}, {"train.lora.rank": 8}], ids=["full", "lora"])
+def test_a_resident_trainer_makes_the_same_snapshots_as_a_job_per_iteration(tmp_path, extra):
+    kept = _run(tmp_path, "keep", "keep", **extra)
+    m = _train(kept)
+    one_shot = _run(tmp_path, "exit", "exit", **extra)
+    _train(one_shot)
+    for k in (1, 2, 3):
+        assert _digests(kept.snapshot(k)) == _digests(one_shot.snapshot(k)), k
+    # one trainer served the three iterations: started once, loaded from disk once
+    assert [x["trainer_started"] for x in m] == [1.0, 0.0, 0.0]
+    assert [x["loaded_from_disk"] for x in m] == [1.0, 0.0, 0.0]
+    assert not list(kept.path.glob(".trainer-*"))  # its control folder went with it
+
+
+@pytest.mark.slow
+def test_two_resident_processes_make_the_same_snapshots(tmp_path):
+    extra = {"train.launcher.num_processes": 2}
+    kept, one_shot = _run(tmp_path, "keep", "keep", **extra), _run(tmp_path, "exit", "exit", **extra)
+    _train(kept)
+    _train(one_shot)
+    assert _digests(kept.snapshot(3)) == _digests(one_shot.snapshot(3))
+
+
+def test_a_killed_trainer_is_replaced_from_the_snapshot_on_disk(tmp_path):
+    """SIGKILL the trainer between iterations: the next train stage starts a new one, which
+    loads snapshot k; the snapshots match a job per iteration's."""
+    kept = _run(tmp_path, "keep", "keep")
+    with kept.lock():
+        try:
+            run_iteration(kept, 0)
+            first = live_trainer()
+            assert first is not None
+            os.killpg(first.job.pid, signal.SIGKILL)
+            first.job.wait(timeout=30)
+            run_iteration(kept, 1)
+            second = live_trainer()
+            assert second is not None and second is not first
+            run_iteration(kept, 2)
+        finally:
+            release_trainers()
+    one_shot = _run(tmp_path, "exit", "exit")
+    _train(one_shot)
+    assert _digests(kept.snapshot(3)) == _digests(one_shot.snapshot(3))
+
+
+def test_a_redone_train_stage_reloads_snapshot_k(tmp_path):
+    """The trainer holds snapshot 1 after iteration 0; iteration 0's train stage redone
+    (its snapshot gone, as a failed seal leaves it) asks for snapshot 0 again: the same
+    trainer reloads it instead of training on from 1, and makes the same snapshot 1."""
+    import shutil
+
+    from herl.runs.query import query_run
+
+    kept = _run(tmp_path, "keep", "keep")
+    with kept.lock():
+        try:
+            run_iteration(kept, 0)
+            before, trainer = _digests(kept.snapshot(1)), live_trainer()
+            shutil.rmtree(kept.snapshot(1))
+            (kept.path / "iter-0" / "_manifests" / "train.json").unlink()
+            (kept.path / "iter-0" / "metrics-train.parquet").unlink()
+            run_named_stage("train", kept, 0)
+            assert _digests(kept.snapshot(1)) == before and live_trainer() is trainer
+            got = dict(query_run(kept.path, "select name, value from metrics where stage = 'train' and iteration = 0"
+                                            " and name in ('loaded_from_disk', 'trainer_started')").fetchall())
+            assert got == {"loaded_from_disk": 1.0, "trainer_started": 0.0}
+        finally:
+            release_trainers()
+
+
+def test_a_stopped_owner_leaves_no_trainer(tmp_path):
+    """release_trainers stops the job and its process group; a trainer whose owner died
+    ends by itself (it polls the owner), and its control folder is cleared by the next."""
+    kept = _run(tmp_path, "keep", "keep", iterations=1)
+    with kept.lock():
+        try:
+            run_iteration(kept, 0)
+            pid = live_trainer().job.pid
+            assert psutil.pid_exists(pid)
+        finally:
+            release_trainers()
+    deadline = time.time() + 10
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+        time.sleep(0.2)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert live_trainer() is None
+    # an owner that is gone: the control folder is stale and removed by the next trainer
+    stale = kept.path / ".trainer-stale"
+    stale.mkdir()
+    (stale / "owner.json").write_text(json.dumps({"pid": 2 ** 22 + 7, "host": os.uname().nodename}))
+    trainer, started = resident_trainer(kept.cfg, kept.path)
+    try:
+        assert started and not stale.exists()
+    finally:
+        release_trainers()
+
+
+def test_between_iterations_is_not_part_of_the_stage_hash():
+    from schemas.config import stage_config_hash
+
+    base = load_config(None, {})
+    assert stage_config_hash(base, "train") == stage_config_hash(
+        load_config(None, {"train.between_iterations": "exit"}), "train")
