@@ -10,6 +10,19 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(autouse=True)
+def _no_trainer_left():
+    """A test that runs train stages without a flow (run_iteration) leaves the resident
+    trainer up, as a run would until its end: stop it after each test, so the next test
+    starts from a process without one."""
+    yield
+    import sys
+
+    client = sys.modules.get("herl.trainer_service.client")
+    if client is not None:
+        client.release_trainers()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_homes(tmp_path_factory):
     """Keep the tiny model cache and Prefect's state out of the user's home."""

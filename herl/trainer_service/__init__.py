@@ -9,8 +9,8 @@ nothing from disk and pay no process start.
              under `accelerate launch` for several processes): one herl.training.trainer
              Trainer, stepped once per request.
 
-They talk through files in a control folder inside the run folder (visible to every
-machine of a multi-machine job, which share the run folder): request-<n>.json from the
+They talk through files in a control folder (the system's temporary folder on one
+machine; inside the run folder, which every machine shares, on several): request-<n>.json from the
 stage, reply-<n>.json from rank 0 when snapshot k + 1 is written, `stop` to end. What is
 on disk stays the truth: a request names the snapshot k to train from, and a trainer that
 does not hold exactly that one (a redone stage, a restarted trainer) loads it, so a crash

@@ -33,8 +33,11 @@ class ResidentTrainer:
 
     def __init__(self, cfg: HerlConfig, run_dir: Path, key: str):
         self.key, self.run_dir, self.n = key, run_dir, 0
-        _remove_stale_controls(run_dir)
-        self.control = Path(tempfile.mkdtemp(prefix=CONTROL_PREFIX, dir=run_dir))
+        # on one machine, the system's temporary folder (a run folder on a full disk must
+        # still hear the trainer say so); several machines share only the run folder
+        where = Path(run_dir) if cfg.train.launcher.num_machines > 1 else Path(tempfile.gettempdir())
+        _remove_stale_controls(where)
+        self.control = Path(tempfile.mkdtemp(prefix=CONTROL_PREFIX, dir=where))
         (self.control / "owner.json").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
         self.job, self.what = _start(cfg, run_dir, self.control)
         self.started = time.time()
@@ -134,11 +137,11 @@ def _kill_group(job) -> None:
         pass
 
 
-def _remove_stale_controls(run_dir: Path) -> None:
+def _remove_stale_controls(where: Path) -> None:
     """Control folders whose owner is gone (a killed run) are removed."""
     from herl.trainer_service.server import owner_alive
 
-    for folder in Path(run_dir).glob(CONTROL_PREFIX + "*"):
+    for folder in Path(where).glob(CONTROL_PREFIX + "*"):
         if not owner_alive(folder):
             shutil.rmtree(folder, ignore_errors=True)
 

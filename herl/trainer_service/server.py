@@ -11,6 +11,7 @@ on disk).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -49,7 +50,7 @@ def write_json(path: Path, value: dict) -> None:
 def serve(run_dir: Path, control: Path) -> int:
     """Serve train requests for the run at run_dir until told to stop."""
     from herl.runs.rundir import load_run
-    from herl.training.trainer import Trainer
+    from herl.training.trainer import DISK_FULL_EXIT, Trainer
 
     run = load_run(run_dir)
     trainer = Trainer(run)
@@ -70,7 +71,12 @@ def serve(run_dir: Path, control: Path) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
             if main:
-                write_json(control / f"reply-{n}.json", {"code": code, "holds": trainer.holds})
+                try:
+                    write_json(control / f"reply-{n}.json", {"code": code, "holds": trainer.holds})
+                except OSError as exc:  # no room even for the reply: exit with the code that says so
+                    if exc.errno == errno.ENOSPC:
+                        return DISK_FULL_EXIT
+                    raise
             n += 1
             continue
         if (control / "stop").exists() or not owner_alive(control):
