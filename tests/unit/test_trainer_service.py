@@ -1,5 +1,5 @@
 """The resident trainer (herl/trainer_service): the same snapshots as a job per iteration,
-bit for bit; a trainer that died or was killed is replaced from the snapshots on disk; a
+bit for bit (2 iterations here; 3 checked by hand, full, LoRA and 2 processes); a trainer that died or was killed is replaced from the snapshots on disk; a
 redone stage reloads; nothing outlives the run."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _digests(snapshot: Path) -> dict[str, str]:
             if f.suffix in (".safetensors", ".pt")}
 
 
-def _run(tmp_path: Path, name: str, mode: str, iterations: int = 3, **extra):
+def _run(tmp_path: Path, name: str, mode: str, iterations: int = 2, **extra):
     cfg = load_config(None, small_overrides(tmp_path, run_id=name, iterations=iterations,
                                             **{"train.between_iterations": mode, **extra}))
     return open_run(cfg)
@@ -53,11 +53,11 @@ def test_a_resident_trainer_makes_the_same_snapshots_as_a_job_per_iteration(tmp_
     m = _train(kept)
     one_shot = _run(tmp_path, "exit", "exit", **extra)
     _train(one_shot)
-    for k in (1, 2, 3):
+    for k in (1, 2):
         assert _digests(kept.snapshot(k)) == _digests(one_shot.snapshot(k)), k
-    # one trainer served the three iterations: started once, loaded from disk once
-    assert [x["trainer_started"] for x in m] == [1.0, 0.0, 0.0]
-    assert [x["loaded_from_disk"] for x in m] == [1.0, 0.0, 0.0]
+    # one trainer served both iterations: started once, loaded from disk once
+    assert [x["trainer_started"] for x in m] == [1.0, 0.0]
+    assert [x["loaded_from_disk"] for x in m] == [1.0, 0.0]
     assert not list(kept.path.glob(".trainer-*"))  # its control folder is not in the run folder
     import tempfile
 
@@ -68,7 +68,8 @@ def test_a_resident_trainer_makes_the_same_snapshots_as_a_job_per_iteration(tmp_
 @pytest.mark.slow
 def test_two_resident_processes_make_the_same_snapshots(tmp_path):
     extra = {"train.launcher.num_processes": 2}
-    kept, one_shot = _run(tmp_path, "keep", "keep", **extra), _run(tmp_path, "exit", "exit", **extra)
+    kept = _run(tmp_path, "keep", "keep", iterations=3, **extra)
+    one_shot = _run(tmp_path, "exit", "exit", iterations=3, **extra)
     _train(kept)
     _train(one_shot)
     assert _digests(kept.snapshot(3)) == _digests(one_shot.snapshot(3))
@@ -88,12 +89,11 @@ def test_a_killed_trainer_is_replaced_from_the_snapshot_on_disk(tmp_path):
             run_iteration(kept, 1)
             second = live_trainer()
             assert second is not None and second is not first
-            run_iteration(kept, 2)
         finally:
             release_trainers()
     one_shot = _run(tmp_path, "exit", "exit")
     _train(one_shot)
-    assert _digests(kept.snapshot(3)) == _digests(one_shot.snapshot(3))
+    assert _digests(kept.snapshot(2)) == _digests(one_shot.snapshot(2))
 
 
 def test_a_redone_train_stage_reloads_snapshot_k(tmp_path):
