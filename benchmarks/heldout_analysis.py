@@ -204,8 +204,9 @@ def tables(rows: list[dict], modes: list[str]) -> str:
               "| mode | prompts | pairs | policy " + str(first) + " | policy " + str(last) + " | gain | per seed "
               "| share of prompts gained |", "|---|---|---:|---|---|---|---|---:|"]
     for mode in modes:
+        before = _units(rows, mode, first)
         gained_all = sum(1 for u, r in _units(rows, mode, last).items()
-                         if r["all_met_strict"] and not _units(rows, mode, first)[u]["all_met_strict"])
+                         if r["all_met_strict"] and u in before and not before[u]["all_met_strict"])
         for label, subset in (("length-aided", True), ("not length-aided", False)):
             a, b = _units(rows, mode, first, subset), _units(rows, mode, last, subset)
             if not a or not b:

@@ -276,6 +276,7 @@ class TrainConfig(_Section):
     def _renamed_mode(cls, value: Any) -> Any:
         # the name this mode had before: runs saved with it resume (same arithmetic)
         return "dr_grpo" if value == "seq_mean_token_sum_norm" else value
+
     is_correction: Literal["none", "truncated"] = "none"
     """Importance-sampling correction for the engine/trainer log-prob gap on on-policy tokens: truncated = weight min(pi_old/pi_engine, is_cap) (TIS, as TRL and verl offer)."""
     is_cap: float = 2.0

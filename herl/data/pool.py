@@ -219,8 +219,11 @@ def check_pool_fits(cfg) -> int:
     from herl.models.tokenizer import load_tokenizer
 
     model = resolve_model_path(cfg.model.path)
+    tokenizer = None  # loaded once, where the length rule or the context check needs it
+    if cfg.task.max_prompt_tokens is not None:
+        tokenizer = load_tokenizer(model)
     pool = task_pool(cfg)
-    train, _ = training_pool(cfg, load_tokenizer(model) if cfg.task.max_prompt_tokens is not None else None, pool)
+    train, _ = training_pool(cfg, tokenizer, pool)
     pool = train + split_pool(pool, cfg.task.holdout, cfg.seed, cfg.task.source)[1]  # what the run uses
     said = (cfg.task.source, cfg.task.prompts_per_iteration, len(train))
     if cfg.task.prompts_per_iteration > len(train) and said not in _SAID:  # sample_for_iteration keeps one copy of each
@@ -230,7 +233,7 @@ def check_pool_fits(cfg) -> int:
     limit = context_length(model, cfg.vllm.max_model_len)
     if limit is None:
         return len(train)
-    tokenizer = load_tokenizer(model)
+    tokenizer = tokenizer or load_tokenizer(model)
 
     def check(prompts: list[dict], budget: int, where: str) -> None:
         requests = [GenRequest(p["prompt_id"], render_chat(tokenizer, p["messages"])[1], 0, 1) for p in prompts]

@@ -273,10 +273,14 @@ class Judge:
             out.append(((value - 1) / 9 if value is not None else None, self._redact(reason)))
         return out
 
+    def _key(self, prompt: str, system: str | None) -> str:
+        """The cache key of a call: the model, the system prompt if any, the prompt."""
+        return self.cache.key(self.cfg.model, prompt if system is None else f"{system}\n\n{prompt}")
+
     def _ask(self, prompt: str, parse, system: str | None = None) -> tuple[Any, str, bool]:
         """One prompt (under a system prompt, if given) with cache, retries and parsing:
         (value or None, failure reason, from cache)."""
-        key = self.cache.key(self.cfg.model, prompt if system is None else f"{system}\n\n{prompt}")
+        key = self._key(prompt, system)
         cached = self.cache.get(key)
         if cached is not None:
             self.stats.add(cache_hits=1)
@@ -307,7 +311,7 @@ class Judge:
         return None, reason, False
 
     def _ask_batched(self, prompts: list[str], parsers, system: str | None = None) -> list[tuple[Any, str, bool]]:
-        keys = [self.cache.key(self.cfg.model, p if system is None else f"{system}\n\n{p}") for p in prompts]
+        keys = [self._key(p, system) for p in prompts]
         out: list[tuple[object | None, str, bool] | None] = [None] * len(prompts)
         todo = []
         for i, key in enumerate(keys):

@@ -13,19 +13,25 @@ import atexit
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from herl.training.launcher import STOP_GRACE_S, launch_command, launch_env, serve_command
+from herl.training.launcher import (
+    STOP_GRACE_S,
+    ForkedJob,
+    launch_command,
+    launch_env,
+    serve_command,
+    stop_job,
+)
 from herl.util.procs import raise_if_stop_requested
 from schemas.config import HerlConfig
 
 POLL_S = 0.05
-CONTROL_PREFIX = ".trainer-"  # control folders inside the run folder
+CONTROL_PREFIX = ".trainer-"  # control folders: in the system's temporary folder, or the run folder
 
 
 class ResidentTrainer:
@@ -40,7 +46,6 @@ class ResidentTrainer:
         self.control = Path(tempfile.mkdtemp(prefix=CONTROL_PREFIX, dir=where))
         (self.control / "owner.json").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
         self.job, self.what = _start(cfg, run_dir, self.control)
-        self.started = time.time()
 
     def alive(self) -> bool:
         return self.job.poll() is None
@@ -76,65 +81,20 @@ class ResidentTrainer:
                 self.job.wait(timeout=STOP_GRACE_S)
             except subprocess.TimeoutExpired:
                 pass
-        _kill_group(self.job)
+        stop_job(self.job)
         shutil.rmtree(self.control, ignore_errors=True)
-
-
-class _ServedJob:
-    """The trainer as a child forked from the warm fork server (one process), like the
-    one-shot job's _ForkedJob; with poll() as a Popen has."""
-
-    def __init__(self, run_dir: Path, control: Path):
-        import multiprocessing
-
-        from herl.trainer_service.server import serve_job
-        from herl.util.progress import enabled
-
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["herl.training.trainer", "herl.trainer_service.server",
-                                    "transformers.modeling_utils", "accelerate"])
-        self.proc = ctx.Process(target=serve_job, args=(str(run_dir), str(control), enabled()), name="herl-trainer")
-        self.proc.start()
-        self.pid = self.proc.pid
-
-    def poll(self) -> int | None:
-        return self.proc.exitcode
-
-    def wait(self, timeout: float | None = None) -> int:
-        self.proc.join(timeout)
-        if self.proc.exitcode is None:
-            raise subprocess.TimeoutExpired("herl.trainer_service.server", timeout or 0.0)
-        return self.proc.exitcode
 
 
 def _start(cfg: HerlConfig, run_dir: Path, control: Path):
     import multiprocessing
 
     if launch_command(cfg, run_dir, 0, control) is None and not multiprocessing.current_process().daemon:
-        return _ServedJob(run_dir, control), f"herl.trainer_service.server {run_dir} (one process)"
+        from herl.trainer_service.server import serve_job
+
+        return ForkedJob(serve_job, (str(run_dir), str(control)), "herl-trainer"), \
+            f"herl.trainer_service.server {run_dir} (one process)"
     cmd = serve_command(cfg, run_dir, control)
     return subprocess.Popen(cmd, start_new_session=True, env=launch_env(cfg)), " ".join(cmd[1:])
-
-
-def _kill_group(job) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if job.poll() is not None:
-            break
-        try:
-            os.killpg(job.pid, sig)
-        except ProcessLookupError:  # not yet in its own group
-            try:
-                os.kill(job.pid, sig)
-            except ProcessLookupError:
-                break
-        try:
-            job.wait(timeout=STOP_GRACE_S if sig == signal.SIGTERM else None)
-        except subprocess.TimeoutExpired:
-            continue
-    try:  # what the group started (accelerate's ranks) goes too
-        os.killpg(job.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _remove_stale_controls(where: Path) -> None:

@@ -56,8 +56,6 @@ def serve(run_dir: Path, control: Path) -> int:
     trainer = Trainer(run)
     offload = run.cfg.train.between_iterations in ("offload", "auto")  # a no-op on CPUs
     main = trainer.accelerator.is_main_process
-    if main:
-        write_json(control / "ready.json", {"pid": os.getpid(), "processes": trainer.accelerator.num_processes})
     n = 0
     while True:
         request = control / f"request-{n}.json"
@@ -72,7 +70,7 @@ def serve(run_dir: Path, control: Path) -> int:
             sys.stderr.flush()
             if main:
                 try:
-                    write_json(control / f"reply-{n}.json", {"code": code, "holds": trainer.holds})
+                    write_json(control / f"reply-{n}.json", {"code": code})
                 except OSError as exc:  # no room even for the reply: exit with the code that says so
                     if exc.errno == errno.ENOSPC:
                         return DISK_FULL_EXIT

@@ -59,30 +59,33 @@ def serve_command(cfg: HerlConfig, run_dir: Path, control: Path) -> list[str]:
     return cmd[:-5] + ["-m", "herl.trainer_service.server", str(run_dir), str(control)]
 
 
-class _ForkedJob:
+class ForkedJob:
     """One training process forked from multiprocessing's fork server, which imported
     torch, transformers and herl.training.trainer once: what `accelerate launch` runs for one
-    process (a plain child), without its start-up."""
+    process (a plain child), without its start-up. `target(*args, progress)` runs in it
+    (the one-shot job's run_job, the resident trainer's serve_job); poll / wait as a Popen's."""
 
-    def __init__(self, run_dir: Path, k: int, out_dir: Path):
+    def __init__(self, target, args: tuple, name: str):
         import multiprocessing
 
-        from herl.training.trainer import run_job
         from herl.util.progress import enabled
 
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(["herl.training.trainer", "transformers.modeling_utils", "accelerate"])
         # the fork server may have started before this process's HERL_PROGRESS was set: the
         # progress choice travels with the job
-        self.proc = ctx.Process(target=run_job, args=(str(run_dir), k, str(out_dir), enabled()),
-                                name=f"herl-train-{k}")
+        self.name = name
+        self.proc = ctx.Process(target=target, args=(*args, enabled()), name=name)
         self.proc.start()
         self.pid = self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.exitcode
 
     def wait(self, timeout: float | None = None) -> int:
         self.proc.join(timeout)
         if self.proc.exitcode is None:
-            raise subprocess.TimeoutExpired("herl.training.trainer", timeout or 0.0)
+            raise subprocess.TimeoutExpired(self.name, timeout or 0.0)
         return self.proc.exitcode
 
 
@@ -92,7 +95,10 @@ def start_job(cfg: HerlConfig, run_dir: Path, k: int, out_dir: Path):
 
     cmd = launch_command(cfg, run_dir, k, out_dir)
     if cmd is None and not multiprocessing.current_process().daemon:
-        return _ForkedJob(run_dir, k, out_dir), f"herl.training.trainer {run_dir} {k} (one process)"
+        from herl.training.trainer import run_job
+
+        return (ForkedJob(run_job, (str(run_dir), k, str(out_dir)), f"herl-train-{k}"),
+                f"herl.training.trainer {run_dir} {k} (one process)")
     if cmd is None:  # a daemonic pool worker may not fork children: a fresh interpreter instead
         cmd = [sys.executable, *_job_args(run_dir, k, out_dir)]
     # its own process group, so that stopping the stage stops every process it started
@@ -119,20 +125,30 @@ def wait_for_job(proc, timeout_s: float | None) -> int:
                 if deadline is not None and time.monotonic() > deadline:
                     raise subprocess.TimeoutExpired("herl.training.trainer", timeout_s or 0.0) from None
     except BaseException:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:  # not yet in its own group
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        stop_job(proc)
         raise
+
+
+def stop_job(proc) -> None:
+    """Stop a job and everything it started: SIGTERM to its process group, SIGKILL to the
+    group STOP_GRACE_S later (or once it ended: what it started, accelerate's ranks, goes
+    too), then reap it. A job that already ended is only reaped."""
+    def signal_group(sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # not yet (or no longer) leading its own group
+            try:
+                os.kill(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    signal_group(signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        pass
+    signal_group(signal.SIGKILL)
+    proc.wait()
 
 
 def train_memory_bytes(base: Path, t) -> int:
