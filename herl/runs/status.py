@@ -51,10 +51,37 @@ def disk_line(run_dir: Path) -> str:
     with_opt = sum((s / "optimizer.pt").exists() for s in snaps)
     snap_bytes = size(p for s in snaps for p in s.rglob("*"))
     table_bytes = size(run_dir.glob("iter-*/*.parquet"))
-    gb = lambda n: f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"  # noqa: E731
-    return (f"disk: {gb(snap_bytes + table_bytes)} ({gb(snap_bytes)} in {len(snaps)} snapshots: "
+    return (f"disk: {human_bytes(snap_bytes + table_bytes)} ({human_bytes(snap_bytes)} in {len(snaps)} snapshots: "
             f"{len(snaps) - pruned} with weights, {with_opt} with optimizer state, {pruned} pruned; "
-            f"{gb(table_bytes)} of tables)")
+            f"{human_bytes(table_bytes)} of tables)")
+
+
+def human_bytes(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+MEMORY_PARTS = (("weights", "memory_weights_gb"), ("trainable", "memory_trainable_gb"),
+                ("gradients", "memory_gradients_gb"), ("AdamW state", "memory_optimizer_gb"),
+                ("KL reference", "memory_reference_gb"))
+
+
+def memory_line(run_dir: Path) -> str | None:
+    """What the trainer held at the newest train stage, part by part (its metrics
+    memory_*_gb, per process), its peak resident and GPU memory, and where it keeps them
+    between iterations; None before any train stage."""
+    run = load_run(run_dir)
+    trained = [k for k in range(run.cfg.iterations + 1) if run.table(k, "metrics", "train").exists()]
+    if not trained:
+        return None
+    m = {name: v for _, name, v in run.metric_rows(trained[-1], ["train"])}
+    if "memory_weights_gb" not in m:  # a run from an older herl
+        return None
+    parts = ", ".join(f"{label} {human_bytes(m[key] * 1e9)}" for label, key in MEMORY_PARTS if key in m)
+    peaks = f"peak RSS {human_bytes(m.get('peak_rss_gb', 0.0) * 1e9)}" + (
+        f", peak GPU {human_bytes(m['peak_gpu_memory_gb'] * 1e9)}" if "peak_gpu_memory_gb" in m else "")
+    where = run.cfg.train.between_iterations
+    where += " (offload on GPUs, keep on CPUs)" if where == "auto" else ""
+    return f"trainer (iteration {trained[-1]}, per process): {parts}; {peaks}; between iterations: {where}"
 
 
 def run_summary(run_dir: str | Path, wall_seconds: float | None = None) -> list[str]:

@@ -39,6 +39,9 @@ class ResidentTrainer:
 
     def __init__(self, cfg: HerlConfig, run_dir: Path, key: str):
         self.key, self.run_dir, self.n = key, run_dir, 0
+        self.timeout_s = cfg.train.launcher.timeout_s
+        self.holds: int | None = None  # the snapshot in its memory, sealed on disk (its optimizer written or being written)
+        self._unsettled: tuple[int, int] | None = None  # (request, k) whose snapshot the stage has not yet settled
         # on one machine, the system's temporary folder (a run folder on a full disk must
         # still hear the trainer say so); several machines share only the run folder
         where = Path(run_dir) if cfg.train.launcher.num_machines > 1 else Path(tempfile.gettempdir())
@@ -50,12 +53,18 @@ class ResidentTrainer:
     def alive(self) -> bool:
         return self.job.poll() is None
 
-    def train(self, k: int, out_dir: Path, timeout_s: float | None) -> int:
+    def train(self, k: int, out_dir: Path, timeout_s: float | None, final_dir: Path | None = None) -> int:
         """Train iteration k into out_dir; returns the exit code a one-shot job would have
-        (the job's own exit code if it died without replying)."""
+        (the job's own exit code if it died without replying). final_dir: where the stage
+        puts the snapshot once sealed; the optimizer state is then left out of out_dir and
+        written there after `settle(sealed=True)`."""
+        if self._unsettled is not None:  # a stage that never settled its snapshot: not sealed
+            self.settle(False)
         n, self.n = self.n, self.n + 1
+        self.holds = None
         tmp = self.control / f"request-{n}.json.tmp"
-        tmp.write_text(json.dumps({"k": k, "out_dir": str(out_dir)}))
+        request = {"k": k, "out_dir": str(out_dir), **({"final_dir": str(final_dir)} if final_dir else {})}
+        tmp.write_text(json.dumps(request))
         os.replace(tmp, self.control / f"request-{n}.json")
         reply = self.control / f"reply-{n}.json"
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -71,14 +80,29 @@ class ResidentTrainer:
         except BaseException:
             self.close(graceful=False)
             raise
-        return int(json.loads(reply.read_text())["code"])
+        code = int(json.loads(reply.read_text())["code"])
+        if code == 0:
+            self._unsettled = (n, k) if final_dir is not None else None
+            self.holds = None if final_dir is not None else k + 1
+        return code
+
+    def settle(self, sealed: bool) -> None:
+        """Tell the trainer whether the snapshot of its last request is sealed in place (it
+        then writes the deferred optimizer state there) or not (it forgets it)."""
+        if self._unsettled is None or not self.control.exists():  # nothing asked, or the trainer was stopped
+            return
+        (n, k), self._unsettled = self._unsettled, None
+        tmp = self.control / f"settled-{n}.json.tmp"
+        tmp.write_text(json.dumps({"sealed": sealed}))
+        os.replace(tmp, self.control / f"settled-{n}.json")
+        self.holds = k + 1 if sealed else None
 
     def close(self, graceful: bool = True) -> None:
         """Ask the job to end (graceful), then stop its whole process group; remove the control folder."""
         if graceful and self.alive():
             (self.control / "stop").write_text("")
-            try:
-                self.job.wait(timeout=STOP_GRACE_S)
+            try:  # a deferred optimizer state being written is finished first
+                self.job.wait(timeout=max(STOP_GRACE_S, self.timeout_s or 3600.0))
             except subprocess.TimeoutExpired:
                 pass
         stop_job(self.job)

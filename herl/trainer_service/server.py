@@ -3,7 +3,10 @@
     [accelerate launch ...] -m herl.trainer_service.server RUN_DIR CONTROL_DIR
 
 Each process polls the control folder for the next request, steps the one Trainer it
-holds (herl.training.trainer), and the main process writes the reply. It ends on `stop`,
+holds (herl.training.trainer), and the main process writes the reply. A request with
+`final_dir` defers the optimizer state: the reply goes as soon as the weights are written,
+and once the stage says the snapshot is sealed and in place (`settled-N.json`) the trainer
+writes the AdamW state into it, while the run goes on to its next rollout. It ends on `stop`,
 when the stage's process (the owner) is gone, or on an error (the stage then sees the job
 exit without a reply, and the next train stage starts a new trainer from the snapshots
 on disk).
@@ -47,10 +50,22 @@ def write_json(path: Path, value: dict) -> None:
     os.replace(tmp, path)
 
 
+def wait_for_settled(control: Path, n: int) -> bool | None:
+    """Whether the stage sealed request n's snapshot in place (False: it failed first);
+    None when told to stop or the stage's process is gone before it said."""
+    path = control / f"settled-{n}.json"
+    while not path.exists():
+        if (control / "stop").exists() or not owner_alive(control):
+            return None
+        time.sleep(POLL_S)
+    return bool(json.loads(path.read_text())["sealed"])
+
+
 def serve(run_dir: Path, control: Path) -> int:
     """Serve train requests for the run at run_dir until told to stop."""
     from herl.runs.rundir import load_run
     from herl.training.trainer import DISK_FULL_EXIT, Trainer
+    from schemas.errors import disk_error, out_of_space
 
     run = load_run(run_dir)
     trainer = Trainer(run)
@@ -63,9 +78,8 @@ def serve(run_dir: Path, control: Path) -> int:
             req = json.loads(request.read_text())
             if offload:
                 trainer.offload(to_host=False)
-            code = trainer.step(int(req["k"]), Path(req["out_dir"]))
-            if offload:  # the engine generates next: the accelerator's memory is its
-                trainer.offload(to_host=True)
+            final = req.get("final_dir")
+            code = trainer.step(int(req["k"]), Path(req["out_dir"]), defer_optimizer=final is not None)
             sys.stdout.flush()
             sys.stderr.flush()
             if main:
@@ -75,6 +89,24 @@ def serve(run_dir: Path, control: Path) -> int:
                     if exc.errno == errno.ENOSPC:
                         return DISK_FULL_EXIT
                     raise
+            if offload:  # the engine generates next: the accelerator's memory is its
+                trainer.offload(to_host=True)
+            if code == 0 and final is not None:
+                settled = wait_for_settled(control, n)
+                if settled is None:  # told to stop, or the stage's process is gone: the state stays unwritten
+                    break
+                if not settled:  # the stage failed after the reply: the snapshot was not put in place
+                    trainer.holds = None
+                else:
+                    try:
+                        trainer.write_optimizer(Path(final))
+                    except (OSError, RuntimeError) as exc:
+                        if not Path(final).exists():  # the snapshot was removed meanwhile (a redo): nowhere to write
+                            trainer.holds = None
+                        elif disk_error(exc) is not None or out_of_space(Path(final)):  # the next train stage says so
+                            return DISK_FULL_EXIT
+                        else:
+                            raise
             n += 1
             continue
         if (control / "stop").exists() or not owner_alive(control):

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from herl.models.lora import is_adapter
+from herl.models.snapshot import OPTIMIZER_FILE, optimizer_unsealed, write_deferred_optimizer
 from herl.training.batching import (
     Prepared,
     ResponseLogprobs,
@@ -283,6 +284,23 @@ def load_policy(snapshot: Path, base: Path, cfg: TrainConfig, model_dtype: str, 
     return model
 
 
+def held_memory(model, optimizer, ref_model) -> dict[str, float]:
+    """What the trainer holds, by part (GB, this process; metrics memory_*_gb, `herl
+    status`): all weights (with LoRA the frozen base too), the trainable ones, their
+    gradients at their peak (one per trainable weight, in its dtype; freed after each
+    optimizer step), the AdamW state, and the KL reference (0 with LoRA: the adapter is
+    switched off instead)."""
+    def nbytes(tensors) -> float:
+        return sum(t.numel() * t.element_size() for t in tensors) / 1e9
+
+    params = list(_policy(model).parameters())
+    trainable = [p for p in params if p.requires_grad]
+    state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return {"memory_weights_gb": nbytes(params), "memory_trainable_gb": nbytes(trainable),
+            "memory_gradients_gb": nbytes(trainable), "memory_optimizer_gb": nbytes(state),
+            "memory_reference_gb": nbytes(ref_model.parameters()) if ref_model is not None else 0.0}
+
+
 def peak_memory() -> dict[str, float]:
     """This process's peak resident memory (GB; it includes the libraries imported, about
     0.5 GB) and, on a GPU, the peak memory torch allocated there."""
@@ -329,7 +347,10 @@ class Trainer:
         self.tokenizer = load_tokenizer(snapshot)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate,
                                       weight_decay=t.weight_decay)
-        opt_state = snapshot / "optimizer.pt"
+        if optimizer_unsealed(snapshot):  # stages/train.py completes it (redoes update k - 1) first
+            raise RuntimeError(f"{snapshot}'s optimizer state was deferred and never written; "
+                               "resume the run: its train stage redoes the update that makes it")
+        opt_state = snapshot / OPTIMIZER_FILE
         if opt_state.exists():
             optimizer.load_state_dict(torch.load(opt_state, map_location="cpu"))
         if t.kl_coef > 0 and t.lora.rank == 0 and self.ref_model is None:
@@ -341,9 +362,11 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(ResponseLogprobs(model), optimizer)
         self.holds = k
 
-    def step(self, k: int, out_dir: Path) -> int:
+    def step(self, k: int, out_dir: Path, defer_optimizer: bool = False) -> int:
         """Train iteration k and write snapshot k + 1's files and the metrics into out_dir;
-        returns the job's exit code (0, NONFINITE_EXIT, DISK_FULL_EXIT)."""
+        returns the job's exit code (0, NONFINITE_EXIT, DISK_FULL_EXIT). defer_optimizer:
+        leave the AdamW state out (the resident trainer writes it into the sealed snapshot
+        with `write_optimizer` while the next rollout runs)."""
         t, acc, run = self.t, self.accelerator, self.run
         t0 = time.perf_counter()
         loaded = self.holds != k
@@ -373,22 +396,25 @@ class Trainer:
         metrics["tokens_per_second"] = metrics["tokens"] * t.ppo_epochs / metrics["update_seconds"]
         metrics["load_seconds"] = load_seconds
         metrics["loaded_from_disk"] = float(loaded)  # 0: the resident trainer held snapshot k
+        metrics["optimizer_deferred"] = float(defer_optimizer)  # 1: written after the stage returned
         metrics["hindsight_prompts_trimmed"] = sequences.prompts_trimmed  # hindsight.max_train_prompt_tokens
         metrics["sequences_seconds"] = t_update - t0 - load_seconds  # the batch's token lists, joined
         metrics.update(peak_memory())
+        metrics.update(held_memory(self.model, self.optimizer, self.ref_model))
         t_save = time.perf_counter()
 
         # every process takes part in gathering a sharded model's weights; the main one writes
         state = {name.removeprefix("model."): value for name, value in acc.get_state_dict(self.model).items()}
         assert self.optimizer is not None  # load() made it
-        optim_state = self.optimizer.state_dict()
+        optim_state = None if defer_optimizer else self.optimizer.state_dict()
         code = 0
         if acc.is_main_process:
             try:
                 out_dir.mkdir(parents=True, exist_ok=True)
                 _policy(acc.unwrap_model(self.model)).save_pretrained(out_dir, state_dict=state, safe_serialization=True)
                 self.tokenizer.save_pretrained(out_dir)
-                torch.save(optim_state, out_dir / "optimizer.pt")
+                if optim_state is not None:
+                    torch.save(optim_state, out_dir / OPTIMIZER_FILE)
             except Exception as exc:
                 # torch reports a full disk as "[enforce fail at inline_container.cc] unexpected pos",
                 # safetensors as its own SafetensorError ("I/O error: No space left on device")
@@ -410,6 +436,15 @@ class Trainer:
         # into place (a stage that fails after this asks for k again: then they are reloaded)
         self.holds = k + 1 if code == 0 else None
         return code
+
+    def write_optimizer(self, folder: Path) -> None:
+        """Write the AdamW state of the snapshot this trainer holds into its sealed folder
+        (after step(..., defer_optimizer=True)); every process takes part, the main one writes."""
+        assert self.optimizer is not None
+        state = self.optimizer.state_dict()
+        if self.accelerator.is_main_process:
+            write_deferred_optimizer(folder, lambda path: torch.save(state, path))
+        self.accelerator.wait_for_everyone()
 
     def offload(self, to_host: bool) -> None:
         """Move the parameters, gradients and AdamW state to host memory (to_host) or back to

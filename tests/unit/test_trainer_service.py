@@ -18,12 +18,22 @@ from herl.runs.rundir import open_run
 from herl.trainer_service.client import live_trainer, release_trainers, resident_trainer
 from schemas.config import load_config
 from stages import run_iteration, run_named_stage
+from stages.train import release_trainer
 from tests.helpers import small_overrides
 
 
 def _digests(snapshot: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(snapshot.iterdir())
             if f.suffix in (".safetensors", ".pt")}
+
+
+def _wait_for_optimizer(snapshot: Path, timeout: float = 60.0) -> None:
+    from herl.models.snapshot import optimizer_unsealed
+
+    deadline = time.time() + timeout
+    while optimizer_unsealed(snapshot):
+        assert time.time() < deadline, f"{snapshot}'s deferred optimizer state was not written in {timeout} s"
+        time.sleep(0.1)
 
 
 def _run(tmp_path: Path, name: str, mode: str, iterations: int = 2, **extra):
@@ -43,18 +53,29 @@ def _train(run, upto: int | None = None) -> list[dict]:
                 metrics.append(dict(query_run(run.path, f"select name, value from metrics where stage = 'train' "
                                                         f"and iteration = {k}").fetchall()))
     finally:
-        release_trainers()
+        release_trainer(run)
     return metrics
 
 
 @pytest.mark.parametrize("extra", [{}, {"train.lora.rank": 8}], ids=["full", "lora"])
-def test_a_resident_trainer_makes_the_same_snapshots_as_a_job_per_iteration(tmp_path, extra):
+def test_a_resident_trainer_makes_the_same_snapshots_as_a_job_per_iteration(tmp_path, extra, capsys):
     kept = _run(tmp_path, "keep", "keep", **extra)
     m = _train(kept)
     one_shot = _run(tmp_path, "exit", "exit", **extra)
     _train(one_shot)
     for k in (1, 2):
         assert _digests(kept.snapshot(k)) == _digests(one_shot.snapshot(k)), k
+    # what it holds, by part: AdamW keeps two moments per trainable weight (and a step count)
+    last = m[-1]
+    assert 2 * last["memory_trainable_gb"] <= last["memory_optimizer_gb"] < 2.01 * last["memory_trainable_gb"]
+    assert (last["memory_trainable_gb"] < last["memory_weights_gb"]) == bool(extra)  # LoRA: the base is frozen
+    from herl.commands.cli import main
+
+    main(["status", str(kept.path)])
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("trainer (iteration 1")]
+    from herl.runs.status import human_bytes
+
+    assert line and f"AdamW state {human_bytes(last['memory_optimizer_gb'] * 1e9)}" in line[0], line
     # one trainer served both iterations: started once, loaded from disk once
     assert [x["trainer_started"] for x in m] == [1.0, 0.0]
     assert [x["loaded_from_disk"] for x in m] == [1.0, 0.0]
@@ -108,11 +129,13 @@ def test_a_redone_train_stage_reloads_snapshot_k(tmp_path):
     with kept.lock():
         try:
             run_iteration(kept, 0)
+            _wait_for_optimizer(kept.snapshot(1))  # the trainer writes it after the stage
             before, trainer = _digests(kept.snapshot(1)), live_trainer()
             shutil.rmtree(kept.snapshot(1))
             (kept.path / "iter-0" / "_manifests" / "train.json").unlink()
             (kept.path / "iter-0" / "metrics-train.parquet").unlink()
             run_named_stage("train", kept, 0)
+            _wait_for_optimizer(kept.snapshot(1))
             assert _digests(kept.snapshot(1)) == before and live_trainer() is trainer
             got = dict(query_run(kept.path, "select name, value from metrics where stage = 'train' and iteration = 0"
                                             " and name in ('loaded_from_disk', 'trainer_started')").fetchall())
@@ -156,3 +179,98 @@ def test_between_iterations_is_not_part_of_the_stage_hash():
     base = load_config(None, {})
     assert stage_config_hash(base, "train") == stage_config_hash(
         load_config(None, {"train.between_iterations": "exit"}), "train")
+
+
+def test_a_trainer_killed_during_its_deferred_optimizer_write_costs_one_update(tmp_path, monkeypatch):
+    """The resident trainer writes snapshot k + 1's optimizer state after the stage returns.
+    Killed then (here: as the stage settles iteration 1's snapshot, with half a state on
+    disk), the snapshot's weights stay sealed and its state unsealed; snapshot 1, which the
+    update started from, is not pruned (keep_snapshots = 1); the next train stage redoes
+    iteration 1's update from it, checks the weights come back bit for bit, seals the
+    state, and the run goes on to the snapshots a job per iteration makes."""
+    from herl.models.snapshot import (
+        OPTIMIZER_FILE,
+        OPTIMIZER_PARTIAL,
+        optimizer_unsealed,
+        snapshot_meta,
+    )
+    from herl.runs.query import query_run
+    from herl.trainer_service.client import ResidentTrainer
+
+    extra = {"train.keep_snapshots": 1}
+    kept = _run(tmp_path, "keep", "keep", iterations=3, **extra)
+    original = ResidentTrainer.settle
+
+    def killed_while_writing(self, sealed):
+        if self._unsettled is not None and self._unsettled[1] == 1:
+            os.killpg(self.job.pid, signal.SIGKILL)  # before a byte of the state is written
+            self.job.wait(timeout=30)
+            original(self, sealed)
+            # what a kill halfway through torch.save leaves beside the sealed weights
+            (kept.snapshot(2) / OPTIMIZER_PARTIAL).write_bytes(b"PK\x03\x04 half a state")
+        else:
+            original(self, sealed)
+
+    with kept.lock():
+        try:
+            monkeypatch.setattr(ResidentTrainer, "settle", killed_while_writing)
+            run_iteration(kept, 0)
+            run_iteration(kept, 1)
+            monkeypatch.setattr(ResidentTrainer, "settle", original)
+            assert optimizer_unsealed(kept.snapshot(2)) and not (kept.snapshot(2) / OPTIMIZER_FILE).exists()
+            # the snapshot the lost state can be made from keeps its weights and state
+            assert not snapshot_meta(kept.snapshot(1)).get("pruned")
+            assert (kept.snapshot(1) / OPTIMIZER_FILE).exists()
+            release_trainers()
+            run_iteration(kept, 2)  # a resumed run: a new trainer
+        finally:
+            release_trainers()
+    assert not optimizer_unsealed(kept.snapshot(2)) and not (kept.snapshot(2) / OPTIMIZER_PARTIAL).exists()
+    assert not list((kept.path / "snapshots").glob(".*"))  # the redo's scratch folder is gone
+    redo = query_run(kept.path, "select value from metrics where stage = 'train' and iteration = 2 "
+                                "and name = 'optimizer_redo_seconds'").fetchall()[0][0]
+    assert redo > 0
+    one_shot = _run(tmp_path, "exit", "exit", iterations=3, **extra)
+    _train(one_shot)
+    assert _digests(kept.snapshot(3)) == _digests(one_shot.snapshot(3))
+    assert (kept.snapshot(3) / OPTIMIZER_FILE).exists()
+
+
+def _sealed_snapshot(folder: Path, weights: bytes) -> Path:
+    from herl.models.snapshot import seal_snapshot
+
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(weights)
+    seal_snapshot(folder, {"snapshot_id": f"t/{folder.name}/x", "optimizer_deferred": True})
+    return folder
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["same-weights", "other-weights"])
+def test_recovering_a_deferred_optimizer_state_checks_the_weights(tmp_path, monkeypatch, same):
+    """The redo's weights must equal the sealed ones, file for file: then its state is
+    sealed into the snapshot; else (kernels that are not deterministic) nothing of the
+    snapshot changes and the error says how to redo from the update before."""
+    import stages.train as train_stage
+    from herl.models.snapshot import OPTIMIZER_FILE, optimizer_unsealed, snapshot_problems
+
+    cfg = load_config(None, small_overrides(tmp_path, run_id="r"))
+    run = open_run(cfg)
+    _sealed_snapshot(run.snapshot(1), b"weights one")
+
+    def redo(run_, k, out_dir, trainer, final_dir=None):  # the update of iteration k = 0, as it came out
+        out_dir.mkdir()
+        (out_dir / "model.safetensors").write_bytes(b"weights one" if same else b"weights 1.0000001")
+        (out_dir / OPTIMIZER_FILE).write_bytes(b"adam")
+        (out_dir / "train_metrics.json").write_text("{}")
+        return 0, "the test's update"
+
+    monkeypatch.setattr(train_stage, "train_into", redo)
+    if same:
+        assert train_stage.complete_optimizer(run, 1, None) >= 0
+        assert not optimizer_unsealed(run.snapshot(1)) and snapshot_problems(run.snapshot(1)) == []
+        assert (run.snapshot(1) / OPTIMIZER_FILE).read_bytes() == b"adam"
+    else:
+        with pytest.raises(train_stage.OptimizerRedoMismatch, match="model.safetensors differ.*Remove"):
+            train_stage.complete_optimizer(run, 1, None)
+        assert optimizer_unsealed(run.snapshot(1)) and not (run.snapshot(1) / OPTIMIZER_FILE).exists()
+    assert not list(run.snapshot(1).parent.glob(".*"))
