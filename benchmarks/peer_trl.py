@@ -34,7 +34,8 @@ they come before its first step and are reported as start-up). Peak memory is th
 sum of resident memory over the system's process tree (sampled every 0.2 s).
 
 Writes OUT/results.json (every iteration of every run) and OUT/results.md (the tables,
-with the machine's load before each run), and prints results.md.
+with the machine's load before each run), and prints results.md. Each finished run's
+numbers are kept in WORK/SYSTEM-ROUND.json: run again, and only the missing runs run.
 """
 
 from __future__ import annotations
@@ -312,15 +313,19 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for rnd in range(1, args.rounds + 1):
         for system in systems:
-            result = out / "work" / f"{system}-{rnd}.json"
+            result = Path(args.work) / f"{system}-{rnd}.json"
             result.parent.mkdir(parents=True, exist_ok=True)
+            if result.exists():  # finished before this command (an interrupted benchmark resumes)
+                runs.append(json.loads(result.read_text()))
+                continue
             load = os.getloadavg()[0]
             print(f"{system}, round {rnd} (load {load:.2f})", flush=True)
             cmd = [sys.executable, __file__, "--one", system, "--round", str(rnd), "--result", str(result),
                    "--config", args.config, "--iterations", str(args.iterations), "--work", args.work,
                    *[x for s in args.set or [] for x in ("--set", s)]]
             subprocess.run(cmd, check=True)
-            runs.append({**json.loads(result.read_text()), "load": load})
+            result.write_text(json.dumps({**json.loads(result.read_text()), "load": load}))
+            runs.append(json.loads(result.read_text()))
     from heldout_analysis import provenance
 
     cfg = load_cfg(args.config, args.set or [], args.iterations, "transformers")
