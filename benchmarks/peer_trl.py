@@ -13,7 +13,9 @@ herl's grader (TRL's reward function calls it), then `train.mini_batches` optimi
 of plain GRPO (herl's `algorithm = grpo`, no hindsight) with the same LoRA, learning rate,
 clipping, gradient clipping, weight decay and loss aggregation. Each system runs in a
 process of its own (`--one SYSTEM`), one after the other, `--rounds` times in turn
-(trl, herl-transformers, herl-vllm, then again), so the machine's drift falls on all.
+(trl, herl-transformers, herl-vllm, herl-transformers-exit, then again), so the
+machine's drift falls on all. herl-transformers-exit is herl with a train job per
+iteration (`train.between_iterations = exit`): the resident trainer's "before".
 
 Settings that cannot be matched (printed in results.md too):
   - sampling: the same distribution, different random draws (each system's own seeding);
@@ -54,7 +56,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-SYSTEMS = ("trl", "herl-transformers", "herl-vllm")
+SYSTEMS = ("trl", "herl-transformers", "herl-vllm", "herl-transformers-exit")
+# system -> (rollout.engine, train.between_iterations); -exit: a train job per iteration (the
+# resident trainer's "before", on the same work)
+HERL = {"herl-transformers": ("transformers", "auto"), "herl-vllm": ("vllm", "auto"),
+        "herl-transformers-exit": ("transformers", "exit")}
+# the train stage's own breakdown (its metrics), and the rollout's, per iteration
+DETAIL = {("train", "job_overhead_seconds"): "job start + exit", ("train", "load_seconds"): "load",
+          ("train", "sequences_seconds"): "batch", ("train", "old_logprob_pass_seconds"): "old log-probs",
+          ("train", "optimizer_steps_seconds"): "optimizer steps", ("train", "save_seconds"): "save",
+          ("train", "seal_seconds"): "seal", ("rollout", "generation_seconds"): "generate",
+          ("rollout", "engine_weight_sync_seconds"): "weights to engine"}
 LOSS_TYPES = {"token_mean": "dapo", "seq_mean_token_mean": "grpo", "dr_grpo": "dr_grpo"}
 
 
@@ -88,12 +100,12 @@ class TreeMemory:
         return self.peak / 1e9
 
 
-def load_cfg(config: str, overrides: list[str], iterations: int, engine: str):
+def load_cfg(config: str, overrides: list[str], iterations: int, engine: str, between: str = "auto"):
     from schemas.config import load_config, parse_overrides
 
     sets = parse_overrides(overrides)
     sets.update({"algorithm": "grpo", "iterations": iterations, "rollout.engine": engine,
-                 "evaluation.every": 0, "tracking.report_to": []})
+                 "train.between_iterations": between, "evaluation.every": 0, "tracking.report_to": []})
     return load_config(Path(config), sets)
 
 
@@ -146,7 +158,8 @@ def run_herl(cfg, out: Path) -> dict:
                     "trainer_start": metrics.get(("train", "job_overhead_seconds"), 0.0)
                     if metrics.get(("train", "trainer_started")) else 0.0,
                     "old_logprob_pass": metrics.get(("train", "old_logprob_pass_seconds"), 0.0),
-                    "mean_reward": metrics[("grade", "mean_reward")]})
+                    "mean_reward": metrics[("grade", "mean_reward")],
+                    "detail": {label: metrics.get(key, 0.0) for key, label in DETAIL.items()}})
                 print(f"  iteration {k}: {wall:.1f} s, reward {rows[-1]['mean_reward']:.3f}", flush=True)
         finally:
             release_trainer(run)
@@ -242,8 +255,8 @@ def run_trl(cfg, out: Path) -> dict:
 
 
 def one(system: str, args) -> dict:
-    engine = {"trl": "transformers", "herl-transformers": "transformers", "herl-vllm": "vllm"}[system]
-    cfg = load_cfg(args.config, args.set or [], args.iterations, engine)
+    engine, between = HERL.get(system, ("transformers", "auto"))
+    cfg = load_cfg(args.config, args.set or [], args.iterations, engine, between)
     out = Path(args.work) / f"{system}-{args.round}"
     import shutil
 
@@ -275,6 +288,15 @@ def summarise(runs: list[dict], settings: str) -> str:
         peak = max(r["peak_memory_gb"] for r in rs)
         lines.append(f"| {system} | {mean('wall'):.1f} | {mean('generation'):.1f} | {mean('grading'):.2f} | "
                      f"{mean('training'):.1f} | {first:.1f} | {start:.1f} | {peak:.1f} GB |")
+    herl = {system: rs for system, rs in by.items() if system in HERL}
+    if herl:
+        labels = list(DETAIL.values())
+        lines += ["", "herl's stages from the inside (their metrics; seconds per iteration after the first):", "",
+                  "| system | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        for system, rs in herl.items():
+            later = [it for r in rs for it in r["iterations"][1:]]
+            cells = [statistics.mean(it["detail"][label] for it in later) if later else float("nan") for label in labels]
+            lines.append(f"| {system} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
     lines += ["", "Mean reward of the iteration's own answers (policy k on fresh samples), first 3 against last 3 "
               "iterations (round 1):", "", "| system | first 3 | last 3 | change |", "|---|---|---|---|"]
     for system, rs in by.items():
