@@ -385,18 +385,59 @@ class _HashingFile:
         pass
 
 
+class OutputPathError(UserError, ValueError):
+    """An output path herl must not write: something other than a regular file or folder is
+    there, or no file can be made beside it."""
+
+
+def refuse_special(path: Path, folder: bool = False) -> None:
+    """Outputs go to new paths or replace what herl writes: a regular file (`folder`: a
+    folder). A rename over a device, FIFO, socket, link or the other kind would replace it
+    (as root, /dev/full with a plain file), so it is refused, naming what is there."""
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise OutputPathError(f"cannot write {path}: {exc.strerror}") from None
+    if (stat.S_ISDIR(mode) if folder else stat.S_ISREG(mode)):
+        return
+    kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISREG, "a file")]
+    what = next((name for test, name in kinds if test(mode)), "not a regular file")
+    want = "a folder" if folder else "a file"
+    raise OutputPathError(f"cannot write {path}: it is {what}, and herl writes {want} there only to a new path or "
+                          f"over {want} it wrote; choose another path")
+
+
+def _temporary_beside(path: Path, make):
+    """`make(prefix, dir)` (mkstemp or mkdtemp) beside `path`, its folder made first; a
+    failure is one line naming `path`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        made = make(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        err = disk_error(exc, path)
+        if err is not None:
+            raise err from None
+        raise OutputPathError(f"cannot write {path}: {exc.strerror or exc} (in {path.parent})") from None
+    return made
+
+
 @contextmanager
 def atomic_write(path: Path, mode: str = "wb"):
     """Open a temporary file beside `path`; on success fsync it and rename it to `path`.
 
     Readers see the old file or the complete new one, never a partial one; on error
     (or a kill) only a `.<name>.*.tmp` file remains, which the next attempt removes.
-    A binary file is hashed as it is written: its digest costs no second read."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise disk_error(exc, path) or exc from None
+    A binary file is hashed as it is written: its digest costs no second read. Only a new
+    path or a regular file is replaced (refuse_special)."""
+    path = Path(path)
+    refuse_special(path)
+    fd, tmp = _temporary_beside(path, lambda prefix, dir: tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=dir))
     try:
         with os.fdopen(fd, mode) as raw:
             fh = _HashingFile(raw) if mode == "wb" else raw
@@ -436,11 +477,8 @@ def atomic_directory(dest: Path):
     folder replaces `dest` (one rename), on any error it is removed. A kill midway leaves a
     `.<name>.*` folder, never a half-written `dest`."""
     dest = Path(dest)
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    except OSError as exc:
-        raise disk_error(exc, dest) or exc from None
+    refuse_special(dest, folder=True)
+    tmp = Path(_temporary_beside(dest, tempfile.mkdtemp))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # what mkdir would have made (mkdtemp's is 0700)

@@ -236,13 +236,17 @@ def cmd_plot(args) -> int:
 def _writing_a_view(cmd: str):
     """herl plot / report / view only read the run: a folder they cannot write into (a
     read-only copy, a full disk) asks for another place, not a resume."""
+    from schemas.tables import OutputPathError
+
+    elsewhere = f"the run is only read, so write the file elsewhere: herl {cmd} RUN_DIR --out FILE"
     try:
         yield
+    except OutputPathError as exc:  # a device, FIFO or folder where the file goes
+        raise UserError(f"{str(exc).split('; choose')[0]}; {elsewhere}") from None
     except OSError as exc:
         if exc.errno is None:
             raise
-        raise UserError(f"cannot write {exc.filename or 'the output'}: {exc.strerror}; the run is only read, so write "
-                        f"the file elsewhere: herl {cmd} RUN_DIR --out FILE") from None
+        raise UserError(f"cannot write {exc.filename or 'the output'}: {os.strerror(exc.errno)}; {elsewhere}") from None
 
 
 def cmd_report(args) -> int:

@@ -12,10 +12,10 @@ groups a revision beat, sequences given the bonus).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from herl.runs.query import connect_run
+from schemas.tables import atomic_write
 
 ITEMS_SHOWN = 8
 
@@ -91,9 +91,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     for ax in axes.flat:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # iterations are whole numbers
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with atomic_write(out, "wb") as fh:  # never over a device, FIFO or folder (refuse_special)
+            fig.savefig(fh, format="png", dpi=100)
+    finally:
+        plt.close(fig)
     return out

@@ -18,12 +18,13 @@ from __future__ import annotations
 import base64
 import difflib
 import json
-import os
 import re
+import tempfile
 from pathlib import Path
 
 from herl.grading.rubric import user_prompt
 from herl.runs.query import connect_run
+from schemas.tables import atomic_write, refuse_special
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "report.html"
 
@@ -118,14 +119,13 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, iterations:
     run_dir = Path(run_dir).resolve()
     out = Path(out) if out else run_dir / "report.html"
     data = report_data(run_dir, iterations)
-    png = plot_run(run_dir, out.with_name(f".{out.name}.curves.png"))
-    data["curves_png"] = base64.b64encode(png.read_bytes()).decode("ascii")
-    png.unlink()
+    refuse_special(out)  # before the work: a device, FIFO or folder there is never replaced
+    with tempfile.TemporaryDirectory(prefix="herl-report-") as scratch:
+        png = plot_run(run_dir, Path(scratch) / "curves.png")
+        data["curves_png"] = base64.b64encode(png.read_bytes()).decode("ascii")
     # JSON inside <script>: "<" escaped so no text of a model can close the element
     payload = json.dumps(data, ensure_ascii=False, default=str).replace("<", "\\u003c")
     page = TEMPLATE.read_text().replace("/*HERL_DATA*/null", payload)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(page)
-    os.replace(tmp, out)
+    with atomic_write(out, "w") as fh:  # never over a device, FIFO or folder (refuse_special)
+        fh.write(page)
     return out

@@ -543,3 +543,36 @@ def test_a_ctrl_c_while_the_query_starts_stops_it_and_leaves_no_query_running(fi
         run_query(finished, cross)
     assert started
     assert not psutil.pid_exists(started[0]) or psutil.Process(started[0]).status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "folder", "proc"])
+def test_outputs_never_replace_what_is_not_a_regular_file(finished, tmp_path, kind):
+    """`herl grade --output` and `herl report --out` at a device node (made with mknod, as
+    /dev/full is), a FIFO, an existing folder, or a place no file can be made: one line,
+    exit 2, and the thing there is still what it was."""
+    import stat
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt_id": "a", "messages": [{"role": "user", "content": "Hi."}],
+                                   "rubric": [{"item_id": "i", "kind": "include", "params": {"text": "hello"}}],
+                                   "response": "Hello."}) + "\n")
+    target = tmp_path / "target"
+    if kind == "device":
+        if os.geteuid() != 0:
+            pytest.skip("mknod of a device needs root")
+        os.mknod(target, stat.S_IFCHR | 0o666, os.makedev(1, 7))  # what /dev/full is
+    elif kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "folder":
+        target.mkdir()
+    else:
+        target = Path("/proc/herl-output.parquet")
+    before = os.lstat(target).st_mode if target.exists() or kind != "proc" else None
+    for args in (("grade", "--input", str(prompts), "--output", str(target)),
+                 ("report", str(finished), "--out", str(target))):
+        _assert_user_error(_herl(*args), f"cannot write {target}")
+        if before is not None:
+            assert os.lstat(target).st_mode == before, args  # still a device / FIFO / folder
+        else:
+            assert not target.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".target")]  # no temporary left
