@@ -189,6 +189,7 @@ def run_query(run_dir: str | Path, sql: str, timeout_s: float | None = None,
     DuckDB's interrupt cannot reach a connection busy in another thread, and a query
     blocked in C++ never sees Python's KeyboardInterrupt."""
     import json
+    import os
     import signal
     import subprocess
     import sys
@@ -206,7 +207,8 @@ def run_query(run_dir: str | Path, sql: str, timeout_s: float | None = None,
     with tempfile.TemporaryDirectory(prefix="herl-sql-") as tmp:
         result, error = Path(tmp) / "result.arrow", Path(tmp) / "error.json"
         job = json.dumps({"run_dir": str(run_dir), "sql": sql, "memory": memory_limit_bytes,
-                          "result": str(result), "error": str(error)})
+                          "result": str(result), "error": str(error), "parent": os.getpid(),
+                          "timeout": timeout_s or None})
         # Ctrl-C is held back while the child starts: landing inside Popen, it would leave a
         # query running (in its own session, ignoring SIGINT) that nothing here can kill
         held: list[int] = []
@@ -264,6 +266,19 @@ def _query_job(job: dict) -> int:
     from herl.sql import to_arrow
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it kills this process to stop it
+    # whatever ends the parent (SIGHUP, SIGTERM, SIGKILL: no handler of its runs) ends this
+    # query too; a parent already gone before that was set is caught by the pid check
+    from herl.util.procs import die_with_parent
+
+    die_with_parent(signal.SIGKILL)
+    if os.getppid() != job["parent"]:
+        return 4
+    if job.get("timeout"):  # the time limit holds here too, should the parent be stopped (SIGSTOP):
+        # SIGALRM's default action ends the process in the kernel, with no Python (DuckDB may hold the GIL)
+        import math
+
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(math.ceil(float(job["timeout"])) + 1)
     try:
         table = to_arrow(query_run(job["run_dir"], job["sql"], job["memory"]))
     except DamagedTableError as exc:

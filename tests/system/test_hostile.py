@@ -576,3 +576,42 @@ def test_outputs_never_replace_what_is_not_a_regular_file(finished, tmp_path, ki
         else:
             assert not target.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".target")]  # no temporary left
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM, signal.SIGKILL, signal.SIGSTOP],
+                         ids=["hup", "term", "kill", "stopped-parent"])
+def test_no_query_outlives_herl_sql(finished, sig):
+    """HUP, TERM or KILL sent to `herl sql`'s own pid (as a supervisor or script sends it)
+    ends its query process too, within 2 s; a `herl sql` that is stopped (SIGSTOP) cannot
+    hold its query past --timeout: the query process keeps the limit itself."""
+    import psutil
+
+    cross = "SELECT count(*) FROM rollouts a, rollouts b, rollouts c, rollouts d, rollouts e, rollouts f, rollouts g"
+    timeout = ["--timeout", "4"] if sig == signal.SIGSTOP else ["--timeout", "0"]
+    proc = subprocess.Popen([sys.executable, "-m", "herl.commands.cli", "sql", str(finished), cross, *timeout],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (children := psutil.Process(proc.pid).children()):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    query = children[0]
+    time.sleep(1.0)  # the query is running
+    os.kill(proc.pid, sig)
+
+    def ended() -> bool:  # gone, or a zombie its stopped parent cannot reap yet
+        try:
+            return query.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    try:
+        limit = time.time() + (2 if sig != signal.SIGSTOP else 4 + 1 + 3)
+        while not ended():
+            if time.time() > limit:
+                pytest.fail(f"the query process {query.pid} still runs after {signal.Signals(sig).name} to herl sql")
+            time.sleep(0.1)
+    finally:
+        if sig == signal.SIGSTOP:
+            os.kill(proc.pid, signal.SIGCONT)
+        proc.kill() if proc.poll() is None else None
+        proc.wait(timeout=30)
