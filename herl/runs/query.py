@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from schemas.errors import MissingError, UserError
-from schemas.tables import TABLES, needs_migration, read_table
+from schemas.tables import TABLES, file_sha256, needs_migration, read_table, remember_digest
 
 
 class ReadOnlyQueryError(UserError, ValueError):
@@ -100,18 +100,50 @@ def _readable(name: str, path: Path) -> str | None:
     try:
         pq.read_metadata(path)
     except (OSError, pa.ArrowException) as exc:
-        return str(exc).split(". ")[0]
+        first = str(exc).split(". ")[0]
+        return " ".join("".join(c if c.isprintable() else " " for c in first).split())  # one printable line
+    return None
+
+
+def _recorded_digests(run_path: Path) -> dict[Path, dict]:
+    """{table file: the digest record its stage's manifest holds} for the run's outputs."""
+    import json
+
+    out: dict[Path, dict] = {}
+    for mp in run_path.glob("iter-*/_manifests/*.json"):
+        try:
+            m = json.loads(mp.read_bytes())
+        except (ValueError, OSError):
+            continue  # an unreadable manifest: its stage is redone on resume; its files are read as they are
+        outputs = m.get("outputs") if isinstance(m, dict) else None
+        for o in outputs.values() if isinstance(outputs, dict) else []:
+            if isinstance(o, dict) and isinstance(o.get("path"), str) and isinstance(o.get("sha256"), str):
+                out[(run_path / o["path"]).resolve()] = o
+    return out
+
+
+def _changed(path: Path, record: dict | None) -> str | None:
+    """Why `path` is not the file its stage wrote (None: it is, or nothing was recorded).
+    A file whose inode, size and times are the recorded ones is taken as written without
+    reading it; any other is hashed (a flipped bit changes its times)."""
+    if record is None:
+        return None
+    remember_digest(path, record)
+    if file_sha256(path) != record["sha256"]:
+        return "it changed since herl wrote it: its sha256 is not the one recorded then"
     return None
 
 
 def damaged_tables(run_dir: str | Path) -> dict[str, str]:
-    """{table: why} for every table of the run with a file that cannot be read."""
+    """{table: why} for every table of the run with a file that cannot be read, or that is
+    not what its stage wrote (its recorded digest): a flipped bit is never read as data."""
     run_path = Path(run_dir).resolve()
+    recorded = _recorded_digests(run_path)
     out: dict[str, str] = {}
     for name, spec in TABLES.items():
         pattern = "metrics-*.parquet" if spec.per_stage else spec.filename()
         for p in sorted(run_path.glob(f"iter-*/{pattern}")):
-            why = _readable(name, p)
+            why = _readable(name, p) or _changed(p, recorded.get(p.resolve()))
             if why and name not in out:
                 out[name] = f"table {name}: {p} cannot be read ({why}); run `herl resume {run_path}` to rebuild it " \
                             "(the stage that wrote it is redone)"
@@ -122,7 +154,8 @@ def connect_run(run_dir: str | Path, memory_limit_bytes: int | None = None, omit
     """A DuckDB connection with one view per table over all iterations, with no file access.
     Tables in `omit` are not there at all (query_run leaves damaged ones out, so no way of
     naming them, query_table('rewards') included, reads part of one); a damaged file of
-    another table is skipped (the viewer and plots show what can be read)."""
+    another table (unreadable, or not what its stage wrote) is skipped (the viewer and
+    plots show what can be read)."""
     import duckdb
     import pyarrow.dataset as ds
 
@@ -136,12 +169,13 @@ def connect_run(run_dir: str | Path, memory_limit_bytes: int | None = None, omit
     if memory_limit_bytes:
         con.execute("SET memory_limit = $limit", {"limit": f"{memory_limit_bytes}B"})
     con.execute("SET lock_configuration = true")
+    recorded = _recorded_digests(run_path)
     for name, spec in TABLES.items():
         if name in omit:
             continue
         pattern = "metrics-*.parquet" if spec.per_stage else spec.filename()
         files = sorted(str(p) for p in run_path.glob(f"iter-*/{pattern}") if p.resolve().is_relative_to(run_path))
-        files = [f for f in files if _readable(name, Path(f)) is None]
+        files = [f for f in files if _readable(name, Path(f)) is None and _changed(Path(f), recorded.get(Path(f))) is None]
         # the table's own schema: files of older herl versions missing a column read it as
         # null; ones with a renamed column are read whole, renamed (schemas.tables.RENAMED)
         old = [f for f in files if needs_migration(name, Path(f))]
@@ -170,7 +204,7 @@ def _open_query(run_dir: str | Path, sql: str, memory_limit_bytes: int | None):
         return con, con.sql(sql)
     except duckdb.CatalogException as exc:  # query_table('rewards'), query('... rewards'): bound here
         for name, why in damaged.items():
-            if name in str(exc):
+            if name in str(exc).lower():  # as DuckDB matches names: query_table('REWARDS') too
                 raise DamagedTableError(why) from None
         raise
 

@@ -79,7 +79,7 @@ def memory_line(run_dir: Path) -> str | None:
     parts = ", ".join(f"{label} {human_bytes(m[key] * 1e9)}" for label, key in MEMORY_PARTS if key in m)
     peaks = f"peak RSS {human_bytes(m.get('peak_rss_gb', 0.0) * 1e9)}" + (
         f", peak GPU {human_bytes(m['peak_gpu_memory_gb'] * 1e9)}" if "peak_gpu_memory_gb" in m else "")
-    where = run.cfg.train.between_iterations
+    where: str = run.cfg.train.between_iterations
     where += " (offload on GPUs, keep on CPUs)" if where == "auto" else ""
     return f"trainer (iteration {trained[-1]}, per process): {parts}; {peaks}; between iterations: {where}"
 

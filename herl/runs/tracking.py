@@ -64,11 +64,36 @@ class Tracker(Protocol):
     def close(self) -> None: ...
 
 
+def _quiet_writer_threads() -> None:
+    """TensorBoard writes events from a thread of its own, which prints a traceback when
+    the disk is full or read-only; the same error reaches the flow through `log`'s flush,
+    which warns in one line (sync_trackers) and sends the metrics again later. So such a
+    thread's disk error prints nothing; every other thread's error is printed as before."""
+    import errno
+    import threading
+
+    if getattr(threading.excepthook, "herl_quiet", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        thread_module = type(args.thread).__module__ if args.thread is not None else ""
+        if (thread_module.startswith("tensorboard") and isinstance(args.exc_value, OSError)
+                and args.exc_value.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)):
+            return
+        previous(args)
+
+    hook.herl_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
 class TensorBoard:
     name = "tensorboard"
 
     def __init__(self, run: Run, state: dict):
         from torch.utils.tensorboard import SummaryWriter
+
+        _quiet_writer_threads()
         self.dir = run.path / "tracking" / "tensorboard"
         fresh = not self.dir.exists()
         self.writer = SummaryWriter(str(self.dir))
