@@ -2,13 +2,19 @@
 
     python benchmarks/old_logprob_reuse.py [--model builtin:smollm2-135m-instruct]
         [--sequences 16 --prompt-tokens 128 --response-tokens 128 --mini-batches 2 --reps 3]
+        [--lora-rank 16]
 
 With one PPO epoch, herl takes epoch 0's first mini-batch's old log-probs from that
 mini-batch's own forward (herl/training/trainer.py, train_on_batch) instead of a separate
 no-grad pass. This times one update (train_on_batch: old-log-prob pass plus optimizer
 steps) both ways on the same synthetic batch, interleaved (A, B, A, B, ...) so that a
 busy machine slows both alike, and prints seconds per update (median and range), the
-ratio, and the largest difference of the updated weights.
+ratio, and the largest difference of the updated weights. It also prints what the pass
+costs against an optimizer step over as many sequences (the time saved, over one
+mini-batch's share of the update): about 1/3 for a full fine-tune, where the backward
+pass costs two forwards (gradients of activations and of weights), and nearer 1/2 with
+LoRA (`--lora-rank`), where the frozen weights need no gradient and the backward costs
+about one forward.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--response-tokens", type=int, default=128)
     ap.add_argument("--mini-batches", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--lora-rank", type=int, default=0, help="train a LoRA adapter of this rank (alpha 2r) on every linear layer")
     args = ap.parse_args(argv)
 
     path = resolve_model_path(args.model)
@@ -57,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         trainer._first_minibatch = first if reuse else (lambda *a: [])
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(path)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
+        if args.lora_rank:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
+                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
         t0 = time.perf_counter()
         trainer.train_on_batch(model, opt, Accelerator(cpu=True), [dict(r) for r in rows], cfg, 0, tok.pad_token_id)
         seconds = time.perf_counter() - t0
@@ -71,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             times[reuse].append(seconds)
     trainer._first_minibatch = first
     tokens = args.sequences * args.response_tokens
-    print(f"{path.name}: {args.sequences} sequences x ({args.prompt_tokens} + {args.response_tokens}) tokens, "
+    kind = f"LoRA r{args.lora_rank}" if args.lora_rank else "full fine-tune"
+    print(f"{path.name}, {kind}: {args.sequences} sequences x ({args.prompt_tokens} + {args.response_tokens}) tokens, "
           f"{args.mini_batches} mini-batches, {args.reps} interleaved reps\n")
     print("| old log-probs of the first mini-batch | s per update (median, range) | response tokens/s |")
     print("|---|---|---|")
@@ -81,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     ratio = statistics.median(times[False]) / statistics.median(times[True])
     print(f"\nspeed-up {ratio:.2f}x; largest weight difference after the update "
           f"{float((weights[True] - weights[False]).abs().max()):.2e}")
+    saved = statistics.median(times[False]) - statistics.median(times[True])  # the pass over one mini-batch
+    per_minibatch = statistics.median(times[True]) / args.mini_batches  # an optimizer step over as many
+    print(f"the no-grad pass over one mini-batch ({args.sequences // args.mini_batches} sequences): {saved:.2f} s, "
+          f"{saved / per_minibatch:.2f}x an optimizer step over as many ({per_minibatch:.2f} s)")
     return 0
 
 

@@ -1,12 +1,27 @@
 """The `herl` command: run, resume, status, sql, plot, report, view, grade, eval, export, install-vllm, init-model."""
+# ruff: noqa: E402  (a SIGINT handler is installed before the slow imports)
 
 from __future__ import annotations
+
+import os
+import signal
+import sys
+
+
+# Ctrl-C while the imports below run (a second or more) is a quiet exit 130, not a
+# traceback from inside some library; main() puts Python's handler back. A SIGINT
+# ignored from the start (a background job) stays ignored.
+def _interrupted_while_starting(signum, frame):
+    os.write(2, b"herl: interrupted\n")
+    os._exit(130)
+
+
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 import argparse
 import contextlib
 import json
-import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,13 +34,18 @@ from schemas.config import PRESETS, parse_overrides
 from schemas.errors import UserError, disk_error, existing_parent
 
 
+def _refuse_busy(folder: Path) -> None:
+    """A run another herl process holds is refused at once, before Prefect starts."""
+    if (Path(folder) / "config.json").is_file() and load_run(folder).is_locked():
+        raise UserError(f"{Path(folder).resolve()} is in use: another herl process is running it (its lock is held); "
+                        "wait for it to finish or stop it first")
+
+
 def _flow_arguments(args) -> dict:
     """The `herl` flow's parameters for `herl run` / `herl resume`."""
     if args.cmd == "resume":
         run = load_run(args.run_dir)
-        if run.is_locked():  # refused at once, before Prefect starts
-            raise UserError(f"{run.path} is in use: another herl process is running it (its lock is held); "
-                            "wait for it to finish or stop it first")
+        _refuse_busy(run.path)
         # the folder as it is now (it may have been moved); config.json's run_id stays the run's identity
         return {"config": str(run.path / "config.json"), "run_id": run.run_id, "runs_dir": str(run.path.parent),
                 "run_dir": str(run.path), "iterations": args.iterations, "overrides": parse_overrides(args.set)}
@@ -52,6 +72,8 @@ def preflight(args, config_ok: Callable[[], None] = lambda: None) -> dict:
     params = _flow_arguments(args)
     named = {k: params.get(k) for k in ("run_id", "iterations", "model_path", "runs_dir")}
     cfg = load_config(params["config"], flow_overrides(overrides=params["overrides"], **named))
+    if cfg.run_id:  # `herl run --run-id R` of a run in use: refused before Prefect starts, as resume is
+        _refuse_busy(Path(params.get("run_dir") or Path(cfg.runs_dir) / cfg.run_id))
     config_ok()
     import_plugins(cfg.plugins)  # before the pool: its rubric kinds may be the plugins' checks
     check_pool_fits(cfg)
@@ -360,6 +382,8 @@ def cmd_export(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the imports are done: Ctrl-C is KeyboardInterrupt again
     ap = argparse.ArgumentParser(prog="herl", description="HeRL: RL from rubric rewards with hindsight experience.")
     ap.add_argument("--debug", action="store_true", help="show the Python traceback of a user error too")
     sub = ap.add_subparsers(dest="cmd", required=True)

@@ -442,6 +442,11 @@ def test_a_moved_run_resumes_as_the_same_run(finished, tmp_path):
         busy = _herl("resume", str(moved))
         _assert_user_error(busy, "is in use")
         assert time.perf_counter() - t0 < 30
+        # `herl run` naming the run in use: refused as fast (it took 98 s, after Prefect started)
+        t0 = time.perf_counter()
+        again = _herl("run", "--runs-dir", str(moved.parent), "--run-id", moved.name)
+        _assert_user_error(again, "is in use")
+        assert time.perf_counter() - t0 < 30 and "Beginning flow run" not in again.stdout + again.stderr
 
 
 def test_herl_grade_user_errors_are_one_line(tmp_path):
@@ -660,3 +665,19 @@ def test_a_flipped_bit_in_a_table_is_never_read_as_data(finished, tmp_path, caps
     # restored bytes (new times, the same digest) read again, with the true numbers
     again = query_run(run, "SELECT sum(reward), count(*) FROM rewards").fetchall()
     assert again[0][1] == truth[0][1] and again[0][0] == pytest.approx(truth[0][0])
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.8, 1.5])
+def test_ctrl_c_while_herl_starts_prints_no_traceback(finished, delay):
+    """Ctrl-C during herl's imports (the first second or two): exit 130, one line, no
+    KeyboardInterrupt traceback (there was one at 1.2 s)."""
+    proc = subprocess.Popen([sys.executable, "-m", "herl.commands.cli", "status", str(finished)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err, err[-2000:]
+    assert proc.returncode in (0, 130)  # 0: it had already finished
+    if proc.returncode == 130:
+        assert "interrupted" in err
