@@ -31,16 +31,41 @@ DEFAULT_CONFIG = PRESETS / "tiny.toml"
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
-def _url_has_credentials(url: str | None) -> bool:
-    from urllib.parse import urlsplit
+# query parameters that carry a secret (api_key=, token=, sig=, X-Amz-Signature=, ...)
+_SECRET_PARAM = re.compile(r"(^|[_-])(api[_-]?key|key|token|secret|password|passwd|pwd|sig|signature|auth|"
+                           r"authorization|access[_-]?token|credential|credentials)$", re.IGNORECASE)
+
+
+def url_secret(url: str | None) -> str | None:
+    """What secret a URL holds, if any: a user name or password before the host (also in
+    a URL without a scheme, `user:pw@host/v1`, or with backslashes, `http:\\user:pw@host`),
+    or a query parameter that names a key, token, password or signature. None: none."""
+    from urllib.parse import parse_qsl
 
     if not url:
-        return False
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "@" in url
-    return parts.username is not None or parts.password is not None
+        return None
+    text = url.strip().replace("\\", "/")
+    rest = re.sub(r"^[A-Za-z][A-Za-z0-9+.-]*:/*", "", text)  # the scheme and its slashes, however many
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if "@" in authority:
+        return "a user name or password (user:password@host)"
+    query = text.split("?", 1)[1].split("#", 1)[0] if "?" in text else ""
+    for name, _ in parse_qsl(query, keep_blank_values=True):
+        if _SECRET_PARAM.search(name.strip()):
+            return f"a secret in its query string ({name}=...)"
+    return None
+
+
+def _url_has_credentials(url: str | None) -> bool:
+    return url_secret(url) is not None
+
+
+def _no_secret(field: str, url: str | None, where_instead: str) -> None:
+    """Refuse a URL that holds a secret: the config is stored in clear."""
+    what = url_secret(url)
+    if what is not None:
+        raise ValueError(f"{field} holds {what}: the config is stored in config.json, Prefect and the trackers in "
+                         f"clear. {where_instead}, and give the URL without it")
 
 
 class _Section(BaseModel):
@@ -463,10 +488,10 @@ class HerlConfig(_Section):
              "grade.judge.concurrency must be >= 1, retries and parse_retries >= 0")
         need(j.timeout_s > 0 and j.backoff_s >= 0, "grade.judge.timeout_s must be > 0 and backoff_s >= 0")
         # the config is written to config.json, Prefect, trackers and model cards: no secrets in it
-        need(not _url_has_credentials(j.base_url),
-             "grade.judge.base_url holds a user name or password (user:password@host): the config is stored in "
-             "config.json, Prefect and the trackers in clear. Put the key in the variable grade.judge.api_key_env "
-             "names (or a Prefect Secret, api_key_secret) and give the URL without it")
+        _no_secret("grade.judge.base_url", j.base_url, "Put the key in the variable grade.judge.api_key_env names "
+                   "(or a Prefect Secret, api_key_secret)")
+        _no_secret("tracking.mlflow_uri", self.tracking.mlflow_uri, "Give MLflow its credentials in "
+                   "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
         need(ENV_NAME.fullmatch(j.api_key_env) is not None,
              "grade.judge.api_key_env must name an environment variable (letters, digits, '_'), e.g. OPENAI_API_KEY; "
              "it looks like a key itself: never put the key in the config, export it in that variable")
@@ -627,7 +652,7 @@ def _shown(key: str, value: Any) -> str:
     if key.endswith("api_key_env") and isinstance(value, str) and ENV_NAME.fullmatch(value) is None:
         return '"<hidden>"'
     if isinstance(value, str) and _url_has_credentials(value):
-        return json.dumps(re.sub(r"//[^/@]*@", "//<hidden>@", value))
+        return '"<a URL with a secret, hidden>"'
     return json.dumps(value)
 
 

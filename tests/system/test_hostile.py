@@ -95,9 +95,9 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
         "no model": (["--model-path", str(tmp / "nowhere")], ["model.path", "nowhere"]),
         "infinite rate": (["--set", "train.learning_rate=inf"], ["train.learning_rate", "finite number"]),
         "password in URL": (["--set", "grade.judge.base_url=http://user:PASSWORD@host/v1"],
-                            ["grade.judge.base_url", "user name or password", "<hidden>"]),
+                            ["grade.judge.base_url", "user name or password", "hidden"]),
         "key as variable": (["--set", "grade.judge.api_key_env=sk-proj-4f9a8b7c"],
-                            ["grade.judge.api_key_env", "environment variable", "<hidden>"]),
+                            ["grade.judge.api_key_env", "environment variable", "hidden"]),
     }
 
 
@@ -681,3 +681,27 @@ def test_ctrl_c_while_herl_starts_prints_no_traceback(finished, delay):
     assert proc.returncode in (0, 130)  # 0: it had already finished
     if proc.returncode == 130:
         assert "interrupted" in err
+
+
+@pytest.mark.parametrize("key,url", [
+    ("grade.judge.base_url", "S3CRETUSER:S3CRETPW@judge.example/v1"),  # no scheme
+    ("grade.judge.base_url", "http:\\\\S3CRETUSER:S3CRETPW@judge.example/v1"),  # backslashes
+    ("grade.judge.base_url", "https://judge.example/v1?api_key=S3CRETPW"),
+    ("grade.judge.base_url", "https://judge.example/v1?x=1&access_token=S3CRETPW"),
+    ("tracking.mlflow_uri", "http://S3CRETUSER:S3CRETPW@mlflow.example:5000"),
+], ids=["no-scheme", "backslashes", "api_key-query", "token-query", "mlflow"])
+def test_no_credential_in_a_url_is_stored(tmp_path, key, url):
+    """Every URL a config holds (the judge's, MLflow's), every way of hiding a secret in it:
+    refused in one line, before anything is written, and the secret is nowhere on disk
+    afterwards: not in the runs folder, herl's home or Prefect's home (its database)."""
+    runs = tmp_path / "runs"
+    homes = {"HERL_HOME": tmp_path / "herl-home", "PREFECT_HOME": tmp_path / "prefect-home"}
+    proc = subprocess.run([sys.executable, "-m", "herl.commands.cli", "run", "--runs-dir", str(runs), "--run-id", "c",
+                           "--set", f"{key}={url}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **{k: str(v) for k, v in homes.items()}})
+    _assert_user_error(proc, key, "hidden")
+    assert "S3CRETPW" not in proc.stdout + proc.stderr
+    for folder in (runs, *homes.values()):
+        for f in (folder.rglob("*") if folder.exists() else []):
+            if f.is_file():
+                assert b"S3CRETPW" not in f.read_bytes(), f
