@@ -146,21 +146,41 @@ def _read_file(path: Path) -> list[tuple[str, dict]]:
         raise PromptFileError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json or .parquet")
     text = read_utf8(path, PromptFileError)
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            return [(f"{path} item {i}", r) for i, r in enumerate(json.loads(text))]
-        except json.JSONDecodeError as exc:
-            raise PromptFileError(f"{path}: not valid JSON: {exc}") from None
+        rows = _parse_json(text, str(path))
+        if not isinstance(rows, list):
+            raise PromptFileError(f"{path}: not valid JSON: a list of prompt objects was expected")
+        for i, r in enumerate(rows):
+            _check_size(len(json.dumps(r)), f"{path} item {i}")
+        return [(f"{path} item {i}", r) for i, r in enumerate(rows)]
     out = []
     # JSON Lines are split on "\n" only: str.splitlines() would also split on U+2028 and
     # friends, which JSON strings may contain raw (HealthBench does)
     for i, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            out.append((f"{path} line {i}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise PromptFileError(f"{path} line {i}: not valid JSON: {exc}") from None
+        _check_size(len(line), f"{path} line {i}")  # before parsing: a 200 MB row is refused, not built
+        out.append((f"{path} line {i}", _parse_json(line, f"{path} line {i}")))
     return out
+
+
+MAX_ROW_CHARS = 16 * 2**20  # a prompt row, rubric included: far above any real one, far below what exhausts memory
+
+
+def _check_size(chars: int, where: str) -> None:
+    if chars > MAX_ROW_CHARS:
+        raise PromptFileError(f"{where}: the row is {chars / 2**20:.1f} M characters, more than the "
+                              f"{MAX_ROW_CHARS // 2**20} M a prompt row may hold (prompt, messages and rubric together)")
+
+
+def _parse_json(text: str, where: str):
+    """json.loads with its failures as one line naming `where`: invalid JSON, or nesting so
+    deep the parser's recursion gives out."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PromptFileError(f"{where}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise PromptFileError(f"{where}: JSON nested too deeply to be a prompt row") from None
 
 
 def _fail(where: str, field: str, msg: str) -> NoReturn:
@@ -283,6 +303,8 @@ def from_herl(row: dict, where: str) -> dict:
                 params = json.loads(params)
             except json.JSONDecodeError as exc:
                 _fail(where, f"rubric[{j}].params", f"is not valid JSON: {exc}")
+            except RecursionError:
+                _fail(where, f"rubric[{j}].params", "is JSON nested too deeply")
         if not isinstance(params, dict):
             _fail(where, f"rubric[{j}].params", "must be an object")
         try:  # params must fit the check even when the item brings its own description

@@ -234,3 +234,25 @@ def test_builtin_ifeval_is_shipped_with_its_license():
     assert sum(len(r["rubric"]) for r in rows) == 834  # IFEval's instruction count
     notice = BUILTIN_FILES["builtin:ifeval"].parent / "IFEVAL_LICENSE.md"
     assert "Apache License, Version 2.0" in notice.read_text()
+
+
+@pytest.mark.parametrize("case", ["deep", "huge", "deep-params"])
+def test_pathological_rows_are_bad_input_with_their_line(tmp_path, case):
+    """JSON nested 100,000 levels deep (a RecursionError traceback before) and a row larger
+    than any prompt (a 200 MB one drove the pre-flight past 4 GB): one error naming the
+    file and line, before the row is built."""
+    import json
+
+    from herl.data.importers import MAX_ROW_CHARS, PromptFileError, load_prompts
+
+    ok = {"prompt_id": "a", "messages": [{"role": "user", "content": "Hi."}],
+          "rubric": [{"item_id": "i", "kind": "include", "params": {"text": "hello"}}]}
+    bad = {"deep": "[" * 100_000 + "]" * 100_000,
+           "huge": json.dumps({**ok, "prompt_id": "b", "messages": [{"role": "user", "content": "x" * (MAX_ROW_CHARS + 1)}]}),
+           "deep-params": json.dumps({**ok, "prompt_id": "b", "rubric": [
+               {"item_id": "i", "kind": "include", "params": "[" * 100_000 + "]" * 100_000}]})}[case]
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps(ok) + "\n" + bad + "\n")
+    needle = {"deep": "nested too deeply", "huge": "more than the 16 M", "deep-params": "nested too deeply"}[case]
+    with pytest.raises(PromptFileError, match=f"p.jsonl line 2: .*{needle}"):
+        load_prompts(str(f))
