@@ -184,35 +184,56 @@ def cmd_status(args) -> int:
 
 
 def cmd_sql(args) -> int:
+    import csv
+
     import duckdb
     import pyarrow as pa
 
-    from herl.runs.query import QueryError, QueryStopped, default_memory_limit, run_query
+    from herl.runs.query import (
+        QueryError,
+        QueryStopped,
+        default_memory_limit,
+        run_query,
+        stream_query,
+    )
 
     memory = int(args.memory_limit * 2**30) if args.memory_limit else default_memory_limit()
+    table_rows = 100 if args.max_rows is None else args.max_rows
+    writer = csv.writer(sys.stdout)
+    header: list = []
+
+    def print_batch(batch) -> None:  # csv and json stream, a batch at a time, inside the time limit
+        if args.format == "csv":
+            if not header:
+                header.append(batch.schema.names)
+                writer.writerow(batch.schema.names)
+            writer.writerows(zip(*(c.to_pylist() for c in batch.columns)) if batch.num_columns else [])
+        else:
+            sys.stdout.write("".join(json.dumps(row, default=str) + "\n" for row in batch.to_pylist()))
+
     try:
-        result = run_query(args.run_dir, args.query, args.timeout, memory)
+        if args.format == "table":  # one row more than shown: whether there are more
+            result = run_query(args.run_dir, args.query, args.timeout, memory, max_rows=table_rows + 1)
+        else:
+            schema = stream_query(args.run_dir, args.query, print_batch, args.timeout, memory, args.max_rows)
+            if args.format == "csv" and not header:  # no rows: the header alone
+                writer.writerow(schema.names)
+            return 0
     except QueryStopped as exc:
         print(f"herl sql: {exc}", file=sys.stderr)
         return 130 if "Ctrl-C" in str(exc) else 2
     except QueryError as exc:
         print(f"herl sql: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `herl sql ... | head`: the reader left (no error; _report_user_errors)
+        raise
     except (ReadOnlyQueryError, FileNotFoundError, duckdb.Error, pa.ArrowException, OSError) as exc:
         print(f"herl sql: {exc}", file=sys.stderr)
         return 2
-    cols = result.column_names
-    if args.format == "csv":
-        import csv
-
-        w = csv.writer(sys.stdout)
-        w.writerow(cols)
-        w.writerows(zip(*(c.to_pylist() for c in result.columns)) if cols else [])
-    elif args.format == "json":
-        for row in result.to_pylist():
-            print(json.dumps(row, default=str))
-    else:
-        duckdb.from_arrow(result).show(max_rows=args.max_rows, max_width=200)
+    more = result.num_rows > table_rows
+    duckdb.from_arrow(result.slice(0, table_rows)).show(max_rows=table_rows, max_width=200)
+    if more:
+        print(f"(the first {table_rows} rows; --max-rows N shows more, --format csv or json streams them all)")
     return 0
 
 
@@ -416,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.add_argument("query")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    p.add_argument("--max-rows", type=int, default=100)
+    p.add_argument("--max-rows", type=int, default=None, metavar="N",
+                   help="at most N rows (default: 100 for the table format, every row for csv and json, which stream)")
     p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                    help="stop the query after this long (default 300; 0: no limit); Ctrl-C stops it at once")
     p.add_argument("--memory-limit", type=float, default=None, metavar="GB",

@@ -214,14 +214,30 @@ class QueryStopped(UserError):
 
 
 def run_query(run_dir: str | Path, sql: str, timeout_s: float | None = None,
-              memory_limit_bytes: int | None = None):
-    """Execute a read-only query to an Arrow table, bounded: stopped at once by Ctrl-C,
-    after `timeout_s` seconds (None or 0: no limit), or when it needs more than
-    `memory_limit_bytes` (nothing spills to disk); QueryStopped says which.
+              memory_limit_bytes: int | None = None, max_rows: int | None = None):
+    """Execute a read-only query to an Arrow table (at most `max_rows` rows), bounded as
+    stream_query says."""
+    import pyarrow as pa
+
+    batches: list = []
+    schema = stream_query(run_dir, sql, batches.append, timeout_s, memory_limit_bytes, max_rows)
+    return pa.Table.from_batches(batches, schema=schema)
+
+
+def stream_query(run_dir: str | Path, sql: str, on_batch, timeout_s: float | None = None,
+                 memory_limit_bytes: int | None = None, max_rows: int | None = None):
+    """Execute a read-only query and hand its result to `on_batch` one Arrow record batch
+    at a time (at most `max_rows` rows in all; None: every row); returns its schema.
+    Bounded: stopped at once by Ctrl-C, after `timeout_s` seconds (None or 0: no limit),
+    the time `on_batch` takes (printing) included, or when the query needs more than
+    `memory_limit_bytes` (nothing spills to disk); QueryStopped says which. The result
+    streams: a batch is handed on and dropped, so printing 30M rows holds a batch at a time.
 
     The query runs in a child process of its own session, which is killed to stop it:
     DuckDB's interrupt cannot reach a connection busy in another thread, and a query
-    blocked in C++ never sees Python's KeyboardInterrupt."""
+    blocked in C++ never sees Python's KeyboardInterrupt. It writes Arrow's stream format
+    into a pipe that a thread here reads; the child ends with this process whatever ends
+    it, and keeps the time limit itself too."""
     import json
     import os
     import signal
@@ -239,10 +255,9 @@ def run_query(run_dir: str | Path, sql: str, timeout_s: float | None = None,
         raise QueryStopped("the query was stopped by Ctrl-C") from None
     # damaged tables are found once, by the child's query_run, and come back as "damaged"
     with tempfile.TemporaryDirectory(prefix="herl-sql-") as tmp:
-        result, error = Path(tmp) / "result.arrow", Path(tmp) / "error.json"
-        job = json.dumps({"run_dir": str(run_dir), "sql": sql, "memory": memory_limit_bytes,
-                          "result": str(result), "error": str(error), "parent": os.getpid(),
-                          "timeout": timeout_s or None})
+        error = Path(tmp) / "error.json"
+        job = json.dumps({"run_dir": str(run_dir), "sql": sql, "memory": memory_limit_bytes, "error": str(error),
+                          "parent": os.getpid(), "timeout": timeout_s or None, "max_rows": max_rows})
         # Ctrl-C is held back while the child starts: landing inside Popen, it would leave a
         # query running (in its own session, ignoring SIGINT) that nothing here can kill
         held: list[int] = []
@@ -250,16 +265,29 @@ def run_query(run_dir: str | Path, sql: str, timeout_s: float | None = None,
         previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum)) if main else None
         try:
             proc = subprocess.Popen([sys.executable, "-m", "herl.runs.query", job], start_new_session=True,
-                                    stdin=subprocess.DEVNULL)
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
         finally:
             if main:
                 signal.signal(signal.SIGINT, previous)
+        read: dict = {}
+
+        def reader() -> None:  # the pipe, batch by batch, into on_batch (printing happens here)
+            try:
+                stream = pa.ipc.open_stream(proc.stdout)
+                read["schema"] = stream.schema
+                for batch in stream:
+                    on_batch(batch)
+            except BaseException as exc:  # noqa: BLE001 (a closed pipe, a failing printer: reported below)
+                read["error"] = exc
+
+        thread = threading.Thread(target=reader, name="herl-sql-result", daemon=True)
+        thread.start()
         t0, stopped = time.monotonic(), None
         try:
             if held:  # the Ctrl-C held back lands here, where the query can be killed
                 raise KeyboardInterrupt
-            while proc.poll() is None:
-                time.sleep(0.05)
+            while thread.is_alive() or proc.poll() is None:
+                thread.join(0.05)
                 if timeout_s and time.monotonic() - t0 > timeout_s:
                     stopped = f"stopped after {timeout_s:g} s, its time limit (raise it with --timeout SECONDS; 0: none)"
                     break
@@ -269,6 +297,9 @@ def run_query(run_dir: str | Path, sql: str, timeout_s: float | None = None,
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+            thread.join(5)
+            if proc.stdout is not None:
+                proc.stdout.close()
         if stopped is not None:
             raise QueryStopped(f"the query was {stopped}")
         if error.exists():
@@ -278,10 +309,12 @@ def run_query(run_dir: str | Path, sql: str, timeout_s: float | None = None,
                 raise QueryStopped(f"the query needs more memory than its limit of {limit} (raise it with "
                                    f"--memory-limit GB): {err['message']}")
             raise (DamagedTableError if err["kind"] == "damaged" else QueryError)(err["message"])
-        if proc.returncode != 0 or not result.exists():
-            raise QueryError(f"the query's process ended with exit code {proc.returncode} and no result")
-        with pa.memory_map(str(result)) as source:
-            return pa.ipc.open_file(source).read_all()
+        if isinstance(read.get("error"), (BrokenPipeError, KeyboardInterrupt)):
+            raise read["error"]  # the reader of our output left, or Ctrl-C landed in the printer
+        if proc.returncode != 0 or "schema" not in read or "error" in read:
+            why = f": {read['error']}" if "error" in read else ""
+            raise QueryError(f"the query's process ended with exit code {proc.returncode} and no result{why}")
+        return read["schema"]
 
 
 class QueryError(UserError):
@@ -289,15 +322,15 @@ class QueryError(UserError):
 
 
 def _query_job(job: dict) -> int:
-    """The child process of run_query: run the query, write the result (Arrow IPC) or the error."""
+    """The child process of stream_query: run the query and write its result to stdout in
+    Arrow's stream format, a batch at a time, or the error to job["error"]."""
     import json
     import os
     import signal
+    import sys
 
     import duckdb
     import pyarrow as pa
-
-    from herl.sql import to_arrow
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it kills this process to stop it
     # whatever ends the parent (SIGHUP, SIGTERM, SIGKILL: no handler of its runs) ends this
@@ -313,20 +346,25 @@ def _query_job(job: dict) -> int:
 
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
         signal.alarm(math.ceil(float(job["timeout"])) + 1)
+    out = sys.stdout.buffer
     try:
-        table = to_arrow(query_run(job["run_dir"], job["sql"], job["memory"]))
+        rel = query_run(job["run_dir"], job["sql"], job["memory"])
+        if job.get("max_rows") is not None:
+            rel = rel.limit(int(job["max_rows"]))
+        reader = rel.fetch_record_batch(8192) if hasattr(rel, "fetch_record_batch") else rel.record_batch(8192)
+        with pa.ipc.new_stream(out, reader.schema) as writer:
+            for batch in reader:
+                writer.write_batch(batch)
+        out.flush()
+        return 0
+    except BrokenPipeError:  # the parent stopped reading (it was stopped, or its reader left)
+        return 0
     except DamagedTableError as exc:
         kind, message = "damaged", str(exc)
     except duckdb.OutOfMemoryException as exc:
         kind, message = "memory", str(exc).splitlines()[0]
     except (duckdb.Error, pa.ArrowException, UserError, OSError) as exc:
         kind, message = "error", str(exc)
-    else:
-        tmp = job["result"] + ".tmp"
-        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-        os.replace(tmp, job["result"])
-        return 0
     with open(job["error"], "w") as fh:
         json.dump({"kind": kind, "message": message}, fh)
     return 3
