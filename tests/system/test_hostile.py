@@ -705,3 +705,36 @@ def test_no_credential_in_a_url_is_stored(tmp_path, key, url):
         for f in (folder.rglob("*") if folder.exists() else []):
             if f.is_file():
                 assert b"S3CRETPW" not in f.read_bytes(), f
+
+
+def test_sql_output_streams_within_its_limits(finished):
+    """30M rows as JSON (or CSV) to a slow reader: the time limit covers the printing and
+    the memory stays a batch's (it grew past 5 GB, and CSV ran 173 s past --timeout 20);
+    --max-rows applies to every format."""
+    import psutil
+
+    big = "SELECT range AS x, repeat('y', 20) AS y FROM range(30000000)"
+    for fmt in ("json", "csv"):
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "herl.commands.cli", "sql", str(finished), big, "--format", fmt,
+                                 "--timeout", "8", "--memory-limit", "0.5"], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        peak = 0
+        while proc.poll() is None:
+            try:
+                tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree))
+            except psutil.NoSuchProcess:
+                pass
+            assert time.perf_counter() - t0 < 60, f"{fmt}: still printing after 60 s with --timeout 8"
+            time.sleep(0.2)
+        err = proc.stderr.read()
+        assert proc.returncode in (0, 2), err[-2000:]
+        if proc.returncode == 2:
+            assert "stopped after 8 s, its time limit" in err
+        assert peak < 1.5e9, f"{fmt}: {peak / 1e9:.1f} GB"
+    for fmt, lines in (("csv", 11), ("json", 10)):
+        out = _herl("sql", str(finished), "SELECT * FROM rollouts", "--format", fmt, "--max-rows", "10")
+        assert out.returncode == 0 and len(out.stdout.splitlines()) == lines, (fmt, out.stdout[-500:])
+    shown = _herl("sql", str(finished), "SELECT * FROM rollouts", "--max-rows", "3")
+    assert shown.returncode == 0 and "(the first 3 rows" in shown.stdout
