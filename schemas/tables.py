@@ -500,7 +500,7 @@ def write_table(name: str, table: pa.Table | list[dict], path: Path) -> int:
         table = from_rows(name, table)
     table = _check(table, spec, f"writing {path}")
     with atomic_write(path) as fh:
-        pq.write_table(table, fh)
+        pq.write_table(table, fh, write_page_checksum=True)  # a page's CRC: a flipped bit fails its read
     return table.num_rows
 
 
@@ -508,7 +508,7 @@ def read_table(name: str, path: Path) -> pa.Table:
     """Read `path` and check it against table `name`'s contract."""
     if not path.exists():
         raise FileNotFoundError(f"table '{name}' not found at {path}: run the stage that writes it first")
-    return _check(pq.read_table(path), _ALL[name], f"reading {path}")
+    return _check(pq.read_table(path, page_checksum_verification=True), _ALL[name], f"reading {path}")
 
 
 def open_dataset(name: str, path: Path):
@@ -522,7 +522,16 @@ def open_dataset(name: str, path: Path):
     if needs_migration(name, path):  # an older herl's file: read whole, its columns renamed
         return ds.dataset(read_table(name, path))
     _check(pq.read_schema(path).empty_table(), spec, f"reading {path}")
-    return ds.dataset(path, schema=spec.schema, format="parquet")
+    return ds.dataset(path, schema=spec.schema, format=parquet_format())
+
+
+def parquet_format():
+    """Parquet as herl reads its tables: each page checked against the CRC written with it
+    (files of older herl versions have none, and read as before)."""
+    import pyarrow.dataset as ds
+
+    return ds.ParquetFileFormat(
+        default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
 
 
 class _TableWriter:
@@ -546,7 +555,7 @@ def table_writer(name: str, path: Path) -> Iterator[_TableWriter]:
     function; `write.rows` counts the rows written."""
     spec = _ALL[name]
     with atomic_write(path) as fh:
-        writer = pq.ParquetWriter(fh, spec.schema)
+        writer = pq.ParquetWriter(fh, spec.schema, write_page_checksum=True)
         try:
             yield _TableWriter(writer, spec, path)
         finally:

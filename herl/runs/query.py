@@ -19,7 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from schemas.errors import MissingError, UserError
-from schemas.tables import TABLES, file_sha256, needs_migration, read_table, remember_digest
+from schemas.tables import (
+    TABLES,
+    file_sha256,
+    needs_migration,
+    parquet_format,
+    read_table,
+    remember_digest,
+)
 
 
 class ReadOnlyQueryError(UserError, ValueError):
@@ -179,7 +186,7 @@ def connect_run(run_dir: str | Path, memory_limit_bytes: int | None = None, omit
         # the table's own schema: files of older herl versions missing a column read it as
         # null; ones with a renamed column are read whole, renamed (schemas.tables.RENAMED)
         old = [f for f in files if needs_migration(name, Path(f))]
-        parts = [ds.dataset([f for f in files if f not in old], schema=spec.schema, format="parquet"),
+        parts = [ds.dataset([f for f in files if f not in old], schema=spec.schema, format=parquet_format()),
                  *(ds.dataset(read_table(name, Path(f))) for f in old)]
         con.register(name, ds.dataset(parts) if files else spec.schema.empty_table())
     return con

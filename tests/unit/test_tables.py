@@ -95,3 +95,20 @@ def test_rows_without_their_temperature_are_refused_by_stages_and_read_by_sql(tm
     with pytest.raises(SchemaError, match=r"no field\(s\) \['temperature'\].*earlier herl version.*start a new run"):
         read_table("rollouts", path)
     assert query_run(tmp_path, "SELECT rollout_id, temperature FROM rollouts").fetchall() == [("0:p:0", None)]
+
+
+def test_a_flipped_bit_in_a_copied_table_fails_its_page_checksum(tmp_path):
+    """Tables are written with a CRC per page and read with it checked: a bit flipped in a
+    copy that has no run digests beside it still fails to read, never reads as data."""
+    from schemas.tables import open_dataset, read_table, write_table
+
+    rows = [{"run_id": "r", "iteration": 0, "stage": "grade", "name": f"m{i}", "value": i / 7} for i in range(5000)]
+    path = tmp_path / "metrics-grade.parquet"
+    write_table("metrics", rows, path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 4] ^= 0x08  # inside the first column's pages, far from the footer
+    path.write_bytes(bytes(data))
+    with pytest.raises(OSError, match="checksum|CRC"):
+        read_table("metrics", path)
+    with pytest.raises(OSError, match="checksum|CRC"):
+        open_dataset("metrics", path).to_table()
