@@ -210,17 +210,28 @@ class Run:
                     _held[key] -= 1
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path / ".lock", "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown"
+        lock_path = self.path / ".lock"
+        while True:
+            fh = open(lock_path, "a+")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "unknown"
+                fh.close()
+                raise RunLockedError(
+                    f"run {self.path} is being written by another process ({holder}); "
+                    "wait for it to finish or stop it before resuming"
+                ) from None
+            # the holder before us removes the file as it lets go: a lock on a removed file
+            # is no lock, so take the one at the path now
+            try:
+                same = os.stat(lock_path).st_ino == os.fstat(fh.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             fh.close()
-            raise RunLockedError(
-                f"run {self.path} is being written by another process ({holder}); "
-                "wait for it to finish or stop it before resuming"
-            ) from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()} since {datetime.now(UTC).isoformat(timespec='seconds')}\n")
@@ -232,6 +243,9 @@ class Run:
         finally:
             with _held_guard:
                 del _held[key]
+            # removed while still held (a finished run leaves no .lock); one who opened it
+            # meanwhile finds it gone once it gets the lock, and opens the path again
+            (self.path / ".lock").unlink(missing_ok=True)
             fcntl.flock(fh, fcntl.LOCK_UN)
             fh.close()
 

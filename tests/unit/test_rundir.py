@@ -5,6 +5,7 @@ pruned snapshot says so."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +62,37 @@ def test_which_snapshots_keep_their_weights(keep_snapshots, keep_every, kept):
     from herl.runs.rundir import keeps_weights
 
     assert [j for j in range(1, 9) if keeps_weights(j, 7, 8, keep_snapshots, keep_every)] == kept
+
+
+def test_a_finished_run_leaves_no_lock_file_and_the_lock_still_excludes(tmp_path):
+    """The lock file goes when the lock is let go (a finished run left `.lock` behind);
+    another process holding the run is still refused, and after it the run locks again."""
+    import subprocess
+    import sys
+
+    from herl.runs.rundir import RunLockedError
+
+    run = open_run(load_config(None, small_overrides(tmp_path)))
+    with run.lock():
+        assert (run.path / ".lock").exists()
+    assert not (run.path / ".lock").exists()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from herl.runs.rundir import load_run\n"
+        f"run = load_run({str(run.path)!r})\n"
+        "with run.lock():\n"
+        "    print('held', flush=True)\n"
+        "    sys.stdin.readline()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert run.is_locked()
+        with pytest.raises(RunLockedError):
+            with run.lock():
+                pass
+    finally:
+        holder.communicate("\n", timeout=60)
+    assert not run.is_locked() and not (run.path / ".lock").exists()
+    with run.lock():  # free again: this process takes it
+        assert (run.path / ".lock").exists()
+    assert not (run.path / ".lock").exists()
