@@ -29,6 +29,15 @@ def _metric(con, stage: str, names: tuple[str, ...]) -> dict[str, list[tuple[int
     return out
 
 
+def kl_or_grad_norm(train: dict[str, list[tuple[int, float]]]) -> tuple[dict, str]:
+    """(series, title) of the fifth panel: the KL to the reference when the run has a KL
+    term (train.kl_coef > 0: some value is not 0), else the gradient norm (a flat zero says
+    nothing)."""
+    if any(v for _, v in train.get("kl", [])):
+        return {"kl": train["kl"]}, "KL to the reference (k3)"
+    return {"grad_norm": train.get("grad_norm", [])}, "gradient norm (before clipping; KL is off)"
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw the run's curves to `out` (default: RUN/plot.png); returns the path."""
     import matplotlib
@@ -47,7 +56,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         WITH top AS (SELECT item_id FROM verdicts GROUP BY item_id ORDER BY count(*) DESC, item_id LIMIT ?)
         SELECT item_id, iteration, avg((verdict = 'met')::int) FROM verdicts JOIN top USING (item_id)
         GROUP BY ALL ORDER BY item_id, iteration""", [ITEMS_SHOWN]).fetchall()
-    train = _metric(con, "train", ("loss", "loss_on_policy", "loss_hindsight", "clip_fraction", "kl"))
+    train = _metric(con, "train", ("loss", "loss_on_policy", "loss_hindsight", "clip_fraction", "kl", "grad_norm"))
     hs = _metric(con, "hindsight", ("groups_failed", "groups_beaten_by_revision"))
     bonus = _metric(con, "advantages", ("bonus_applied",))
 
@@ -83,7 +92,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     lines(axes[0][2], {n: train[n] for n in ("loss", "loss_on_policy", "loss_hindsight")}, "loss and its parts")
     lines(axes[1][0], {"clip_fraction": train["clip_fraction"]}, "clip fraction")
-    lines(axes[1][1], {"kl": train["kl"]}, "KL to the reference (k3; 0 unless train.kl_coef > 0)")
+    lines(axes[1][1], *kl_or_grad_norm(train))
     lines(axes[1][2], {"failed groups": hs["groups_failed"], "groups a revision beat": hs["groups_beaten_by_revision"],
                        "sequences with bonus": bonus["bonus_applied"]}, "hindsight")
 
