@@ -62,3 +62,21 @@ def test_herl_grade_with_the_local_judge_backend_grades_the_example_answers(tmp_
     for key in [("lighthouse", "short"), ("lighthouse", "no_comma"), ("recipe", "bullets"), ("recipe", "ending"),
                 ("capital", "answer"), ("capital", "lowercase"), ("haiku", "title"), ("haiku", "lines")]:
         assert by_item[key]["verdict_strict"] == "met", (key, by_item[key]["detail"])
+
+
+def test_a_reward_written_in_python_grades_a_run(tmp_path):
+    """examples/python_reward.py registers the `mentions` check; the run of
+    examples/python_reward.toml (as the README shows it, with PYTHONPATH=examples) grades
+    its items with it, and `herl sql` shows each verdict with the check's detail."""
+    import os
+
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(EXAMPLES), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "herl.commands.cli", "run", "examples/python_reward.toml",
+                           "--runs-dir", str(runs)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sql = subprocess.run([sys.executable, "-m", "herl.commands.cli", "sql", str(runs / "python-reward"),
+                          "SELECT item_id, verdict, detail FROM verdicts WHERE item_id = 'berries'", "--format", "json"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    rows = [json.loads(line) for line in sql.stdout.splitlines()]
+    assert rows and all(r["detail"].startswith("mentions ") and r["verdict"] in ("met", "unmet") for r in rows), rows[:3]
