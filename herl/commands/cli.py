@@ -345,6 +345,7 @@ def cmd_install_vllm(args) -> int:
 
 
 def cmd_init_model(args) -> int:
+    from herl.models.paths import fetch_hub_model, hub_id
     from herl.models.store import NAMED_MODELS, convert_gguf, fetch_named
     from herl.models.tiny import build_tiny_model
 
@@ -355,6 +356,9 @@ def cmd_init_model(args) -> int:
             return 2
         out = convert_gguf(Path(args.from_gguf), Path(args.target))
         print(f"converted {args.from_gguf} to {out}")
+    elif args.target and hub_id(args.target) is not None and not Path(args.target.split("/")[0]).exists():
+        out = fetch_hub_model(*hub_id(args.target))  # a Hub id (its first part is no local folder)
+        print(f"{args.target} ready at {out}; use it as model.path = \"{args.target}\"")
     elif args.target in NAMED_MODELS:
         out = fetch_named(args.target, Path(args.out) if args.out else None)
         print(f"{NAMED_MODELS[args.target].about}\nready at {out}"
@@ -495,11 +499,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spec", default="vllm", help="pip requirement for --gpu (default: vllm)")
     p.set_defaults(fn=cmd_install_vllm)
 
-    p = sub.add_parser("init-model", help="install a named model (smollm2-135m-instruct), convert a GGUF file, "
-                                          "or build the tiny random model into DIR")
+    p = sub.add_parser("init-model", help="install a named model (smollm2-135m-instruct), download a Hugging Face "
+                                          "Hub model (OWNER/NAME), convert a GGUF file, or build the tiny random "
+                                          "model into DIR")
     p.add_argument("target", nargs="?", default=None,
-                   help="a named model (fetched once into herl's cache), or a folder: the tiny model, "
-                        "or with --from-gguf the converted model")
+                   help="a named model (fetched once into herl's cache), a Hub id OWNER/NAME[@REVISION] (downloaded "
+                        "into the Hugging Face cache; its first part must not be a local folder), or a folder: the "
+                        "tiny model, or with --from-gguf the converted model")
     p.add_argument("--from-gguf", default=None, metavar="FILE", help="convert this GGUF file into TARGET")
     p.add_argument("--out", default=None, help="for a named model: a folder instead of herl's cache")
     p.add_argument("--seed", type=int, default=0, help="seed of the tiny model")

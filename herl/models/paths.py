@@ -1,9 +1,11 @@
 """Where a config's model.path lives and whether its weights can be read: `builtin:tiny`
-(built here on first use), a named model installed by `herl init-model`, or a local
-Hugging Face folder. Every part of herl resolves model paths through this module."""
+(built here on first use), a named model installed by `herl init-model`, a Hugging Face
+Hub id found in the Hugging Face cache (`herl init-model OWNER/NAME` fetches it), or a
+local Hugging Face folder. Every part of herl resolves model paths through this module."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from herl.models.store import NAMED_MODELS, named_model_dir, resolve_named
@@ -39,12 +41,66 @@ def weights_problems(folder: Path) -> list[str]:
     return problems
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+
+
+def hub_id(path: str) -> tuple[str, str | None] | None:
+    """(repo id, revision) when model.path names a Hugging Face Hub model as transformers
+    users write it (`HuggingFaceTB/SmolLM2-135M-Instruct`, `owner/name@revision`) and no
+    local folder of that name exists; None otherwise."""
+    if path.startswith(("builtin:", "/", ".", "~")) or Path(path).expanduser().exists() or not HUB_ID.fullmatch(path):
+        return None
+    repo, _, revision = path.partition("@")
+    return repo, revision or None
+
+
+def hub_cache() -> Path:
+    """The Hugging Face cache as huggingface_hub finds it now: HF_HUB_CACHE, HF_HOME/hub, or
+    its default (read at each call, not when huggingface_hub was imported)."""
+    import os
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return Path(HF_HUB_CACHE)
+
+
+def hub_snapshot(repo: str, revision: str | None = None) -> Path | None:
+    """The folder of a Hub model in the Hugging Face cache (HF_HOME / HF_HUB_CACHE), as
+    huggingface_hub lays it out; None when it is not there. Never downloads: herl reads
+    models from local disk at run time (`herl init-model OWNER/NAME` fetches one)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, local_files_only=True, cache_dir=hub_cache()))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def fetch_hub_model(repo: str, revision: str | None = None) -> Path:
+    """Download a Hub model into the Hugging Face cache (`herl init-model OWNER/NAME`)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, cache_dir=hub_cache()))
+    except Exception as exc:  # noqa: BLE001 (offline, unknown repo, gated: huggingface_hub's many errors)
+        raise MissingError(f"cannot download {repo} from the Hugging Face Hub ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}); check the name, the network, "
+                           "and HF_TOKEN for gated models") from None
+
+
 def model_location(path: str) -> Path:
     """Where a config's model.path lives on disk, without building or checking anything."""
     if path == "builtin:tiny":
         return default_tiny_dir()
     if path.startswith("builtin:"):
         return named_model_dir(path.removeprefix("builtin:"))
+    if (hub := hub_id(path)) is not None:
+        return hub_snapshot(*hub) or Path(path)
     return Path(path).expanduser().resolve()
 
 
@@ -77,6 +133,13 @@ def resolve_model_path(path: str) -> Path:
             raise DamagedModelError(f"model.path {path!r}: {'; '.join(weights_problems(out))}: "
                                     f"reinstall it with `herl init-model {name}`")
         return out
+    if (hub := hub_id(path)) is not None:
+        found = hub_snapshot(*hub)
+        if found is None:
+            raise MissingError(f"model.path {path!r}: not in the Hugging Face cache ({hub_cache()}); herl reads "
+                               f"models from local disk at run time: fetch it once with `herl init-model {path}` "
+                               "(or `huggingface-cli download`), or give a local folder")
+        path = str(found)
     p = Path(path).expanduser()
     if not (p / "config.json").exists():
         raise MissingError(
