@@ -76,7 +76,7 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     path: str = "builtin:tiny"
-    """Initial policy: a local Hugging Face model folder, or `builtin:tiny` (a small random model built locally on first use)."""
+    """Initial policy: a local Hugging Face model folder; a Hub id OWNER/NAME[@REVISION] read from the Hugging Face cache (`herl init-model OWNER/NAME` fetches it; never downloaded at run time); `builtin:smollm2-135m-instruct` (installed by `herl init-model`); or `builtin:tiny` (a small random model built locally on first use)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights dtype for generation (and the saved snapshots' reference copy for the engines). Training keeps float32 master weights unless train.pure_bf16. Use float32 on CPUs."""
 
