@@ -60,6 +60,10 @@ class Progress:
         if self.tokens:
             parts.append(f"{self.tokens / seconds:,.0f} tokens/s")
         parts += [f"{name} {value:.4g}" for name, value in self.info.items()]
+        if 0 < self.done < self.total:  # at the rate so far
+            parts.append(f"{seconds:.0f} s, about {seconds * (self.total - self.done) / self.done:.0f} s left")
+        elif self.done >= self.total:
+            parts.append(f"{seconds:.0f} s")
         return ", ".join(parts)
 
     def _show(self, end: str) -> None:

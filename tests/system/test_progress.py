@@ -25,6 +25,8 @@ def test_forced_lines_at_each_tenth(capsys, monkeypatch):
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 11 and lines[0].startswith("grade: 1/100 answers, ") and "tokens/s" in lines[0]
     assert lines[-1].startswith("grade: 100/100 answers")
+    # a line in a log file says how long the stage has run and, at the rate so far, how long it has left
+    assert all(" s left" in line for line in lines[:-1]) and lines[-1].endswith(" s") and " left" not in lines[-1]
 
 
 def test_an_iteration_shows_generation_grading_and_training(tmp_path, capfd, monkeypatch):
