@@ -12,6 +12,7 @@ Deployed as `herl/iterate` by prefect.yaml; run in-process by `herl run`.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,14 @@ from herl.util.procs import raise_if_stop_requested
 from schemas.config import load_config
 from stages import run_named_stage
 from stages.train import release_trainer
+
+
+def run_eta(k: int, iterations: int, done: int, planned: int, seconds: float) -> str:
+    """The run's progress line after iteration k: stages done, seconds so far and, at the
+    rate so far (finished stages skipped on resume count as done), about how many are left."""
+    left = seconds * (planned - done) / done if done else 0.0
+    return (f"iteration {k} of {iterations} done: {done}/{planned} stages, {seconds:.0f} s"
+            + (f", about {left:.0f} s left" if done < planned else ""))
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{stage}-{iteration}")
@@ -109,6 +118,7 @@ def iterate(config: str | None = None, run_id: str | None = None, iterations: in
             progress: Any = create_progress_artifact(0.0, key=artifact_key("herl", run.run_id, "progress"),
                                                 description=f"herl {run.run_id}: stages done of {len(plan)}")
             done, last = 0, plan[-1][0]  # plot.png is drawn for the last planned iteration
+            t_run = time.perf_counter()
             for k in range(cfg.iterations + 1):
                 stages = cfg.iteration_stages(k)
                 for stage in stages:
@@ -118,6 +128,7 @@ def iterate(config: str | None = None, run_id: str | None = None, iterations: in
                     update_progress_artifact(progress, 100.0 * done / len(plan))
                 if not stages:
                     continue
+                logger.info("%s", run_eta(k, cfg.iterations, done, len(plan), time.perf_counter() - t_run))
                 create_markdown_artifact(key=artifact_key("herl", run.run_id, f"iter-{k}"), markdown=metrics_markdown(run, k),
                                          description=f"herl {run.run_id} iteration {k} metrics")
                 create_table_artifact(key=artifact_key("herl", run.run_id, f"iter-{k}-table"),
