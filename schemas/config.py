@@ -175,6 +175,8 @@ class JudgeConfig(_Section):
     """Engine of the local backend (vllm uses the [vllm] section)."""
     template: Literal["herl", "reference"] = "herl"
     """Wording of the per-item judge prompt: herl (the whole conversation, the response fenced so it cannot pass as instructions, weights when any differs from 1, a JSON list reply; herl/templates/judge.j2) or reference (rar_implicit.py's system and user prompts: the user's question, rubrics with their weights, a {"results": [...]} reply; herl/templates/judge_reference.j2)."""
+    probe: bool = True
+    """Before a run whose prompts have judge items (or reward = implicit) starts, ask the judge four items of known answer; fewer than three answered right refuses the run, naming what the judge replied (a judge that cannot answer in the required format would leave the verdicts `unknown`). false skips the probe."""
 
 
 class GradeConfig(_Section):
@@ -557,6 +559,8 @@ def stage_config_hash(cfg: HerlConfig, stage: str) -> str:
     for section, keys in HASH_EXCLUDED.items():
         for key in keys if section in part else ():
             part[section].pop(key, None)
+    if "grade" in part:  # the pre-flight judge probe changes no verdict
+        part["grade"].get("judge", {}).pop("probe", None)
     for section, neutral in HASH_NEUTRAL.items():
         for key, value in neutral.items() if section in part else ():
             if part[section].get(key) == value:

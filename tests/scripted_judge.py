@@ -23,6 +23,7 @@ class ScriptedJudge:
         self.systems: list[str | None] = []  # each request's system message, if it had one
         self.auth: set[str] = set()
         self.in_flight = 0
+        self.probe_case = "probe_right"  # how the pre-flight probe is answered
         self.max_in_flight = 0
         self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -40,12 +41,14 @@ class ScriptedJudge:
         self.server.shutdown()
         self.server.server_close()
 
-    def reply(self, case: str, n_items: int, attempt: int) -> tuple[int, str | None]:
+    def reply(self, case: str, n_items: int, attempt: int, prompt: str = "") -> tuple[int, str | None]:
         """(HTTP status, message content) for this case and attempt (1-based); the content is
         text, or for the content_* cases what a non-conforming server puts there."""
         if case.startswith("score"):  # holistic prompts: CASE:score7 -> "7"
             return 200, f"Overall: {case[5:]}"
         ones = json.dumps([1] * n_items)
+        if case == "probe_right":  # herl.grading.judge.PROBE's known answers
+            return 200, json.dumps([1, 0] if "Paris" in prompt else [0, 1])
         if case == "ok":
             return 200, f"Here is my grading:\n```json\n{ones}\n```"
         if case == "zeros":
@@ -91,7 +94,9 @@ class ScriptedJudge:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 prompt = body["messages"][-1]["content"]
                 system = body["messages"][0]["content"] if body["messages"][0]["role"] == "system" else None
-                case = re.search(r"CASE:(\w+)", prompt).group(1)
+                marker = re.search(r"CASE:(\w+)", prompt)
+                # the pre-flight probe's items carry no marker: answered right (or as probe_case says)
+                case = marker.group(1) if marker else judge.probe_case
                 # herl's wording lists the items under "## Rubric", the reference's inside <rubrics>
                 section = prompt.rsplit("## Rubric", 1)[1] if "## Rubric" in prompt else \
                     prompt.rsplit("<rubrics>", 1)[1].split("</rubrics>", 1)[0]
@@ -106,7 +111,7 @@ class ScriptedJudge:
                     judge.max_in_flight = max(judge.max_in_flight, judge.in_flight)
                 try:
                     time.sleep(judge.delay)
-                    status, text = judge.reply(case, n_items, attempt)
+                    status, text = judge.reply(case, n_items, attempt, prompt)
                 finally:
                     with judge._lock:
                         judge.in_flight -= 1

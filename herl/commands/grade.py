@@ -70,6 +70,9 @@ def grade_file(input_path: Path, output: Path, fmt: str = "auto", drop_unsupport
                                   "(or give the responses in a second file with --responses)")
         inputs.append(GradeInput(prompt["rubric"], response, prompt["messages"]))
         index.append((i, prompt))
+    from herl.grading.judge import check_judge
+
+    check_judge(cfg, [inp.rubric for inp in inputs])  # a judge that cannot answer is found out first
     grader = RubricGrader(cfg, cache_path=cache_path)
     try:
         graded, scores, fallbacks = score_answers(grader, inputs, cfg)

@@ -201,11 +201,19 @@ def evaluation_prompts(cfg) -> list[dict]:
 _SAID: set[tuple] = set()
 
 
+def _probe_judge(cfg, pool: list[dict]) -> None:
+    """grade.judge.probe: a run with judge items asks its judge items of known answer first."""
+    from herl.grading.judge import check_judge
+
+    check_judge(cfg.grade, [p["rubric"] for p in pool])
+
+
 def check_pool_fits(cfg) -> int:
     """Load the run's prompt pool and refuse it, before anything starts, when a prompt
     plus the longest answer the run asks for does not fit the initial model's context
     (PromptTooLongError naming the prompts; prompts over task.max_prompt_tokens are dropped
-    first, as the rollout stage drops them). Returns the training pool's size (after
+    first, as the rollout stage drops them), and when its prompts have judge items, asks the
+    judge items of known answer (grade.judge.probe). Returns the training pool's size (after
     task.holdout and task.max_prompt_tokens)."""
     import sys
 
@@ -232,6 +240,7 @@ def check_pool_fits(cfg) -> int:
               f"{len(train)} prompts: each iteration uses those {len(train)}", file=sys.stderr, flush=True)
     limit = context_length(model, cfg.vllm.max_model_len)
     if limit is None:
+        _probe_judge(cfg, pool)
         return len(train)
     tokenizer = tokenizer or load_tokenizer(model)
 
@@ -241,6 +250,7 @@ def check_pool_fits(cfg) -> int:
 
     check(pool, max(cfg.rollout.max_tokens, cfg.hindsight.max_tokens or 0, cfg.evaluation.max_tokens or 0),
           f"task.source {cfg.task.source}: ")
+    _probe_judge(cfg, pool)
     if cfg.evaluation.every > 0 and cfg.evaluation.source is not None:
         check(evaluation_prompts(cfg), cfg.evaluation.max_tokens or cfg.rollout.max_tokens,
               f"evaluation.source {cfg.evaluation.source}: ")

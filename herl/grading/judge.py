@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from herl.grading.checks import MET, UNKNOWN, UNMET, Verdict
+from herl.grading.checks import JUDGE_KIND, MET, UNKNOWN, UNMET, Verdict
 from herl.util.templating import template
 from schemas.errors import UserError
 
@@ -441,3 +441,59 @@ class LocalBackend:
 def make_judge(cfg, cache_path: Path | None) -> Judge:
     backend = OpenAIBackend(cfg) if cfg.backend == "openai" else LocalBackend(cfg)
     return Judge(cfg, backend, JudgeCache(cache_path if cfg.cache else None))
+
+
+# Items of known answer the pre-flight asks a judge (grade.judge.probe): (task, expected 0/1 per item)
+PROBE: tuple[tuple[JudgeTask, tuple[int, ...]], ...] = (
+    (JudgeTask("user: What is the capital of France?", "The capital of France is Paris.",
+               ("The response names Paris as the capital of France.", "The response is written in German."),
+               question="What is the capital of France?"), (1, 0)),
+    (JudgeTask("user: Write one sentence about cats.", "Dogs bark loudly at night.",
+               ("The response is about cats.", "The response is a single sentence."),
+               question="Write one sentence about cats."), (0, 1)),
+)
+
+
+def probe_judge(cfg, need_right: int = 3) -> str | None:
+    """Ask the judge (grade.judge) the PROBE items; None when it answers at least
+    `need_right` of them right, else why not, with what it replied (its first unparsed
+    reply, or its verdicts). No cache: the probe asks the judge itself."""
+    judge = make_judge(cfg.model_copy(update={"cache": False}), None)
+    try:
+        got = judge.grade_many([task for task, _ in PROBE])
+    finally:
+        judge.close()
+    expected = [e for _, want in PROBE for e in want]
+    verdicts = [v for vs in got for v in vs]
+    right = sum((v.strict == MET) == bool(e) and v.strict != UNKNOWN for v, e in zip(verdicts, expected, strict=True))
+    if right >= need_right:
+        return None
+    unknown = sum(v.strict == UNKNOWN for v in verdicts)
+    said = next((v.detail for v in verdicts if v.strict == UNKNOWN and v.detail), None)
+    shown = f"it replied: {said[:300]!r}" if said else "its verdicts: " + ", ".join(v.strict for v in verdicts)
+    return (f"the judge ({cfg.backend} {cfg.model}) answered {right} of {len(expected)} probe items of known answer "
+            f"right ({unknown} unknown); {shown}")
+
+
+class JudgeProbeError(UserError, RuntimeError):
+    """The judge answered too few items of known answer right (grade.judge.probe)."""
+
+
+def check_judge(grade_cfg, rubrics) -> None:
+    """The pre-flight's judge probe: when `rubrics` (the items of every prompt) hold judge
+    items, or the reward is the judge's holistic score, and grade.judge.probe is on."""
+    if not grade_cfg.judge.probe:
+        return
+    if grade_cfg.reward != "implicit" and not any(it.get("kind") == JUDGE_KIND for items in rubrics for it in items):
+        return
+    key = grade_cfg.judge.model_dump_json()
+    if key in _PROBED:  # once per process: the pre-flight and the flow both check the pool
+        return
+    why = probe_judge(grade_cfg.judge)
+    if why is not None:
+        raise JudgeProbeError(f"{why}. A judge must answer in the required format: serve an instruction model "
+                              "(examples/served_judge.toml), or set grade.judge.probe = false to go on anyway")
+    _PROBED.add(key)
+
+
+_PROBED: set[str] = set()  # judge configs that passed the probe in this process

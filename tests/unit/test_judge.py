@@ -304,3 +304,30 @@ def test_judge_prompt_shows_weights_when_they_differ():
     assert "1. Is polite. (weight 5)\n2. Gives a dangerous dose. (weight -8)\n" in weighted
     plain = build_judge_prompt(JudgeTask("[user]\nQ", "A", ("Is polite.", "Is short."), (1.0, 1.0)))
     assert "1. Is polite.\n2. Is short.\n" in plain and "weight" not in plain
+
+
+@pytest.mark.parametrize("probe_case,refused", [("probe_right", False), ("zeros", True), ("malformed", True)])
+def test_a_judge_that_cannot_answer_is_found_out_before_the_run(probe_case, refused):
+    """The pre-flight asks the judge four items of known answer (herl.grading.judge.PROBE):
+    a judge that answers them right passes; one that says 0 to everything, or cannot reply
+    in the required format (a 135M local judge left 16 of 16 verdicts unknown after a
+    9-minute grade stage), is refused at once with what it replied, and how to go on."""
+    from herl.grading import judge as judge_mod
+
+    judge_mod._PROBED.clear()
+    with ScriptedJudge() as server:
+        server.probe_case = probe_case
+        cfg = judge_cfg(server, parse_retries=0)
+        if refused:
+            with pytest.raises(judge_mod.JudgeProbeError, match=r"answered \d of 4 probe items.*probe = false"):
+                judge_mod.check_judge(cfg, [judge_rubric()])
+        else:
+            judge_mod.check_judge(cfg, [judge_rubric()])
+        asked = sum(server.calls.values())
+        assert asked >= 2  # both probe conversations went to the judge
+        # no judge items (checks only): no probe; probe = false: none either
+        server.calls.clear()
+        judge_mod._PROBED.clear()
+        judge_mod.check_judge(cfg, [[{"item_id": "nc", "kind": "punctuation:no_comma", "params": "{}"}]])
+        judge_mod.check_judge(judge_cfg(server, probe=False), [judge_rubric()])
+        assert sum(server.calls.values()) == 0
