@@ -458,10 +458,23 @@ class VLLMEngine:
         if not self._running():
             self.path, self.sync_seconds = path, 0.0
             return
+        self.died = False
         try:
             answer = self._call({"reload": str(path)})
-        except BaseException:
+        except (RuntimeError, OSError):
             self.close()  # whatever it holds now is not known: the next generate starts afresh
+            self.path, self.sync_seconds = path, 0.0
+            if not self.died:
+                raise  # the engine is up but refused the weights, or hung: the failure stands
+            # the engine died during the reload (a kill, out of memory): the next generate
+            # starts a fresh one on the new weights, as after a death during a job
+            import sys
+
+            print("herl: the vLLM engine died while loading new weights; the next generation starts a fresh engine "
+                  "on them", file=sys.stderr, flush=True)
+            return
+        except BaseException:
+            self.close()
             self.path = path
             raise
         self.path, self.syncs, self.sync_seconds = path, self.syncs + 1, answer.get("seconds", 0.0)

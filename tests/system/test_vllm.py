@@ -68,7 +68,8 @@ def test_parity_seeds_reloaded_weights_and_a_killed_engine_replaced(tmp_path):
     samples. It then loads a new snapshot in place: its greedy tokens and log-probs equal
     a fresh engine's on that snapshot (within 1e-4), and the transformers engine's there,
     and differ from the old snapshot's. After a SIGKILL of its process the next call
-    starts that fresh engine: on the current weights."""
+    starts that fresh engine: on the current weights; killed while loading new weights,
+    the next call starts one on those."""
     base = resolve_model_path("builtin:tiny")
     b = perturbed_copy(base, tmp_path / "policy-1", seed=1)
     engine = load_engine("vllm", base, vllm_cfg=CPU_VLLM)
@@ -91,6 +92,21 @@ def test_parity_seeds_reloaded_weights_and_a_killed_engine_replaced(tmp_path):
         engine._proc.wait()
         fresh = greedy(engine)  # a fresh engine, started on the current snapshot
         assert engine.starts == 2 and same(fresh, reloaded, LOGPROB_TOL) and same(fresh, on_b, LOGPROB_TOL)
+        # killed while it loads the next snapshot: no error; the next call starts a fresh
+        # engine on that snapshot
+        c = perturbed_copy(base, tmp_path / "policy-2", seed=2)
+        real_call = engine._call
+
+        def killed_during(job):
+            os.killpg(engine._proc.pid, signal.SIGKILL)
+            engine._proc.wait()
+            return real_call(job)
+
+        engine._call = killed_during
+        engine.load_weights(c)
+        engine._call = real_call
+        after = greedy(engine)
+        assert engine.starts == 3 and same(after, greedy(load_engine("transformers", c)), LOGPROB_TOL)
     finally:
         engine.close()
 
