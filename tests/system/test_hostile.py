@@ -738,3 +738,69 @@ def test_sql_output_streams_within_its_limits(finished):
         assert out.returncode == 0 and len(out.stdout.splitlines()) == lines, (fmt, out.stdout[-500:])
     shown = _herl("sql", str(finished), "SELECT * FROM rollouts", "--max-rows", "3")
     assert shown.returncode == 0 and "(the first 3 rows" in shown.stdout
+
+
+_DRIVER = """
+import sys
+from herl.runs.rundir import load_run, open_run
+from schemas.config import load_config
+from stages import run_iteration
+from stages.train import release_trainer
+from tests.helpers import small_overrides
+import json
+overrides = json.loads(sys.argv[1])
+run = open_run(load_config(None, overrides))
+with run.lock():
+    try:
+        for k in range(run.cfg.iterations + 1):
+            run_iteration(run, k)
+    finally:
+        release_trainer(run)
+print("done", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sigkill_at_random_points_then_resume_equals_a_run_never_killed(finished, tmp_path, lora):
+    """A run killed with SIGKILL (its whole process group: stages, trainer, engine) at 10
+    random moments, resumed after each, ends with the tables and weights of a run never
+    killed (the full fine-tune against the shared run; LoRA against its own uninterrupted
+    twin). Nothing of a killed attempt is left running."""
+    import random
+
+    import psutil
+
+    from tests.helpers import small_overrides
+
+    def overrides(runs: Path) -> dict:
+        return small_overrides(runs, run_id=RUN_ID, **({"train.lora.rank": 4} if lora else {}))
+
+    def start(runs: Path) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", _DRIVER, json.dumps(overrides(runs))], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+
+    reference = finished
+    if lora:  # its own uninterrupted twin
+        twin = start(tmp_path / "twin")
+        assert twin.communicate(timeout=600)[0].strip() == "done"
+        reference = tmp_path / "twin" / RUN_ID
+    runs = tmp_path / "runs"
+    rng = random.Random(7 + lora)
+    kills = 0
+    while True:
+        proc = start(runs)
+        if kills < 10:
+            time.sleep(rng.uniform(1.0, 8.0))
+            if proc.poll() is None:
+                tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                kills += 1
+                gone, alive = psutil.wait_procs(tree, timeout=15)
+                assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+                continue
+        assert proc.communicate(timeout=600)[0].strip() == "done"
+        break
+    assert kills >= 5  # most kills landed while the run was going
+    _assert_same_tables(runs / RUN_ID, reference)
