@@ -557,7 +557,7 @@ def test_a_ctrl_c_while_the_query_starts_stops_it_and_leaves_no_query_running(fi
 
 
 @pytest.mark.parametrize("kind", ["device", "fifo", "folder", "proc"])
-def test_outputs_never_replace_what_is_not_a_regular_file(finished, tmp_path, kind):
+def test_outputs_never_replace_what_is_not_a_regular_file(finished, tmp_path, kind, capsys):
     """`herl grade --output` and `herl report --out` at a device node (made with mknod, as
     /dev/full is), a FIFO, an existing folder, or a place no file can be made: one line,
     exit 2, and the thing there is still what it was."""
@@ -578,10 +578,13 @@ def test_outputs_never_replace_what_is_not_a_regular_file(finished, tmp_path, ki
         target.mkdir()
     else:
         target = Path("/proc/herl-output.parquet")
+    from herl.commands.cli import main
+
     before = os.lstat(target).st_mode if target.exists() or kind != "proc" else None
     for args in (("grade", "--input", str(prompts), "--output", str(target)),
                  ("report", str(finished), "--out", str(target))):
-        _assert_user_error(_herl(*args), f"cannot write {target}")
+        assert main(list(args)) == 2, args  # in this process: the command's own code path
+        assert f"cannot write {target}" in capsys.readouterr().err
         if before is not None:
             assert os.lstat(target).st_mode == before, args  # still a device / FIFO / folder
         else:
@@ -683,24 +686,38 @@ def test_ctrl_c_while_herl_starts_prints_no_traceback(finished, delay):
         assert "interrupted" in err
 
 
-@pytest.mark.parametrize("key,url", [
-    ("grade.judge.base_url", "S3CRETUSER:S3CRETPW@judge.example/v1"),  # no scheme
-    ("grade.judge.base_url", "http:\\\\S3CRETUSER:S3CRETPW@judge.example/v1"),  # backslashes
-    ("grade.judge.base_url", "https://judge.example/v1?api_key=S3CRETPW"),
-    ("grade.judge.base_url", "https://judge.example/v1?x=1&access_token=S3CRETPW"),
-    ("tracking.mlflow_uri", "http://S3CRETUSER:S3CRETPW@mlflow.example:5000"),
+@pytest.mark.parametrize("key,url,command", [
+    ("grade.judge.base_url", "S3CRETUSER:S3CRETPW@judge.example/v1", True),  # no scheme
+    ("grade.judge.base_url", "http:\\\\S3CRETUSER:S3CRETPW@judge.example/v1", False),  # backslashes
+    ("grade.judge.base_url", "https://judge.example/v1?api_key=S3CRETPW", False),
+    ("grade.judge.base_url", "https://judge.example/v1?x=1&access_token=S3CRETPW", False),
+    ("tracking.mlflow_uri", "http://S3CRETUSER:S3CRETPW@mlflow.example:5000", False),
 ], ids=["no-scheme", "backslashes", "api_key-query", "token-query", "mlflow"])
-def test_no_credential_in_a_url_is_stored(tmp_path, key, url):
+def test_no_credential_in_a_url_is_stored(tmp_path, key, url, command, capsys, monkeypatch):
     """Every URL a config holds (the judge's, MLflow's), every way of hiding a secret in it:
     refused in one line, before anything is written, and the secret is nowhere on disk
-    afterwards: not in the runs folder, herl's home or Prefect's home (its database)."""
+    afterwards: not in the runs folder, herl's home or Prefect's home (its database). The
+    first variant through the real command (supervisor, worker, Prefect's home), the others
+    in this process as the worker runs them."""
+    from herl.commands.cli import main
+    from herl.commands.supervise import SUPERVISED_ENV
+
     runs = tmp_path / "runs"
     homes = {"HERL_HOME": tmp_path / "herl-home", "PREFECT_HOME": tmp_path / "prefect-home"}
-    proc = subprocess.run([sys.executable, "-m", "herl.commands.cli", "run", "--runs-dir", str(runs), "--run-id", "c",
-                           "--set", f"{key}={url}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **{k: str(v) for k, v in homes.items()}})
-    _assert_user_error(proc, key, "hidden")
-    assert "S3CRETPW" not in proc.stdout + proc.stderr
+    args = ["run", "--runs-dir", str(runs), "--run-id", "c", "--set", f"{key}={url}"]
+    if command:
+        proc = subprocess.run([sys.executable, "-m", "herl.commands.cli", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, **{k: str(v) for k, v in homes.items()}})
+        _assert_user_error(proc, key, "hidden")
+        out = proc.stdout + proc.stderr
+    else:
+        monkeypatch.setenv(SUPERVISED_ENV, "1")
+        for k, v in homes.items():
+            monkeypatch.setenv(k, str(v))
+        assert main(args) == 2
+        out = capsys.readouterr().err
+        assert key in out and "hidden" in out
+    assert "S3CRETPW" not in out
     for folder in (runs, *homes.values()):
         for f in (folder.rglob("*") if folder.exists() else []):
             if f.is_file():
