@@ -778,12 +778,12 @@ print("done", flush=True)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_sigkill_at_random_points_then_resume_equals_a_run_never_killed(finished, tmp_path, lora):
-    """A run killed with SIGKILL (its whole process group: stages, trainer, engine) at 10
-    random moments, resumed after each, ends with the tables and weights of a run never
-    killed (the full fine-tune against the shared run; LoRA against its own uninterrupted
-    twin). Nothing of a killed attempt is left running."""
+@pytest.mark.parametrize("lora", [False, True], ids=["full-10-random-kills", "lora-killed-in-train"])
+def test_sigkill_then_resume_equals_a_run_never_killed(finished, tmp_path, lora):
+    """A run killed with SIGKILL (its whole process group: stages, trainer, engine) and
+    resumed ends with the tables and weights of a run never killed: the full fine-tune at
+    10 random moments, against the shared run; LoRA once in each iteration's train stage,
+    against its own uninterrupted twin. Nothing of a killed attempt is left running."""
     import random
 
     import psutil
@@ -797,27 +797,40 @@ def test_sigkill_at_random_points_then_resume_equals_a_run_never_killed(finished
         return subprocess.Popen([sys.executable, "-c", _DRIVER, json.dumps(overrides(runs))], cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
 
+    def kill(proc: subprocess.Popen) -> None:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _, alive = psutil.wait_procs(tree, timeout=15)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+
     reference = finished
-    if lora:  # its own uninterrupted twin
+    runs = tmp_path / "runs"
+    kills = 0
+    if lora:
         twin = start(tmp_path / "twin")
         assert twin.communicate(timeout=600)[0].strip() == "done"
         reference = tmp_path / "twin" / RUN_ID
-    runs = tmp_path / "runs"
-    rng = random.Random(7 + lora)
-    kills = 0
-    while True:
-        proc = start(runs)
-        if kills < 10:
+        for k in (0, 1):  # killed while iteration k's update runs, then resumed
+            proc = start(runs)
+            manifest = runs / RUN_ID / f"iter-{k}" / "_manifests" / "train.json"
+            deadline = time.time() + 300
+            while not (manifest.exists() and '"running"' in manifest.read_text()):
+                assert proc.poll() is None and time.time() < deadline
+                time.sleep(0.01)
+            time.sleep(0.5)
+            kill(proc)
+            kills += 1
+    else:
+        rng = random.Random(7)
+        while kills < 10:
+            proc = start(runs)
             time.sleep(rng.uniform(1.0, 8.0))
-            if proc.poll() is None:
-                tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                kills += 1
-                gone, alive = psutil.wait_procs(tree, timeout=15)
-                assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
-                continue
-        assert proc.communicate(timeout=600)[0].strip() == "done"
-        break
-    assert kills >= 5  # most kills landed while the run was going
+            if proc.poll() is not None:  # it finished first: the kills so far must already add up
+                break
+            kill(proc)
+            kills += 1
+        assert kills >= 5  # most kills landed while the run was going
+    proc = start(runs)
+    assert proc.communicate(timeout=600)[0].strip() == "done"
     _assert_same_tables(runs / RUN_ID, reference)
