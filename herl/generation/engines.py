@@ -320,11 +320,46 @@ def find_vllm_python(configured: str | None = None) -> str | None:
     return None if vllm_venv_problem(venv) else str(venv / "bin" / "python")
 
 
-def resolve_engine_kind(kind: str, vllm_cfg=None) -> str:
-    """`auto` becomes vllm where a vLLM environment is found, else transformers."""
+# On a CPU, vLLM pays off from this many parameters (benchmarks/results/peer_trl: SmolLM2-135M,
+# 64 answers x 64 tokens, 2 cores: 27.5 s a rollout against transformers' 36.3 s, its ~18 s
+# start repaid by the third iteration; docs/scaling.md: a 27M model generated slower with vLLM)
+CPU_VLLM_MIN_PARAMS = 100_000_000
+
+
+def parameter_count(folder: Path) -> int | None:
+    """The parameters of a model folder's safetensors files, from their headers (no weights
+    read); None when it has none."""
+    import json
+    import math
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        total += sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    return total
+
+
+def resolve_engine_kind(kind: str, vllm_cfg=None, path: Path | None = None) -> str:
+    """`auto` becomes vllm where a whole vLLM environment is found and vLLM pays off: on a
+    GPU, or on a CPU for a model of at least CPU_VLLM_MIN_PARAMS parameters (`path`; a
+    smaller one generates faster with transformers); else transformers."""
     if kind != "auto":
         return kind
-    return "vllm" if find_vllm_python(getattr(vllm_cfg, "python", None)) else "transformers"
+    if not find_vllm_python(getattr(vllm_cfg, "python", None)):
+        return "transformers"
+    import torch
+
+    if torch.cuda.is_available() or path is None:
+        return "vllm"
+    try:
+        params = parameter_count(Path(path))
+    except (OSError, ValueError, KeyError):
+        params = None
+    return "vllm" if params is not None and params >= CPU_VLLM_MIN_PARAMS else "transformers"
 
 
 class VLLMEngine:
@@ -579,7 +614,7 @@ def load_engine(kind: str, path: Path, dtype: str = "float32", batch_size: int =
                 announce: bool = False) -> Engine:
     """A new engine for the model at `path`; the caller closes it (see shared_engine).
     `announce`: say on stderr when it is ready (vLLM's engine always says so when it starts)."""
-    kind = resolve_engine_kind(kind, vllm_cfg)
+    kind = resolve_engine_kind(kind, vllm_cfg, path)
     if kind == "transformers":
         return TransformersEngine(path, dtype=dtype, batch_size=batch_size, announce=announce)
     if kind == "vllm":
@@ -640,7 +675,7 @@ def shared_engine(kind: str, path: Path, dtype: str = "float32", batch_size: int
     path = engine_model(Path(path).resolve(), dtype)  # a LoRA snapshot generates from its merged copy
     st = os.stat(path)  # a snapshot folder replaced on disk (a redone train stage) holds other weights
     weights = (str(path), st.st_ino, st.st_mtime_ns)
-    key = (resolve_engine_kind(kind, vllm_cfg), model_identity(path), dtype, batch_size,
+    key = (resolve_engine_kind(kind, vllm_cfg, path), model_identity(path), dtype, batch_size,
            vllm_cfg.model_dump_json() if vllm_cfg is not None else None)
     engine = _SHARED.get(key)
     if engine is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -165,3 +166,18 @@ def test_auto_never_picks_a_half_made_vllm_environment(tmp_path, monkeypatch):
     (venv / engines.VLLM_READY).write_text("{}")
     assert engines.resolve_engine_kind("auto") == "vllm"
     assert engines.find_vllm_python() == str(venv / "bin" / "python")
+    # on a CPU, vLLM only where it paid off: models of 100M parameters or more
+    import json
+
+    import torch
+
+    def folder(name: str, params: int) -> Path:
+        out = tmp_path / name
+        out.mkdir()
+        header = json.dumps({"w": {"dtype": "F32", "shape": [params], "data_offsets": [0, 0]}}).encode()
+        (out / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+        return out
+
+    if not torch.cuda.is_available():
+        assert engines.resolve_engine_kind("auto", path=folder("small", 460_544)) == "transformers"
+        assert engines.resolve_engine_kind("auto", path=folder("large", 134_515_008)) == "vllm"
