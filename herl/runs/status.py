@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from herl.models.snapshot import snapshot_meta
 from herl.runs.rundir import load_run
 from schemas.config import stage_config_hash
 from schemas.stages import STAGES
@@ -47,7 +48,7 @@ def disk_line(run_dir: Path) -> str:
         return sum(p.stat().st_size for p in paths if p.is_file())
 
     snaps = sorted((run_dir / "snapshots").glob("policy-*"))
-    pruned = sum(not (s / "model.safetensors").exists() for s in snaps)
+    pruned = sum(bool(snapshot_meta(s).get("pruned")) for s in snaps)  # a LoRA snapshot has adapter weights only
     with_opt = sum((s / "optimizer.pt").exists() for s in snaps)
     snap_bytes = size(p for s in snaps for p in s.rglob("*"))
     table_bytes = size(run_dir.glob("iter-*/*.parquet"))
