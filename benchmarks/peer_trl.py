@@ -247,10 +247,10 @@ def run_trl(cfg, out: Path) -> dict:
     for k in range(cfg.iterations):
         wall = marks[(k + 1) * t.mini_batches] - marks[k * t.mini_batches]
         gen, grading = timing["generation"][k], timing["grading"][k]
-        rows.append({"iteration": k, "wall": wall, "generation": gen - grading if gen > grading else gen,
-                     "grading": grading, "training": wall - gen, "engine_start": 0.0, "trainer_start": 0.0,
+        # TRL scores the answers after _generate returns (its _calculate_rewards): training is the rest
+        rows.append({"iteration": k, "wall": wall, "generation": gen, "grading": grading,
+                     "training": wall - gen - grading, "engine_start": 0.0, "trainer_start": 0.0,
                      "old_logprob_pass": float("nan"), "mean_reward": timing["rewards"][k]})
-    # TRL calls the reward function inside _generate: generation above is net of grading
     return {"startup": marks[0] - t_start, "iterations": rows}
 
 
