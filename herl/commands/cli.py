@@ -356,8 +356,8 @@ def cmd_init_model(args) -> int:
             return 2
         out = convert_gguf(Path(args.from_gguf), Path(args.target))
         print(f"converted {args.from_gguf} to {out}")
-    elif args.target and hub_id(args.target) is not None and not Path(args.target.split("/")[0]).exists():
-        out = fetch_hub_model(*hub_id(args.target))  # a Hub id (its first part is no local folder)
+    elif args.target and (hub := hub_id(args.target)) is not None and not Path(args.target.split("/")[0]).exists():
+        out = fetch_hub_model(*hub)  # a Hub id (its first part is no local folder)
         print(f"{args.target} ready at {out}; use it as model.path = \"{args.target}\"")
     elif args.target in NAMED_MODELS:
         out = fetch_named(args.target, Path(args.out) if args.out else None)

@@ -290,14 +290,23 @@ def stream_query(run_dir: str | Path, sql: str, on_batch, timeout_s: float | Non
         thread = threading.Thread(target=reader, name="herl-sql-result", daemon=True)
         thread.start()
         t0, stopped = time.monotonic(), None
+
+        def over_time() -> bool:
+            return bool(timeout_s) and time.monotonic() - t0 > (timeout_s or 0)
+
         try:
             if held:  # the Ctrl-C held back lands here, where the query can be killed
                 raise KeyboardInterrupt
-            while thread.is_alive() or proc.poll() is None:
+            while thread.is_alive():  # the result streams until the child closes the pipe
                 thread.join(0.05)
-                if timeout_s and time.monotonic() - t0 > timeout_s:
-                    stopped = f"stopped after {timeout_s:g} s, its time limit (raise it with --timeout SECONDS; 0: none)"
+                if over_time():
                     break
+            # the stream ended: the child exits now (a reader that failed, say a closed
+            # pipe downstream, leaves it blocked on a full pipe: it is killed below)
+            while "error" not in read and proc.poll() is None and not over_time():
+                time.sleep(0.02)
+            if over_time() and (thread.is_alive() or proc.poll() is None):
+                stopped = f"stopped after {timeout_s:g} s, its time limit (raise it with --timeout SECONDS; 0: none)"
         except KeyboardInterrupt:
             stopped = "stopped by Ctrl-C"
         finally:
@@ -358,7 +367,8 @@ def _query_job(job: dict) -> int:
         rel = query_run(job["run_dir"], job["sql"], job["memory"])
         if job.get("max_rows") is not None:
             rel = rel.limit(int(job["max_rows"]))
-        reader = rel.fetch_record_batch(8192) if hasattr(rel, "fetch_record_batch") else rel.record_batch(8192)
+        # the name differs across DuckDB versions (fetch_record_batch is deprecated in 2.x)
+        reader = rel.to_arrow_reader(8192) if hasattr(rel, "to_arrow_reader") else rel.fetch_record_batch(8192)
         with pa.ipc.new_stream(out, reader.schema) as writer:
             for batch in reader:
                 writer.write_batch(batch)
