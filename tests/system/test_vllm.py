@@ -156,10 +156,14 @@ def test_vllm_serve_as_the_http_judge(tmp_path):
         src = tmp_path / "hb.jsonl"
         src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         out = tmp_path / "graded.parquet"
-        rc = main(["grade", "--input", str(src), "--output", str(out),
-                   "--set", f"grade.judge.base_url=http://127.0.0.1:{port}/v1", "--set", "grade.judge.model=tiny-judge",
-                   "--set", "grade.judge.max_tokens=16", "--set", "grade.judge.timeout_s=120",
-                   "--set", "grade.judge.backoff_s=0.1"])
+        judge = ["--set", f"grade.judge.base_url=http://127.0.0.1:{port}/v1", "--set", "grade.judge.model=tiny-judge",
+                 "--set", "grade.judge.max_tokens=16", "--set", "grade.judge.timeout_s=120",
+                 "--set", "grade.judge.backoff_s=0.1"]
+        # the random tiny model cannot answer a judge's questions: the pre-flight probe says so
+        assert main(["grade", "--input", str(src), "--output", str(out), *judge]) == 2
+        assert not out.exists()
+        # past the probe, the path itself: every call goes over HTTP and comes back as a verdict or unknown
+        rc = main(["grade", "--input", str(src), "--output", str(out), *judge, "--set", "grade.judge.probe=false"])
         assert rc == 0
     finally:
         os.killpg(server.pid, signal.SIGTERM)
