@@ -684,7 +684,9 @@ def test_ctrl_c_while_herl_starts_prints_no_traceback(finished, delay):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert "Traceback" not in err, err[-2000:]
-    assert proc.returncode in (0, 130)  # 0: it had already finished
+    # 0: it had already finished; -SIGINT: the signal came before Python ran herl's code (its
+    # default action ends the process, quietly); 130: herl's own quiet exit
+    assert proc.returncode in (0, 130, -signal.SIGINT)
     if proc.returncode == 130:
         assert "interrupted" in err
 
