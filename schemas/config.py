@@ -358,6 +358,31 @@ class TrackingConfig(_Section):
     """Redraw plot.png (and its Prefect artifact) every this many iterations while the run goes; 0 draws it once, when the run ends (each redraw reads the whole run: seconds that grow with it). `herl plot RUN` draws it any time."""
 
 
+class ClusterConfig(_Section):
+    backend: Literal["local", "ray"] = "local"
+    """Where the trainer ranks and engines run: local = processes on this machine (accelerate launch, vLLM's own parallelism); ray = Ray actors placed on a Ray cluster (`pip install 'herl[ray]'`), the flow and every table staying on this machine (the driver). See docs/scaling.md."""
+    address: str = "auto"
+    """The Ray cluster to join (backend = ray): `auto` (the one `ray start` made on this node, or RAY_ADDRESS), or an address such as 10.0.0.1:6379 or ray://head:10001."""
+    trainer_gpus: float = 0.0
+    """GPUs per trainer rank (backend = ray; train.launcher.num_processes ranks, all placed together or none); 1 on GPU clusters, 0 trains on CPUs over gloo."""
+    trainer_cpus: float = 1.0
+    """CPUs per trainer rank (backend = ray); also its torch threads."""
+    engines: int | None = None
+    """Engine actors (backend = ray), the prompts of each generation split over them and their rows merged; None: vllm.data_parallel_size. Each engine is one vLLM (or transformers) engine, with vllm.tensor_parallel_size GPUs where vLLM runs on GPUs."""
+    engine_gpus: float | None = None
+    """GPUs per engine actor (backend = ray); None: vllm.tensor_parallel_size on a cluster with GPUs, else 0."""
+    engine_cpus: float = 1.0
+    """CPUs per engine actor (backend = ray)."""
+    trainer_resources: dict[str, float] = {}
+    """Custom Ray resources per trainer rank (backend = ray), e.g. {"trainer_node" = 1} for nodes started with `ray start --resources='{"trainer_node": 8}'`: pins ranks to such nodes."""
+    engine_resources: dict[str, float] = {}
+    """Custom Ray resources per engine actor (backend = ray), e.g. {"inference_pool" = 1}: keeps rollouts on a separate pool of nodes."""
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement-group strategy for the trainer ranks and for the engines (Ray's names): PACK fills a node before the next (fewest cross-node links), SPREAD spreads over nodes where it can, STRICT_* insist (STRICT_SPREAD: one bundle per node)."""
+    start_timeout_s: float = 600.0
+    """How long the trainer ranks or the engines may wait for the cluster to have room for all of them; past it the stage fails, saying what was asked."""
+
+
 class HerlConfig(_Section):
     run_id: str | None = None
     """Run name; the run lives in runs_dir/run_id. None makes a timestamped id."""
@@ -393,6 +418,8 @@ class HerlConfig(_Section):
     """Held-out evaluation during training: the policy answers prompts it never trains on, then revises them from the grader's verdicts."""
     tracking: TrackingConfig = TrackingConfig()
     """Experiment tracking: TensorBoard, W&B, MLflow."""
+    cluster: ClusterConfig = ClusterConfig()
+    """Where trainer ranks and engines run: this machine (local) or a Ray cluster (ray)."""
 
     @model_validator(mode="after")
     def _check(self) -> HerlConfig:
@@ -485,6 +512,20 @@ class HerlConfig(_Section):
              "vllm.tensor_parallel_size and vllm.data_parallel_size must be >= 1")
         need(0 < v.gpu_memory_utilization <= 1, "vllm.gpu_memory_utilization must be in (0, 1]")
         need(v.cpu_kvcache_gib > 0 and v.timeout_s > 0, "vllm.cpu_kvcache_gib and vllm.timeout_s must be > 0")
+        c = self.cluster
+        need(c.trainer_gpus >= 0 and c.trainer_cpus > 0 and c.engine_cpus > 0 and (c.engine_gpus or 0) >= 0,
+             "cluster.trainer_cpus and engine_cpus must be > 0, trainer_gpus and engine_gpus >= 0")
+        need(c.engines is None or c.engines >= 1, "cluster.engines must be >= 1, or unset to take vllm.data_parallel_size")
+        need(c.start_timeout_s > 0, "cluster.start_timeout_s must be > 0")
+        need(c.backend != "ray" or lc.num_machines == 1,
+             "cluster.backend = ray places the trainer ranks itself: leave train.launcher.num_machines at 1 and set "
+             "train.launcher.num_processes to the number of ranks (with cluster.trainer_gpus each)")
+        need(c.backend != "ray" or t.between_iterations != "exit",
+             "cluster.backend = ray places the resident trainer: train.between_iterations = exit (a job per "
+             "iteration) is local only; use auto, keep or offload")
+        need(c.backend != "ray" or lc.accelerate_config is None,
+             "cluster.backend = ray starts each rank itself (torch.distributed over the placed actors), without "
+             "`accelerate launch`: leave train.launcher.accelerate_config unset")
         j = self.grade.judge
         need(j.concurrency >= 1 and j.retries >= 0 and j.parse_retries >= 0,
              "grade.judge.concurrency must be >= 1, retries and parse_retries >= 0")

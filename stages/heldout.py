@@ -43,7 +43,7 @@ def run(run: Run, k: int) -> dict:
             raise ValueError("the held-out evaluation needs prompts: set task.holdout >= 1 or evaluation.source")
         answers, metrics, summary = self_improve(
             held, inputs["snapshot"], cfg, ev.rounds, ev.temperature, ev.max_tokens or cfg.rollout.max_tokens,
-            run.judge_cache, seed_tag=f"heldout:{k}")
+            run.judge_cache, seed_tag=f"heldout:{k}", shared=run.path)
         ids = {"run_id": run.run_id, "iteration": k}
         paths = {name: run.table(k, name) for name in ("heldout_answers", "heldout_metrics")}
         out = {

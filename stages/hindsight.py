@@ -110,7 +110,8 @@ def _revise(run: Run, k: int, candidates: list[dict], rollouts, inputs) -> tuple
 
     snapshot = run.snapshot(k)
     snapshot_id = run.snapshot_id(k)
-    engine = shared_engine(cfg.rollout.engine, snapshot, cfg.model.dtype, cfg.rollout.batch_size, cfg.vllm)
+    engine = shared_engine(cfg.rollout.engine, snapshot, cfg.model.dtype, cfg.rollout.batch_size, cfg.vllm,
+                           cfg.cluster, run.path)
     texts, requests = [], []
     for c in candidates:
         p = prompts[c["prompt_id"]]

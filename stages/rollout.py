@@ -42,7 +42,8 @@ def run(run: Run, k: int) -> dict:
         prompts = sample_for_iteration(pool, k, cfg.task.prompts_per_iteration, cfg.seed)
         snapshot_id = run.snapshot_id(k)
         # the run's engine: started once, this snapshot's weights loaded into it when it held older ones
-        engine = shared_engine(cfg.rollout.engine, snapshot, cfg.model.dtype, cfg.rollout.batch_size, cfg.vllm)
+        engine = shared_engine(cfg.rollout.engine, snapshot, cfg.model.dtype, cfg.rollout.batch_size, cfg.vllm,
+                               cfg.cluster, run.path)
         rendered = [render_chat(engine.tokenizer, p["messages"]) for p in prompts]
         requests = [
             GenRequest(p["prompt_id"], ids, derive_seed(cfg.seed, k, p["prompt_id"]), cfg.rollout.n)

@@ -56,7 +56,8 @@ def run(prompts_path: Path, model: str, out_dir: Path, rounds: int = 2, limit: i
     prompts, model_path = load_inputs(Path(prompts_path), model, limit, fmt, drop_unsupported)
     try:
         answer_rows, metric_rows, summary = self_improve(
-            prompts, model_path, cfg, rounds, temperature, max_tokens, out_dir / "judge_cache.sqlite")
+            prompts, model_path, cfg, rounds, temperature, max_tokens, out_dir / "judge_cache.sqlite",
+            shared=out_dir)
     finally:
         release_engines()
     write_table("eval_answers", answer_rows, out_dir / "eval_answers.parquet")

@@ -30,14 +30,17 @@ from schemas.config import HerlConfig
 
 
 def self_improve(prompts: list[dict], model: Path, cfg: HerlConfig, rounds: int, temperature: float,
-                 max_tokens: int, cache_path: Path | None, seed_tag: str = "eval") -> tuple[list, list, dict]:
+                 max_tokens: int, cache_path: Path | None, seed_tag: str = "eval",
+                 shared: Path | None = None) -> tuple[list, list, dict]:
     """Answer `prompts` with `model`, grade, and revise for `rounds` rounds.
 
     Returns (answer rows, metric rows, {round: {metric: value}}): one answer row per
     (round, prompt) and one metric row per (round, metric). IFEval's four accuracies
     (prompt- and instruction-level, strict and loose; IFBench reports the same four) are
-    added when every rubric item is an IFEval or IFBench instruction."""
-    engine = shared_engine(cfg.rollout.engine, model, cfg.model.dtype, cfg.rollout.batch_size, cfg.vllm)
+    added when every rubric item is an IFEval or IFBench instruction. `shared`: the folder
+    engines on a Ray cluster must see (cluster.backend = ray)."""
+    engine = shared_engine(cfg.rollout.engine, model, cfg.model.dtype, cfg.rollout.batch_size, cfg.vllm,
+                           cfg.cluster, shared)
     grader = RubricGrader(cfg.grade, cache_path=cache_path)
     params = SamplingParams(temperature, cfg.rollout.top_p, cfg.rollout.top_k, max_tokens)
     mode = cfg.grade.mode  # the verdicts revisions are shown and stopping follows, as in training

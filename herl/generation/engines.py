@@ -661,12 +661,15 @@ def _identity(path: str, inode: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
-def shared_engine(kind: str, path: Path, dtype: str = "float32", batch_size: int = 64, vllm_cfg=None) -> Engine:
+def shared_engine(kind: str, path: Path, dtype: str = "float32", batch_size: int = 64, vllm_cfg=None,
+                  cluster=None, shared: Path | None = None) -> Engine:
     """The run's engine, generating from the snapshot at `path`: the open one (its weights
     replaced by this snapshot's when it holds another's), or a new one (closing any other:
     another model or other settings). `engine.sync_seconds` says what the weight load
     took (0: none was needed). Stages do not close it; release_engines does, at the end
-    of a flow and at exit."""
+    of a flow and at exit. cluster.backend = ray: the engines are Ray actors
+    (herl/generation/ray_engines.py), each checked to see `shared` (the run folder; by
+    default the model's parent folder)."""
     import atexit
     import os
 
@@ -675,15 +678,28 @@ def shared_engine(kind: str, path: Path, dtype: str = "float32", batch_size: int
     path = engine_model(Path(path).resolve(), dtype)  # a LoRA snapshot generates from its merged copy
     st = os.stat(path)  # a snapshot folder replaced on disk (a redone train stage) holds other weights
     weights = (str(path), st.st_ino, st.st_mtime_ns)
+    on_ray = cluster is not None and cluster.backend == "ray"
     key = (resolve_engine_kind(kind, vllm_cfg, path), model_identity(path), dtype, batch_size,
-           vllm_cfg.model_dump_json() if vllm_cfg is not None else None)
+           vllm_cfg.model_dump_json() if vllm_cfg is not None else None,
+           cluster.model_dump_json() if on_ray else None)
     engine = _SHARED.get(key)
+    if engine is not None and getattr(engine, "closed", False):  # Ray engines closed after a lost actor
+        release_engines()
+        engine = None
     if engine is None:
         release_engines()
         atexit.unregister(release_engines)  # registered once
         atexit.register(release_engines)
-        engine = _SHARED[key] = load_engine(kind, path, dtype=dtype, batch_size=batch_size, vllm_cfg=vllm_cfg,
-                                            announce=True)
+        if on_ray:
+            from schemas.config import VLLMConfig
+
+            from herl.generation.ray_engines import RayEngines
+
+            engine = _SHARED[key] = RayEngines(kind, path, dtype, batch_size, vllm_cfg or VLLMConfig(), cluster,
+                                               Path(shared) if shared is not None else path.parent)
+        else:
+            engine = _SHARED[key] = load_engine(kind, path, dtype=dtype, batch_size=batch_size, vllm_cfg=vllm_cfg,
+                                                announce=True)
         engine.sync_seconds = 0.0
     elif _WEIGHTS.get(key) != weights:
         _WEIGHTS.pop(key, None)  # unknown until the load succeeds

@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,7 +45,8 @@ class ResidentTrainer:
         self._unsettled: tuple[int, int] | None = None  # (request, k) whose snapshot the stage has not yet settled
         # on one machine, the system's temporary folder (a run folder on a full disk must
         # still hear the trainer say so); several machines share only the run folder
-        where = Path(run_dir) if cfg.train.launcher.num_machines > 1 else Path(tempfile.gettempdir())
+        several = cfg.train.launcher.num_machines > 1 or cfg.cluster.backend == "ray"
+        where = Path(run_dir) if several else Path(tempfile.gettempdir())
         _remove_stale_controls(where)
         self.control = Path(tempfile.mkdtemp(prefix=CONTROL_PREFIX, dir=where))
         (self.control / "owner.json").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
@@ -105,13 +107,16 @@ class ResidentTrainer:
                 self.job.wait(timeout=max(STOP_GRACE_S, self.timeout_s or 3600.0))
             except subprocess.TimeoutExpired:
                 pass
-        stop_job(self.job)
+        stop = getattr(self.job, "stop", None)  # ranks placed on a cluster (herl/cluster)
+        stop() if stop is not None else stop_job(self.job)
         shutil.rmtree(self.control, ignore_errors=True)
 
 
 def _start(cfg: HerlConfig, run_dir: Path, control: Path):
     import multiprocessing
 
+    if cfg.cluster.backend == "ray":
+        return _start_on_ray(cfg, run_dir, control)
     if launch_command(cfg, run_dir, 0, control) is None and not multiprocessing.current_process().daemon:
         from herl.trainer_service.server import serve_job
 
@@ -119,6 +124,22 @@ def _start(cfg: HerlConfig, run_dir: Path, control: Path):
             f"herl.trainer_service.server {run_dir} (one process)"
     cmd = serve_command(cfg, run_dir, control)
     return subprocess.Popen(cmd, start_new_session=True, env=launch_env(cfg)), " ".join(cmd[1:])
+
+
+def _start_on_ray(cfg: HerlConfig, run_dir: Path, control: Path):
+    """The ranks as Ray actors in one placement group (herl/cluster), each serving the run
+    as a process of `accelerate launch` would."""
+    from herl.cluster.ray_backend import RayRankJob, connect, describe
+
+    c, n = cfg.cluster, cfg.train.launcher.num_processes
+    connect(c.address)
+    bundle = {"CPU": c.trainer_cpus, **({"GPU": c.trainer_gpus} if c.trainer_gpus else {}), **c.trainer_resources}
+    job = RayRankJob("trainer ranks", n, bundle, c.strategy, c.start_timeout_s, run_dir,
+                     "herl.trainer_service.server", "serve_rank", (str(run_dir), str(control)),
+                     {"ACCELERATE_MIXED_PRECISION": cfg.train.mixed_precision, "ACCELERATE_DYNAMO_BACKEND": "NO"})
+    where = ", ".join(f"rank {i} on {describe(node)} pid {node['pid']}" for i, node in enumerate(job.nodes))
+    print(f"herl: trainer ranks placed on the Ray cluster: {where}", file=sys.stderr, flush=True)
+    return job, f"herl.trainer_service.server {run_dir} ({n} Ray actors)"
 
 
 def _remove_stale_controls(where: Path) -> None:
@@ -137,7 +158,7 @@ def trainer_key(cfg: HerlConfig, run_dir: Path) -> str:
     """What a trainer serves: the run folder and every setting of the train job."""
     return json.dumps([str(Path(run_dir).resolve()), cfg.seed, cfg.model.model_dump(mode="json"),
                        cfg.train.model_dump(mode="json"), cfg.rollout.max_tokens, cfg.hindsight.max_tokens,
-                       cfg.hindsight.max_train_prompt_tokens], sort_keys=True)
+                       cfg.hindsight.max_train_prompt_tokens, cfg.cluster.model_dump(mode="json")], sort_keys=True)
 
 
 def resident_trainer(cfg: HerlConfig, run_dir: Path) -> tuple[ResidentTrainer, bool]:

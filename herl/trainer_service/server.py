@@ -130,6 +130,21 @@ def serve_job(run_dir: str, control: str, progress: bool = False) -> None:
     os._exit(code)
 
 
+def serve_rank(run_dir: str, control: str) -> int:
+    """One rank placed on a Ray cluster (herl/cluster): its environment names its rank, the
+    world size and rank 0's address, as torchrun's would; serve's exit code is returned."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    try:
+        return serve(Path(run_dir), Path(control))
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     from herl.util.procs import die_with_parent
 
