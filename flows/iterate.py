@@ -26,6 +26,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from flows import artifact_key, flow_overrides, hide_user_error_tracebacks
+from herl.cluster.ray_backend import connect
 from herl.data.pool import check_pool_fits, with_planned_iterations
 from herl.generation.engines import release_engines
 from herl.runs.plot import plot_run
@@ -101,6 +102,8 @@ def iterate(config: str | None = None, run_id: str | None = None, iterations: in
     training_prompts = check_pool_fits(cfg)
     cfg = with_planned_iterations(cfg, training_prompts)  # task.epochs -> iterations, saved with the run
     check_trackers(cfg)
+    if cfg.cluster.backend == "ray":  # Ray installed and the cluster answering, before the run folder is made
+        connect(cfg.cluster.address)
     run = open_run(cfg, Path(run_dir) if run_dir else None)
     logger = get_run_logger()
     logger.info("run directory: %s", run.path)

@@ -164,8 +164,9 @@ def run(run: Run, k: int) -> dict:
         # memory allows (the next rollout loads the new weights into it)
         resident = between_iterations(cfg) != "exit"
         # a live resident trainer already holds its memory: nothing more is needed for it
-        rest_engines(cfg.vllm.between_iterations,
-                     0 if resident and live_trainer() is not None else train_memory_bytes(run.snapshot(0), cfg.train))
+        # (on a Ray cluster the trainer ranks have bundles of their own: this machine's memory is not theirs)
+        on_here = cfg.cluster.backend == "local" and not (resident and live_trainer() is not None)
+        rest_engines(cfg.vllm.between_iterations, train_memory_bytes(run.snapshot(0), cfg.train) if on_here else 0)
         opt_state = inputs["snapshot"] / OPTIMIZER_FILE
         if not opt_state.exists() and snapshot_meta(inputs["snapshot"]).get("optimizer_pruned"):
             # redoing this step without the AdamW moments would silently train another policy

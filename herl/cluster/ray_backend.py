@@ -63,6 +63,8 @@ def connect(address: str) -> None:
     ray = ray_module()
     if ray.is_initialized():
         return
+    if not address.startswith("ray://"):
+        check_reachable(address)
     try:
         ray.init(address=address, namespace="herl", runtime_env={"env_vars": actor_env()},
                  log_to_driver=True, configure_logging=False)
@@ -70,6 +72,29 @@ def connect(address: str) -> None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ClusterError(f"no Ray cluster answers at cluster.address = {address!r} ({first}): start one with "
                            "`ray start --head` (docs/scaling.md), or set cluster.address") from None
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse at once a cluster that does not answer (ray.init would retry for minutes):
+    `auto` resolved as Ray does (RAY_ADDRESS, else the cluster `ray start` made on this node)."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        resolved = canonicalize_bootstrap_address(address)
+    except (ImportError, AttributeError):  # another Ray: leave it to ray.init
+        return
+    except (ConnectionError, ValueError) as exc:
+        raise ClusterError(f"no Ray cluster found for cluster.address = {address!r} ({str(exc).strip().splitlines()[0]}): "
+                           "start one with `ray start --head` (docs/scaling.md), or set cluster.address") from None
+    if not resolved:
+        raise ClusterError(f"no Ray cluster found for cluster.address = {address!r}: start one with `ray start --head` "
+                           "(docs/scaling.md), or set cluster.address")
+    host, _, port = resolved.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        raise ClusterError(f"no Ray cluster answers at {resolved} (cluster.address = {address!r}: {exc}): start one "
+                           "with `ray start --head` (docs/scaling.md), or set cluster.address") from None
 
 
 def disconnect() -> None:

@@ -74,6 +74,11 @@ def preflight(args, config_ok: Callable[[], None] = lambda: None) -> dict:
     cfg = load_config(params["config"], flow_overrides(overrides=params["overrides"], **named))
     if cfg.run_id:  # `herl run --run-id R` of a run in use: refused before Prefect starts, as resume is
         _refuse_busy(Path(params.get("run_dir") or Path(cfg.runs_dir) / cfg.run_id))
+    if cfg.cluster.backend == "ray":  # one line, before anything starts
+        from herl.cluster.ray_backend import check_reachable, require_ray
+
+        require_ray()
+        check_reachable(cfg.cluster.address)
     config_ok()
     import_plugins(cfg.plugins)  # before the pool: its rubric kinds may be the plugins' checks
     check_pool_fits(cfg)

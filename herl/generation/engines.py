@@ -691,9 +691,8 @@ def shared_engine(kind: str, path: Path, dtype: str = "float32", batch_size: int
         atexit.unregister(release_engines)  # registered once
         atexit.register(release_engines)
         if on_ray:
-            from schemas.config import VLLMConfig
-
             from herl.generation.ray_engines import RayEngines
+            from schemas.config import VLLMConfig
 
             engine = _SHARED[key] = RayEngines(kind, path, dtype, batch_size, vllm_cfg or VLLMConfig(), cluster,
                                                Path(shared) if shared is not None else path.parent)

@@ -16,7 +16,15 @@ import sys
 import time
 from pathlib import Path
 
-from herl.cluster.ray_backend import ClusterError, PlacedGroup, actor_env, connect, describe, failure_line, ray_module
+from herl.cluster.ray_backend import (
+    ClusterError,
+    PlacedGroup,
+    actor_env,
+    connect,
+    describe,
+    failure_line,
+    ray_module,
+)
 from herl.generation.engines import Completion, GenRequest, SamplingParams, resolve_engine_kind
 from herl.models.tokenizer import load_tokenizer
 

@@ -17,7 +17,6 @@ import ctypes
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -72,6 +71,11 @@ def cluster():
     if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNET) != 0:
         pytest.fail(f"unshare(CLONE_NEWNET) failed: {os.strerror(ctypes.get_errno())}")
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    import tempfile
+
+    # Ray's session files and its "current cluster" note in a folder of the test's own (short:
+    # Ray's sockets live in it), not in the machine's /tmp/ray
+    RAY_ENV["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="herl-ray-", dir="/tmp")
     os.environ.update(RAY_ENV)
     mine = _ns("self", "net")
     assert mine is not None
@@ -84,6 +88,9 @@ def cluster():
 
         disconnect()
         _kill_all(_processes_in("net", mine))  # the Ray nodes this test started, and nothing else
+        import shutil
+
+        shutil.rmtree(RAY_ENV["RAY_TMPDIR"], ignore_errors=True)
 
 
 def _ray_overrides(tmp_path: Path, address: str, run_id: str, **extra) -> dict:
@@ -158,7 +165,14 @@ def test_two_trainer_ranks_on_two_nodes_make_the_same_update_as_one_process(clus
 
 
 def test_two_engines_on_two_nodes_give_the_same_rollouts_as_one(cluster, tmp_path):
-    from herl.generation.engines import GenRequest, SamplingParams, derive_seed, load_engine, release_engines, shared_engine
+    from herl.generation.engines import (
+        GenRequest,
+        SamplingParams,
+        derive_seed,
+        load_engine,
+        release_engines,
+        shared_engine,
+    )
     from herl.generation.ray_engines import split_points
     from herl.models.paths import resolve_model_path
     from schemas.config import load_config
