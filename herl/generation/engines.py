@@ -694,7 +694,7 @@ def shared_engine(kind: str, path: Path, dtype: str = "float32", batch_size: int
             from herl.generation.ray_engines import RayEngines
             from schemas.config import VLLMConfig
 
-            engine = _SHARED[key] = RayEngines(kind, path, dtype, batch_size, vllm_cfg or VLLMConfig(), cluster,
+            engine = _SHARED[key] = RayEngines(key[0], path, dtype, batch_size, vllm_cfg or VLLMConfig(), cluster,
                                                Path(shared) if shared is not None else path.parent)
         else:
             engine = _SHARED[key] = load_engine(kind, path, dtype=dtype, batch_size=batch_size, vllm_cfg=vllm_cfg,

@@ -25,8 +25,10 @@ from herl.cluster.ray_backend import (
     failure_line,
     ray_module,
 )
-from herl.generation.engines import Completion, GenRequest, SamplingParams, resolve_engine_kind
 from herl.models.tokenizer import load_tokenizer
+
+# herl/generation/engines.py's GenRequest, SamplingParams and Completion travel through here
+# untouched (engines.py makes this class; importing it back would be a cycle)
 
 
 def split_points(sizes: list[int], parts: int, align: int) -> list[tuple[int, int]]:
@@ -50,7 +52,8 @@ def split_points(sizes: list[int], parts: int, align: int) -> list[tuple[int, in
 
 
 class RayEngines:
-    """The Engine protocol over `cluster.engines` engine actors (default vllm.data_parallel_size)."""
+    """The Engine protocol over `cluster.engines` engine actors (default vllm.data_parallel_size).
+    `kind`: the engine kind, resolved (transformers or vllm)."""
 
     def __init__(self, kind: str, path: Path, dtype: str, batch_size: int, vllm_cfg, cluster, shared: Path):
         c = cluster
@@ -78,7 +81,7 @@ class RayEngines:
             self.close()
             raise
         where = ", ".join(f"engine {i} on {describe(n)} pid {n['pid']}" for i, n in enumerate(self.group.nodes))
-        print(f"herl: {count} engines ({resolve_engine_kind(kind, vllm_cfg, self.path)}) placed on the Ray cluster "
+        print(f"herl: {count} engines ({kind}) placed on the Ray cluster "
               f"in {time.perf_counter() - t0:.1f} s: {where}", file=sys.stderr, flush=True)
 
     def _all(self, method: str, *args) -> list:
@@ -101,17 +104,18 @@ class RayEngines:
         """Closed (after a lost actor): the next stage places fresh engines."""
         return not self.group.actors
 
-    def generate(self, requests: list[GenRequest], params: SamplingParams) -> list[list[Completion]]:
+    def generate(self, requests: list, params) -> list[list]:
+        """Completions per request (GenRequest, SamplingParams, Completion of engines.py)."""
         if not requests:
             return []
         if self.closed:
             raise ClusterError("the engines were closed after a failure; the stage is redone by `herl resume`")
-        align = self.batch_size if resolve_engine_kind(self.kind, None, self.path) == "transformers" else 1
+        align = self.batch_size if self.kind == "transformers" else 1
         spans = split_points([r.n for r in requests], len(self.group.actors), align)
         ray = ray_module()
         actors = self.group.actors[:len(spans)]
         refs = [a.invoke.remote("generate", requests[s:e], params) for a, (s, e) in zip(actors, spans)]
-        out: list[list[Completion]] = []
+        out: list[list] = []
         for i, ref in enumerate(refs):
             try:
                 out.extend(ray.get(ref))

@@ -6,14 +6,13 @@ identically; a node that cannot see the run folder is refused by name; nothing i
 on the cluster.
 
 Their own group (`python -m pytest -m cluster -n 0`, as .ci/run does): the test process
-moves itself into a network namespace of its own (root; only loopback there), so every
-byte of Ray's traffic stays on 127.0.0.1, and at the end stops exactly the processes of
-that namespace (its Ray nodes), nothing else on the machine.
+moves itself into a network namespace of its own (root; only loopback there;
+herl/cluster/sandbox.py), so every byte of Ray's traffic stays on 127.0.0.1, and at the end
+stops exactly the processes of that namespace (its Ray nodes), nothing else on the machine.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
@@ -31,66 +30,27 @@ pytestmark = pytest.mark.cluster
 ray = pytest.importorskip("ray", reason="the cluster group needs Ray: pip install 'herl[ray]'")
 
 ROOT = Path(__file__).resolve().parents[2]
-PORT = 6390
-CLONE_NEWNET = 0x40000000
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
-
-
-def _ns(pid: int | str, kind: str) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/ns/{kind}")
-    except OSError:
-        return None
-
-
-def _processes_in(kind: str, ns: str) -> list[psutil.Process]:
-    return [p for p in psutil.process_iter() if p.pid != os.getpid() and _ns(p.pid, kind) == ns]
-
-
-def _kill_all(procs: list[psutil.Process]) -> None:
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-
-
-def _ray_start(*args: str, prefix: tuple[str, ...] = ()) -> None:
-    subprocess.run([*prefix, sys.executable, "-m", "ray.scripts.scripts", "start", "--disable-usage-stats", *args],
-                   check=True, env={**os.environ, **RAY_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                   timeout=120)
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """Two Ray nodes (node_a: the head, node_b), 2 logical CPUs each, inside this process's
-    own network namespace; the address the run joins."""
+def sandbox():
+    """Two Ray nodes (node_0: the head, node_1), 2 logical CPUs each, inside this process's
+    own network namespace (herl/cluster/sandbox.py)."""
+    from herl.cluster.sandbox import SandboxCluster
+
     if os.geteuid() != 0:
         pytest.skip("a network namespace of its own needs root (CI runs as root)")
-    if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNET) != 0:
-        pytest.fail(f"unshare(CLONE_NEWNET) failed: {os.strerror(ctypes.get_errno())}")
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    import tempfile
-
-    # Ray's session files and its "current cluster" note in a folder of the test's own (short:
-    # Ray's sockets live in it), not in the machine's /tmp/ray
-    RAY_ENV["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="herl-ray-", dir="/tmp")
-    os.environ.update(RAY_ENV)
-    mine = _ns("self", "net")
-    assert mine is not None
+    cluster = SandboxCluster(nodes=2, cpus=2)
     try:
-        _ray_start("--head", f"--port={PORT}", "--num-cpus=2", '--resources={"node_a": 1}', "--include-dashboard=false")
-        _ray_start(f"--address=127.0.0.1:{PORT}", "--num-cpus=2", '--resources={"node_b": 1}')
-        yield f"127.0.0.1:{PORT}"
+        yield cluster
     finally:
-        from herl.cluster.ray_backend import disconnect
+        cluster.stop()
 
-        disconnect()
-        _kill_all(_processes_in("net", mine))  # the Ray nodes this test started, and nothing else
-        import shutil
 
-        shutil.rmtree(RAY_ENV["RAY_TMPDIR"], ignore_errors=True)
+@pytest.fixture(scope="module")
+def cluster(sandbox):
+    """The address a run joins."""
+    return sandbox.address
 
 
 def _ray_overrides(tmp_path: Path, address: str, run_id: str, **extra) -> dict:
@@ -365,21 +325,21 @@ def test_killed_trainer_rank_and_engine_fail_their_stage_and_resume_identically(
     assert not alive, alive
 
 
-def test_a_node_that_cannot_see_the_run_folder_is_refused_by_name(cluster, tmp_path):
+def test_a_node_that_cannot_see_the_run_folder_is_refused_by_name(sandbox, cluster, tmp_path):
     """A third node whose raylet runs in a mount namespace where the runs folder is an empty
     tmpfs (as a node without the shared mount would be): the trainer rank pinned to it is
     refused before it trains, naming that node."""
     from herl.cluster.ray_backend import ClusterError
+    from herl.cluster.sandbox import kill_all, namespace, processes_in
     from herl.runs.rundir import open_run
     from herl.trainer_service.client import resident_trainer
     from schemas.config import load_config
 
     runs = tmp_path / "runs"
     runs.mkdir()
-    here = _ns("self", "mnt")
-    _ray_start(f"--address=127.0.0.1:{PORT}", "--num-cpus=1", '--resources={"blind": 1}',
-               prefix=("unshare", "--mount", "--propagation", "private", "sh", "-c",
-                       f'mount -t tmpfs tmpfs "{runs}" && exec "$0" "$@"'))
+    here = namespace("mnt")
+    sandbox.add_node(1, {"blind": 1}, prefix=("unshare", "--mount", "--propagation", "private", "sh", "-c",
+                                             f'mount -t tmpfs tmpfs "{runs}" && exec "$0" "$@"'))
     try:
         cfg = load_config(None, _ray_overrides(runs, cluster, "blind", **{"cluster.trainer_resources": {"blind": 1}}))
         run = open_run(cfg)
@@ -391,4 +351,4 @@ def test_a_node_that_cannot_see_the_run_folder_is_refused_by_name(cluster, tmp_p
         assert not list(run.path.glob(".cluster-check-*"))
         _wait_cluster_idle()
     finally:
-        _kill_all([p for p in _processes_in("net", _ns("self", "net") or "") if _ns(p.pid, "mnt") != here])
+        kill_all([p for p in processes_in("net", sandbox.net) if namespace("mnt", p.pid) != here])

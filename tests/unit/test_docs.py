@@ -24,8 +24,9 @@ def test_every_table_is_documented_with_its_grain():
 
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
-    cmd = "pip install torch==2.13.0 && pip install -e '.[test]' && python -m pytest -q"
-    assert cmd in README and cmd in ci
+    for cmd in ("pip install torch==2.13.0 && pip install -e '.[test,ray]' && python -m pytest -q",
+                "python -m pytest -q -m cluster -n 0"):  # the suite, then the cluster group
+        assert cmd in README and cmd in ci, cmd
 
 
 def test_algorithm_page_names_only_real_switches():

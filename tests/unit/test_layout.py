@@ -21,7 +21,8 @@ PACKAGES = ("herl", "flows", "stages", "schemas")
 LAYERS = ("cli", "flows", "stages", "herl", "schemas")
 # herl's sub-packages, top first (herl.commands is the cli layer): each imports only
 # from the ones after it, and herl/__init__ and herl/sql (the SQL models) are the floor
-HERL_PACKAGES = ("commands", "trainer_service", "training", "runs", "evaluation", "data", "grading", "generation", "models", "util", "sql")
+HERL_PACKAGES = ("commands", "trainer_service", "training", "runs", "evaluation", "data", "grading", "generation", "cluster",
+                 "models", "util", "sql")
 
 
 def _modules() -> dict[str, Path]:
@@ -74,7 +75,7 @@ def test_imports_go_one_way():
 
 def test_herl_subpackages_import_downward_only():
     """Inside herl, each sub-package imports only from the sub-packages below it in
-    HERL_PACKAGES (commands -> trainer_service -> training -> runs -> evaluation -> data -> grading -> generation -> models
+    HERL_PACKAGES (commands -> trainer_service -> training -> runs -> evaluation -> data -> grading -> generation -> cluster -> models
     -> util -> sql); every module of herl lives in one of them."""
     modules = _modules()
     herl = {m: p for m, p in modules.items() if m.startswith("herl.")}
