@@ -238,3 +238,51 @@ def hide_user_error_tracebacks() -> None:
                 handler.addFilter(_NoUserErrorTracebacks())
             if isinstance(handler, PrefectConsoleHandler) and not any(isinstance(f, _QuietConsole) for f in handler.filters):
                 handler.addFilter(_QuietConsole())
+
+
+CRASH_AUTOMATION = "herl: a flow run whose heartbeats stop is crashed"
+CRASH_AFTER_S = 90  # three missed heartbeats at prefect.yaml's PREFECT_FLOWS_HEARTBEAT_FREQUENCY = 30
+
+
+def ensure_crash_automation() -> bool:
+    """On a Prefect server of the user's own (PREFECT_API_URL; the temporary server dies
+    with its run), make sure the automation exists that marks a herl flow run Crashed when
+    its heartbeats stop for CRASH_AFTER_S (its process was SIGKILLed, ran out of memory,
+    or lost its machine): Prefect emits the heartbeats, but only an automation turns their
+    absence into a state. Created once per server, found by name after; True if it exists
+    now. A server that refuses (no automations) is left as it is."""
+    if not os.environ.get("PREFECT_API_URL") or _temporary:
+        return False
+    from datetime import timedelta
+
+    from prefect.automations import Automation, ChangeFlowRunState, EventTrigger, Posture
+    from prefect.client.schemas.objects import StateType
+
+    try:
+        if Automation.read(name=CRASH_AUTOMATION) is not None:
+            return True
+    except (ValueError, LookupError):
+        pass
+    except Exception:  # noqa: BLE001  a server without automations: runs work, crashes stay unmarked
+        return False
+    try:
+        Automation(
+            name=CRASH_AUTOMATION,
+            description="Created by herl's flows (flows/__init__.py): a herl flow run whose process stopped "
+                        "sending heartbeats (killed, out of memory, its machine lost) is marked Crashed; "
+                        "`herl resume` or a new deployment run with its run_id continues it.",
+            trigger=EventTrigger(
+                match={"prefect.resource.id": "prefect.flow-run.*"},
+                match_related={"prefect.resource.role": "flow", "prefect.resource.name": ["herl", "herl-eval"]},
+                after={"prefect.flow-run.heartbeat"},
+                expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                        "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+                for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+                within=timedelta(seconds=CRASH_AFTER_S)),
+            actions=[ChangeFlowRunState(state=StateType.CRASHED, name="Crashed", force=False,
+                                        message=f"no heartbeat for {CRASH_AFTER_S} s: the flow run's process is gone; "
+                                                "`herl resume` continues its run folder")],
+        ).create()
+    except Exception:  # noqa: BLE001  one made meanwhile by another run, or none allowed
+        return False
+    return True

@@ -13,7 +13,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows import artifact_key
+from flows import artifact_key, ensure_crash_automation
 from herl.evaluation import job as eval_job
 from schemas.config import load_config
 
@@ -29,6 +29,7 @@ def evaluate_task(prompts: str, model: str, out: str, rounds: int, limit: int | 
 def evaluate(prompts: str, model: str = "builtin:tiny", out: str = "evals/latest", rounds: int = 2,
              limit: int | None = None, config: str | None = None, overrides: dict[str, Any] | None = None) -> dict:
     """Answer, grade and revise `prompts` for `rounds` rounds with `model`; returns {round: metrics}."""
+    ensure_crash_automation()  # on a server of one's own: a killed run ends Crashed, not Running
     summary = evaluate_task(prompts, model, out, rounds, limit, config, overrides)
     create_markdown_artifact(key=artifact_key("herl-eval", str(out)[-60:]), markdown=f"# herl eval: {prompts}\n\n" + eval_job.metrics_markdown(summary),
                              description=f"herl eval of {model} on {prompts}")

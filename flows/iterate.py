@@ -25,7 +25,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from flows import artifact_key, flow_overrides, hide_user_error_tracebacks
+from flows import artifact_key, ensure_crash_automation, flow_overrides, hide_user_error_tracebacks
 from herl.cluster.ray_backend import connect
 from herl.data.pool import check_pool_fits, with_planned_iterations
 from herl.generation.engines import release_engines
@@ -97,6 +97,7 @@ def iterate(config: str | None = None, run_id: str | None = None, iterations: in
     stays its identity).
     """
     hide_user_error_tracebacks()  # also where a deployment's worker runs the flow
+    ensure_crash_automation()  # on a server of one's own: a killed run ends Crashed, not Running
     cfg = load_config(config, flow_overrides(run_id, iterations, model_path, runs_dir, overrides))
     # a bad prompts file or a prompt the model cannot hold fails here, before the run folder exists
     training_prompts = check_pool_fits(cfg)

@@ -18,6 +18,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from herl.runs.rundir import recorded_outputs
 from schemas.errors import MissingError, UserError
 from schemas.tables import (
     TABLES,
@@ -114,19 +115,7 @@ def _readable(name: str, path: Path) -> str | None:
 
 def _recorded_digests(run_path: Path) -> dict[Path, dict]:
     """{table file: the digest record its stage's manifest holds} for the run's outputs."""
-    import json
-
-    out: dict[Path, dict] = {}
-    for mp in run_path.glob("iter-*/_manifests/*.json"):
-        try:
-            m = json.loads(mp.read_bytes())
-        except (ValueError, OSError):
-            continue  # an unreadable manifest: its stage is redone on resume; its files are read as they are
-        outputs = m.get("outputs") if isinstance(m, dict) else None
-        for o in outputs.values() if isinstance(outputs, dict) else []:
-            if isinstance(o, dict) and isinstance(o.get("path"), str) and isinstance(o.get("sha256"), str):
-                out[(run_path / o["path"]).resolve()] = o
-    return out
+    return recorded_outputs(run_path, run_path.glob("iter-*/_manifests/*.json"))
 
 
 def _changed(path: Path, record: dict | None) -> str | None:
@@ -141,11 +130,12 @@ def _changed(path: Path, record: dict | None) -> str | None:
     return None
 
 
-def damaged_tables(run_dir: str | Path) -> dict[str, str]:
+def damaged_tables(run_dir: str | Path, recorded: dict[Path, dict] | None = None) -> dict[str, str]:
     """{table: why} for every table of the run with a file that cannot be read, or that is
-    not what its stage wrote (its recorded digest): a flipped bit is never read as data."""
+    not what its stage wrote (its recorded digest, `recorded` if the caller read them):
+    a flipped bit is never read as data."""
     run_path = Path(run_dir).resolve()
-    recorded = _recorded_digests(run_path)
+    recorded = _recorded_digests(run_path) if recorded is None else recorded
     out: dict[str, str] = {}
     for name, spec in TABLES.items():
         pattern = "metrics-*.parquet" if spec.per_stage else spec.filename()
@@ -157,7 +147,8 @@ def damaged_tables(run_dir: str | Path) -> dict[str, str]:
     return out
 
 
-def connect_run(run_dir: str | Path, memory_limit_bytes: int | None = None, omit: frozenset[str] = frozenset()):
+def connect_run(run_dir: str | Path, memory_limit_bytes: int | None = None, omit: frozenset[str] = frozenset(),
+                recorded: dict[Path, dict] | None = None):
     """A DuckDB connection with one view per table over all iterations, with no file access.
     Tables in `omit` are not there at all (query_run leaves damaged ones out, so no way of
     naming them, query_table('rewards') included, reads part of one); a damaged file of
@@ -176,7 +167,7 @@ def connect_run(run_dir: str | Path, memory_limit_bytes: int | None = None, omit
     if memory_limit_bytes:
         con.execute("SET memory_limit = $limit", {"limit": f"{memory_limit_bytes}B"})
     con.execute("SET lock_configuration = true")
-    recorded = _recorded_digests(run_path)
+    recorded = _recorded_digests(run_path) if recorded is None else recorded
     for name, spec in TABLES.items():
         if name in omit:
             continue
@@ -203,10 +194,11 @@ def _open_query(run_dir: str | Path, sql: str, memory_limit_bytes: int | None):
     import duckdb
 
     tables = check_select(sql)
-    damaged = damaged_tables(run_dir)
+    recorded = _recorded_digests(Path(run_dir).resolve())  # the manifests, read once for both passes
+    damaged = damaged_tables(run_dir, recorded)
     for name in sorted(tables & set(damaged)):
         raise DamagedTableError(damaged[name])
-    con = connect_run(run_dir, memory_limit_bytes, omit=frozenset(damaged))
+    con = connect_run(run_dir, memory_limit_bytes, omit=frozenset(damaged), recorded=recorded)
     try:
         return con, con.sql(sql)
     except duckdb.CatalogException as exc:  # query_table('rewards'), query('... rewards'): bound here

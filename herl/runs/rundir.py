@@ -45,6 +45,25 @@ from schemas.errors import MissingError, UserError
 from schemas.tables import TABLES, digest_record, file_sha256, read_table, remember_digest
 
 
+def recorded_outputs(run_path: Path, manifest_files=(), manifests: list[dict] | None = None) -> dict[Path, dict]:
+    """{output file (resolved): the record its stage's manifest holds (path, sha256, size,
+    times)} from the manifest files given (an unreadable one is passed over: its stage is
+    redone on resume, its files hashed or read as they are), or from parsed `manifests`."""
+    if manifests is None:
+        manifests = []
+        for mp in manifest_files:
+            try:
+                manifests.append(json.loads(Path(mp).read_bytes()))
+            except (ValueError, OSError):
+                continue
+    out: dict[Path, dict] = {}
+    for m in manifests:
+        outputs = m.get("outputs") if isinstance(m, dict) else None
+        for o in outputs.values() if isinstance(outputs, dict) else []:
+            if isinstance(o, dict) and isinstance(o.get("path"), str) and isinstance(o.get("sha256"), str):
+                out[(Path(run_path) / o["path"]).resolve()] = o
+    return out
+
 class RunLockedError(UserError, RuntimeError):
     """Another process is writing this run."""
 
@@ -178,18 +197,13 @@ class Run:
         outputs, for each file still unchanged since: fingerprinting a table the writing
         stage already hashed then reads no bytes (1M rollouts: 0.8 GB not read again)."""
         if manifests is None:
-            manifests = []
-            for folder in {Path(p).parent for p in paths if Path(p).is_file()}:
-                for mp in sorted((folder / "_manifests").glob("*.json")):
-                    try:
-                        manifests.append(json.loads(mp.read_bytes()))
-                    except (ValueError, OSError):
-                        continue  # an unreadable manifest: its files are hashed
-        for m in manifests:
-            outputs = m.get("outputs") if isinstance(m, dict) else None
-            for out in (outputs or {}).values() if isinstance(outputs, dict) else []:
-                if isinstance(out, dict) and isinstance(out.get("path"), str) and "sha256" in out:
-                    remember_digest(self.path / out["path"], out)
+            files = [mp for folder in {Path(p).parent for p in paths if Path(p).is_file()}
+                     for mp in sorted((folder / "_manifests").glob("*.json"))]
+            records = recorded_outputs(self.path, files)
+        else:
+            records = recorded_outputs(self.path, manifests=manifests)
+        for path, record in records.items():
+            remember_digest(path, record)
 
     # ---- locking -----------------------------------------------------------
     @contextmanager
