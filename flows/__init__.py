@@ -241,19 +241,23 @@ def hide_user_error_tracebacks() -> None:
 
 
 CRASH_AUTOMATION = "herl: a flow run whose heartbeats stop is crashed"
-CRASH_AFTER_S = 90  # three missed heartbeats at prefect.yaml's PREFECT_FLOWS_HEARTBEAT_FREQUENCY = 30
+# three missed heartbeats at prefect.yaml's PREFECT_FLOWS_HEARTBEAT_FREQUENCY = 30 (set when
+# the automation is first made on a server)
+CRASH_AFTER_S = 90
 
 
 def ensure_crash_automation() -> bool:
     """On a Prefect server of the user's own (PREFECT_API_URL; the temporary server dies
     with its run), make sure the automation exists that marks a herl flow run Crashed when
-    its heartbeats stop for CRASH_AFTER_S (its process was SIGKILLed, ran out of memory,
-    or lost its machine): Prefect emits the heartbeats, but only an automation turns their
+    its heartbeats stop for CRASH_AFTER_S (HERL_PREFECT_CRASH_AFTER_S; its worker was
+    stopped, or its machine lost): Prefect emits the heartbeats, but only an automation turns their
     absence into a state. Created once per server, found by name after; True if it exists
     now. A server that refuses (no automations) is left as it is."""
     if not os.environ.get("PREFECT_API_URL") or _temporary:
         return False
     from datetime import timedelta
+
+    after_s = int(os.environ.get("HERL_PREFECT_CRASH_AFTER_S", CRASH_AFTER_S))
 
     from prefect.automations import Automation, ChangeFlowRunState, EventTrigger, Posture
     from prefect.client.schemas.objects import StateType
@@ -278,9 +282,9 @@ def ensure_crash_automation() -> bool:
                 expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
                         "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
                 for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
-                within=timedelta(seconds=CRASH_AFTER_S)),
+                within=timedelta(seconds=after_s)),
             actions=[ChangeFlowRunState(state=StateType.CRASHED, name="Crashed", force=False,
-                                        message=f"no heartbeat for {CRASH_AFTER_S} s: the flow run's process is gone; "
+                                        message=f"no heartbeat for {after_s} s: the flow run's process is gone; "
                                                 "`herl resume` continues its run folder")],
         ).create()
     except Exception:  # noqa: BLE001  one made meanwhile by another run, or none allowed

@@ -1,6 +1,7 @@
 """Serving with Prefect as the README says: server, pool, deploy, worker, then
-`prefect deployment run herl/iterate --watch` completes and leaves a full run, and
-`herl-eval/evaluate` evaluates the policy it trained."""
+`prefect deployment run herl/iterate --watch` completes and leaves a full run,
+`herl-eval/evaluate` evaluates the policy it trained, and a run whose worker is stopped
+ends Crashed (the heartbeat automation the flows set up), not Running."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -41,10 +43,27 @@ def _artifacts(env: dict) -> list[list[str]]:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _client_call(env: dict, body: str):
+    code = ("import json\nfrom prefect.client.orchestration import get_client\n"
+            "with get_client(sync_client=True) as c:\n" + body)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _state(env: dict, flow_run: str) -> list[str]:
+    """[state type, message] of a flow run."""
+    return _client_call(env, f"    s = c.read_flow_run({flow_run!r}).state\n    print(json.dumps([s.type.value, s.message or '']))\n")
+
+
+def _automations(env: dict) -> list[str]:
+    return _client_call(env, "    print(json.dumps([a.name for a in c.read_automations()]))\n")
+
+
 def test_deployment_run_watch_completes(tmp_path):
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"),
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "HERL_PREFECT_CRASH_AFTER_S": "35"}
     server = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port),
                                "--analytics-off"], cwd=tmp_path, env=env, stdout=open(tmp_path / "server.log", "w"),
                               stderr=subprocess.STDOUT, start_new_session=True)
@@ -94,6 +113,24 @@ def test_deployment_run_watch_completes(tmp_path):
         metrics = pq.read_table(evals / "eval_metrics.parquet").to_pylist()
         assert {m["round"] for m in metrics} == {0, 1} and "mean_reward_strict" in {m["name"] for m in metrics}
         assert any(key.startswith("herl-eval-") for key, _ in _artifacts(env))
+
+        # a run whose worker is stopped mid-run ends Crashed (the flow's heartbeat automation,
+        # 35 s here), not Running forever; its run folder resumes as any other
+        out = prefect("deployment", "run", "herl/iterate", "--param", "iterations=40", "--param", "run_id=orphan",
+                      "--param", f"runs_dir={runs}", cwd=tmp_path)
+        flow_run = next(x.split()[-1] for x in out.splitlines() if "UUID" in x)
+        deadline = time.time() + 120
+        while _state(env, flow_run)[0] != "RUNNING":
+            assert time.time() < deadline, _state(env, flow_run)
+            time.sleep(1)
+        _stop(worker)
+        deadline = time.time() + 150
+        while (state := _state(env, flow_run))[0] == "RUNNING":
+            assert time.time() < deadline, "the orphaned flow run stayed Running"
+            time.sleep(2)
+        assert state[0] == "CRASHED" and "no heartbeat for 35 s" in state[1], state
+        automations = _automations(env)
+        assert automations == ["herl: a flow run whose heartbeats stop is crashed"], automations  # once per server
     finally:
         # a worker whose server is gone ignores SIGTERM: stop the worker first
         if worker is not None:
