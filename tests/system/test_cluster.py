@@ -155,6 +155,38 @@ def test_two_engines_on_two_nodes_give_the_same_rollouts_as_one(cluster, tmp_pat
     _wait_cluster_idle()
 
 
+def test_two_vllm_engines_on_two_nodes_give_the_same_rollouts_as_one(cluster, tmp_path):
+    """Each engine actor runs herl's vLLM engine worker in vLLM's own environment on its node."""
+    from herl.generation.engines import (
+        GenRequest,
+        SamplingParams,
+        derive_seed,
+        find_vllm_python,
+        load_engine,
+        release_engines,
+        shared_engine,
+    )
+    from herl.models.paths import resolve_model_path
+    from schemas.config import load_config
+
+    if find_vllm_python() is None:
+        pytest.skip("no vLLM environment: run `herl install-vllm --cpu` (CI makes one)")
+    cfg = load_config(None, _ray_overrides(tmp_path, cluster, "v", **{"cluster.engines": 2, "vllm.cpu_kvcache_gib": 1}))
+    model = resolve_model_path(cfg.model.path)
+    requests = [GenRequest(f"p{i}", [1, 2, 3 + i, 4], derive_seed(0, 0, f"p{i}"), 2) for i in range(6)]
+    params = SamplingParams(1.0, 1.0, 0, 10)
+    engines = shared_engine("vllm", model, "float32", 8, cfg.vllm, cfg.cluster, tmp_path)
+    two = engines.generate(requests, params)
+    release_engines()
+    one_engine = load_engine("vllm", model, vllm_cfg=cfg.vllm)
+    try:
+        one = one_engine.generate(requests, params)
+    finally:
+        one_engine.close()
+    assert [[c.token_ids for c in cs] for cs in two] == [[c.token_ids for c in cs] for cs in one]
+    _wait_cluster_idle()
+
+
 def _tables(run_dir: Path) -> dict[str, list]:
     """Every iteration's data tables, rows in written order (metrics left out, and the run's
     name: run_id, and snapshot_id, which names the run; the weights are compared apart)."""
