@@ -99,6 +99,21 @@ def test_deployment_run_watch_completes(tmp_path):
         assert (runs / "served" / "plot.png").stat().st_size > 10_000
         assert list((runs / "served" / "tracking" / "tensorboard").glob("events.out.tfevents.*"))
 
+        # a run whose worker is stopped mid-run ends Crashed (the flow's heartbeat automation,
+        # 35 s here), not Running forever; the evaluate deployment below runs meanwhile on a
+        # fresh worker
+        out = prefect("deployment", "run", "herl/iterate", "--param", "iterations=40", "--param", "run_id=orphan",
+                      "--param", f"runs_dir={runs}", cwd=tmp_path)
+        flow_run = next(x.split()[-1] for x in out.splitlines() if "UUID" in x)
+        deadline = time.time() + 120
+        while _state(env, flow_run)[0] != "RUNNING":
+            assert time.time() < deadline, _state(env, flow_run)
+            time.sleep(1)
+        _stop(worker)
+        worker = subprocess.Popen([*PREFECT, "worker", "start", "--pool", "herl"], cwd=tmp_path, env=env,
+                                  stdout=open(tmp_path / "worker2.log", "w"), stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+
         # the evaluate deployment on the policy that run just trained, with per-round scores
         prompts = tmp_path / "prompts.jsonl"
         rubric = [{"item_id": "nd", "description": "Use no digits.", "kind": "no_digits"}]
@@ -114,16 +129,6 @@ def test_deployment_run_watch_completes(tmp_path):
         assert {m["round"] for m in metrics} == {0, 1} and "mean_reward_strict" in {m["name"] for m in metrics}
         assert any(key.startswith("herl-eval-") for key, _ in _artifacts(env))
 
-        # a run whose worker is stopped mid-run ends Crashed (the flow's heartbeat automation,
-        # 35 s here), not Running forever; its run folder resumes as any other
-        out = prefect("deployment", "run", "herl/iterate", "--param", "iterations=40", "--param", "run_id=orphan",
-                      "--param", f"runs_dir={runs}", cwd=tmp_path)
-        flow_run = next(x.split()[-1] for x in out.splitlines() if "UUID" in x)
-        deadline = time.time() + 120
-        while _state(env, flow_run)[0] != "RUNNING":
-            assert time.time() < deadline, _state(env, flow_run)
-            time.sleep(1)
-        _stop(worker)
         deadline = time.time() + 150
         while (state := _state(env, flow_run))[0] == "RUNNING":
             assert time.time() < deadline, "the orphaned flow run stayed Running"
