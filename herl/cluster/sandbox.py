@@ -38,14 +38,10 @@ def processes_in(kind: str, ns: str) -> list:
 
 
 def kill_all(procs: list) -> None:
-    import psutil
+    """Stop them (SIGTERM, SIGKILL 5 s later for any left)."""
+    from herl.util.procs import terminate_then_kill
 
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
+    terminate_then_kill(procs, grace_s=5.0)
 
 
 class SandboxCluster:

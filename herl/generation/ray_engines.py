@@ -86,8 +86,12 @@ class RayEngines:
 
     def _all(self, method: str, *args) -> list:
         """One call per actor, in parallel; a lost actor fails all with one line (and closes the group)."""
+        return self._gather([getattr(a, method).remote(*args) for a in self.group.actors], "failed")
+
+    def _gather(self, refs: list, what: str) -> list:
+        """Each actor's answer, in order; a lost or failing actor closes the group and fails
+        the stage with one line (`engine i on node ... <what>: why`)."""
         ray = ray_module()
-        refs = [getattr(a, method).remote(*args) for a in self.group.actors]
         out = []
         for i, ref in enumerate(refs):
             try:
@@ -95,7 +99,7 @@ class RayEngines:
             except Exception as exc:
                 node = describe(self.group.nodes[i])
                 self.close()
-                raise ClusterError(f"engine {i} on {node} failed: {failure_line(exc)}; the stage fails "
+                raise ClusterError(f"engine {i} on {node} {what}: {failure_line(exc)}; the stage fails "
                                    "(`herl resume` redoes it on fresh engines)") from None
         return out
 
@@ -112,19 +116,9 @@ class RayEngines:
             raise ClusterError("the engines were closed after a failure; the stage is redone by `herl resume`")
         align = self.batch_size if self.kind == "transformers" else 1
         spans = split_points([r.n for r in requests], len(self.group.actors), align)
-        ray = ray_module()
         actors = self.group.actors[:len(spans)]
         refs = [a.invoke.remote("generate", requests[s:e], params) for a, (s, e) in zip(actors, spans)]
-        out: list[list] = []
-        for i, ref in enumerate(refs):
-            try:
-                out.extend(ray.get(ref))
-            except Exception as exc:
-                node = describe(self.group.nodes[i])
-                self.close()
-                raise ClusterError(f"engine {i} on {node} was lost during generation: {failure_line(exc)}; the "
-                                   "stage fails (`herl resume` redoes it on fresh engines)") from None
-        return out
+        return [cs for part in self._gather(refs, "was lost during generation") for cs in part]
 
     def load_weights(self, path: Path) -> None:
         t0 = time.perf_counter()
