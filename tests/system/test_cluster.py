@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -354,6 +355,35 @@ def test_killed_trainer_rank_and_engine_fail_their_stage_and_resume_identically(
     assert _weights(run_dir / "snapshots" / "policy-2") == _weights(clean.snapshot(2))
     _wait_cluster_idle()
     _, alive = psutil.wait_procs(_placed_processes(), timeout=30)  # a killed actor's process takes a moment
+    assert not alive, alive
+
+
+def test_a_stopped_run_leaves_nothing_on_the_cluster(cluster, tmp_path):
+    """SIGTERM to `herl run` while its trainer ranks are placed: the run stops and says how
+    to resume, and every actor and placement group it made is gone."""
+    from herl.cluster.ray_backend import connect
+
+    ov = _ray_overrides(tmp_path, cluster, "stopped", **{"train.launcher.num_processes": 2, "cluster.engines": 2,
+                                                          "rollout.batch_size": 8})
+    log = tmp_path / "log.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(_herl("run", "--run-id", "stopped", "--runs-dir", str(tmp_path), "--iterations", "2",
+                                      *_set_args(ov)), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 400
+            while "trainer ranks placed" not in log.read_text():
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.time() < deadline, "the trainer was never placed"
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=180) != 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert "herl resume" in log.read_text(), log.read_text()[-3000:]
+    connect(cluster)
+    _wait_cluster_idle()
+    _, alive = psutil.wait_procs(_placed_processes(), timeout=30)
     assert not alive, alive
 
 
