@@ -234,18 +234,18 @@ def check_shared(group: PlacedGroup, folder: Path, must_read: dict[Path, str]) -
     token = secrets.token_hex(16)
     path = folder / f".cluster-check-{token}"
     path.write_text(token)
-    try:
-        seen = ray.get([a.read.remote(str(path)) for a in group.actors])
+    expected = {path: token, **must_read}
+    try:  # every actor reads every file, all at once
+        refs = {f: [a.read.remote(str(f)) for a in group.actors] for f in expected}
+        seen = {f: ray.get(r) for f, r in refs.items()}
     finally:
         path.unlink(missing_ok=True)
-    blind = sorted({describe(n) for n, s in zip(group.nodes, seen) if s != token})
-    if blind:
-        raise ClusterError(f"the run folder {folder} is not shared with every node of the cluster: "
-                           f"{'; '.join(blind)} cannot read the token the driver wrote there. Put runs_dir on a "
-                           "file system every node mounts at the same path (NFS, Lustre, a cloud file store)")
-    for file, text in must_read.items():
-        seen = ray.get([a.read.remote(str(file)) for a in group.actors])
-        blind = sorted({describe(n) for n, s in zip(group.nodes, seen) if s != text})
+    for file, text in expected.items():
+        blind = sorted({describe(n) for n, s in zip(group.nodes, seen[file]) if s != text})
+        if blind and file == path:
+            raise ClusterError(f"the run folder {folder} is not shared with every node of the cluster: "
+                               f"{'; '.join(blind)} cannot read the token the driver wrote there. Put runs_dir on a "
+                               "file system every node mounts at the same path (NFS, Lustre, a cloud file store)")
         if blind:
             raise ClusterError(f"{file} is missing or different on {'; '.join(blind)}: the model must be at the "
                                "same path on every node (inside the shared folder, or copied to each node)")
